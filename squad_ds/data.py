@@ -43,12 +43,19 @@ class SquadDataset:
     # ids of examples whose first answer's answer_start does not locate its text: usable for evaluation,
     # dropped from training.
     misaligned_ids: frozenset[str] = field(default_factory=frozenset)
+    _warned_misaligned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def train_examples(self) -> list[Example]:
-        """Examples usable as training targets (misaligned answers dropped)."""
+        """Examples usable as training targets (misaligned answers dropped, with one summary warning)."""
+        if self.misaligned_ids and not self._warned_misaligned:
+            # Warn here rather than on load: an eval-only load keeps every example and has nothing to report.
+            self._warned_misaligned = True
+            log.warning("%s: dropping %d of %d examples from training: answer_start does not locate the answer "
+                        "text (first: %s)", self.path, len(self.misaligned_ids), len(self.examples),
+                        ", ".join(sorted(self.misaligned_ids)[:5]))
         return [e for e in self.examples if e.id not in self.misaligned_ids]
 
     def by_id(self) -> dict[str, Example]:
@@ -56,16 +63,19 @@ class SquadDataset:
 
 
 def read_json(path: str | Path) -> Any:
-    """Load `.json` or `.json.gz`; a decoding failure names the file."""
+    """Load JSON, gzip-compressed or not (recognised by its magic bytes, not its name); a failure names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
+    with open(path, "rb") as f:
+        is_gzip = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if is_gzip else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        # utf-8-sig: tolerate a byte-order mark, which json.load rejects.
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
-        raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if opener is gzip.open else ''}: {e}") from e
+        raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if is_gzip else ''}: {e}") from e
 
 
 def _expect(cond: bool, path: Path, where: str, what: str) -> None:
@@ -79,10 +89,14 @@ def _detect_version(raw: dict, path: Path) -> str:
         return "2.0"
     if declared.startswith("1") or declared.startswith("v1"):
         return "1.1"
-    # Undeclared: v2.0 is recognised by its is_impossible flags.
+    # Undeclared: v2.0 is recognised by its is_impossible flags. Shapes are checked later, by parse_squad.
+    def items(obj: Any, key: str) -> list:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        return value if isinstance(value, list) else []
+
     for article in raw["data"]:
-        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
-            for qa in para.get("qas", []) if isinstance(para, dict) else []:
+        for para in items(article, "paragraphs"):
+            for qa in items(para, "qas"):
                 if isinstance(qa, dict) and "is_impossible" in qa:
                     return "2.0"
     return "1.1"
@@ -99,7 +113,10 @@ def _parse_answers(qa: dict, context: str, path: Path, where: str) -> tuple[tupl
         _expect(isinstance(start, int) and not isinstance(start, bool), path, where,
                 f"answer {j}: 'answer_start' missing or not an integer")
         parsed.append(Answer(a["text"], start))
-    aligned = all(context[a.start:a.start + len(a.text)] == a.text for a in parsed[:1])
+    # A negative start would slice from the end of the context and could match by accident; an empty text
+    # matches anywhere and gives no span to train on.
+    aligned = all(a.text != "" and 0 <= a.start and context[a.start:a.start + len(a.text)] == a.text
+                  for a in parsed[:1])
     return tuple(parsed), aligned
 
 
@@ -141,18 +158,18 @@ def parse_squad(raw: Any, path: str | Path = "<memory>") -> SquadDataset:
                 _expect(question.strip() != "", path, where_q, "empty question")
                 impossible = qa.get("is_impossible", False)
                 _expect(isinstance(impossible, bool), path, where_q, "'is_impossible' must be true or false")
+                _expect(not (impossible and version == "1.1"), path, where_q,
+                        "unanswerable question (is_impossible) in a SQuAD v1.1 file")
                 answers, aligned = _parse_answers(qa, context, path, where_q)
                 if impossible:
-                    answers = ()
+                    # The official v2.0 metric decides answerability by bool(answers): both flags must agree.
+                    _expect(not answers, path, where_q, "is_impossible question with non-empty 'answers'")
                 else:
                     _expect(len(answers) > 0, path, where_q,
                             "answerable question with no answers (set is_impossible for SQuAD v2.0)")
                     if not aligned:
                         misaligned.add(qid)
                 examples.append(Example(qid, title, context, question, answers, impossible))
-    if misaligned:
-        log.warning("%s: %d answer(s) whose answer_start does not match the answer text: kept for evaluation, "
-                    "dropped from training", path, len(misaligned))
     return SquadDataset(str(path), version, examples, frozenset(misaligned))
 
 

@@ -1,0 +1,50 @@
+"""Shared fixtures. Full-SQuAD tests read $SQUAD_DIR (CI: SQUAD_DIR=../shared/squad) and skip only when it is absent."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def squad_dir() -> Path:
+    """The folder with the full SQuAD files (dev-v1.1.json, predictions/, …); skips when it is not there."""
+    value = os.environ.get("SQUAD_DIR")
+    if not value:
+        pytest.skip("SQUAD_DIR is not set: full-SQuAD tests need it (e.g. SQUAD_DIR=../shared/squad)")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.is_dir():
+        path = REPO_ROOT / path  # relative to the checkout when not relative to the working directory
+    if not (path / "dev-v1.1.json").is_file():
+        pytest.skip(f"SQUAD_DIR={value}: no dev-v1.1.json there (SQuAD data absent)")
+    return path.resolve()
+
+
+def _write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def write_json(tmp_path):
+    """write_json(name, obj) -> Path of a JSON file under tmp_path."""
+    return lambda name, obj: _write_json(tmp_path / name, obj)
+
+
+def _squad_json(*qas_per_paragraph, version="1.1", title="T", context="The cat sat on the mat.") -> dict:
+    doc = {"data": [{"title": title, "paragraphs": [{"context": context, "qas": list(qas)}
+                                                    for qas in qas_per_paragraph]}]}
+    if version is not None:
+        doc["version"] = version
+    return doc
+
+
+@pytest.fixture
+def make_squad():
+    """make_squad([qa, …], [qa, …], version="1.1"|"v2.0"|None, …) -> a minimal SQuAD dict, one paragraph per list."""
+    return _squad_json
