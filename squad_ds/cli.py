@@ -29,9 +29,16 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+# Sub-commands with their own full parsers (they also run as `python -m squad_ds.MODULE` under launchers).
+_DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="squad-ds", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="fine-tune with DeepSpeed (`squad-ds train --help`); no arguments: embedded demo",
+                   add_help=False)
+    sub.add_parser("predict", help="predict (and score) with a trained model directory", add_help=False)
 
     ev = sub.add_parser("evaluate", help="score predictions with the official SQuAD v1.1/v2.0 EM/F1")
     ev.add_argument("data", help="SQuAD JSON (.json or .json.gz) with gold answers")
@@ -58,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

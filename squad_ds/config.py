@@ -1,0 +1,271 @@
+"""Typed recipe configuration: dataclasses validated on construction, YAML recipes, `--set` overrides.
+
+The recipe owns SQuAD, model, schedule-length and output settings. DeepSpeed's JSON owns batch sizes, optimizer,
+precision, ZeRO, clipping and the scheduler; the few values both know (micro-batch, accumulation, learning rate,
+warmup, weight decay) are `None` here unless the recipe sets them, and `engine.resolve_ds_config` reconciles the two.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).with_name("recipes")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-5` (no dot) as a string; anyone writing it means a number. Quoted stays a string."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A recipe, override or DeepSpeed config that cannot be used; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "all-MiniLM-L6-v2"
+    tokenizer: str | None = None  # defaults to name_or_path
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
+               f"must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+
+
+@dataclass
+class DataConfig:
+    # "sample:train" / "sample:dev" / "sample:dev-v2" name the small real SQuAD samples shipped in the package.
+    train_file: str | None = "sample:train"
+    eval_file: str | None = "sample:dev"
+    version: str | None = None  # "1.1" / "2.0"; None: taken from the files (which must agree)
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    cache_dir: str | None = None
+    num_workers: int | None = None
+
+    def __post_init__(self):
+        _check(self.version in (None, "1.1", "2.0"), "data.version", f"must be '1.1' or '2.0', got {self.version!r}")
+        _check(self.max_seq_length > 0, "data.max_seq_length", "must be positive")
+        _check(0 < self.doc_stride < self.max_seq_length, "data.doc_stride", "must be in (0, max_seq_length)")
+        _check(0 < self.max_query_length < self.max_seq_length, "data.max_query_length",
+               "must be in (0, max_seq_length)")
+        for k in ("max_train_examples", "max_eval_examples"):
+            v = getattr(self, k)
+            _check(v is None or v > 0, f"data.{k}", "must be positive or null")
+
+
+@dataclass
+class EvalConfig:
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+    batch_size: int = 64  # per process
+    start_n_top: int = 5  # XLNet beam heads
+    end_n_top: int = 5
+
+    def __post_init__(self):
+        for k in ("n_best_size", "max_answer_length", "batch_size", "start_n_top", "end_n_top"):
+            _check(getattr(self, k) > 0, f"eval.{k}", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 2.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    seed: int = 42
+    # Shared with the DeepSpeed JSON (None: not set by the recipe; see engine.resolve_ds_config).
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    train_batch_size: int | None = None
+    lr: float | None = None
+    warmup_proportion: float | None = None
+    weight_decay: float | None = None
+    activation_checkpointing: bool = False
+    optimizer: str = "auto"  # auto | deepspeed (as the JSON says) | apex_fused_adam
+    eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_last: int = 2
+    log_steps: int = 10
+    peak_tflops: float | None = None  # for MFU; None: detected for known GPUs
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")
+        for k in ("micro_batch_size", "gradient_accumulation_steps", "train_batch_size"):
+            v = getattr(self, k)
+            _check(v is None or v > 0, f"train.{k}", "must be a positive integer or null")
+        _check(self.lr is None or self.lr > 0, "train.lr", "must be positive")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_proportion is None or 0 <= self.warmup_proportion < 1, "train.warmup_proportion",
+               "must be in [0, 1)")
+        _check(self.optimizer in ("auto", "deepspeed", "apex_fused_adam"), "train.optimizer",
+               f"must be auto, deepspeed or apex_fused_adam, got {self.optimizer!r}")
+        for k in ("eval_steps", "save_steps", "log_steps"):
+            _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    export: bool = True  # write an HF model directory at the end
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    deepspeed_config: str | None = None  # path or name in ds_configs/; None: chosen for the hardware
+    description: str = ""
+    expected: dict[str, float] = field(default_factory=dict)  # published dev scores, for the record
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against a dataclass field annotation, allowing int→float; raise naming `key`."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    _check(isinstance(raw, dict), source, "a recipe must be a mapping of sections")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown key {name!r} (known: {', '.join(_SECTIONS)})")
+        section_cls = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig,
+                       "output": OutputConfig}.get(name)
+        if section_cls is None:
+            kwargs[name] = _coerce(value, _SECTIONS[name], name)
+            continue
+        value = value or {}
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
+        fields = {f.name: f.type for f in dataclasses.fields(section_cls)}
+        section_kwargs = {}
+        for k, v in value.items():
+            if k not in fields:
+                raise ConfigError(f"{source}: unknown key {name}.{k} (known: {', '.join(fields)})")
+            section_kwargs[k] = _coerce(v, fields[k], f"{name}.{k}")
+        kwargs[name] = section_cls(**section_kwargs)
+    return Recipe(**kwargs)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"recipe: {p}: no such file")
+        return p
+    named = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        raise ConfigError(f"recipe: {name_or_path!r} is neither a YAML file nor a named recipe "
+                          f"(named: {', '.join(list_recipes())})")
+    return named
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value`, the value parsed as YAML (so 3e-5, true, null and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), _yaml_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            out[path[0]] = value
+        elif len(path) == 2:
+            section = out.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {text!r}: {path[0]} is not a section")
+            section[path[1]] = value
+        else:
+            raise ConfigError(f"--set {text!r}: keys are section.key")
+    return out
+
+
+DEFAULT_RECIPE = "demo"
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a named or YAML recipe (None: the embedded demo) and apply `--set` overrides."""
+    path = recipe_path(name_or_path or DEFAULT_RECIPE)
+    try:
+        raw = _yaml_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return recipe_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

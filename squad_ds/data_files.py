@@ -1,0 +1,24 @@
+"""Where a recipe's data file names point: `sample:NAME` for the shipped samples, `$VARS` expanded."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from squad_ds.config import ConfigError
+from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2, SAMPLE_TRAIN
+
+SAMPLES = {"train": SAMPLE_TRAIN, "dev": SAMPLE_DEV, "dev-v2": SAMPLE_DEV_V2}
+
+
+def resolve_data_path(name: str) -> str:
+    if name.startswith("sample:"):
+        key = name.split(":", 1)[1]
+        if key not in SAMPLES:
+            raise ConfigError(f"data file {name!r}: shipped samples are {', '.join('sample:' + k for k in SAMPLES)}")
+        return str(SAMPLES[key])
+    expanded = os.path.expandvars(os.path.expanduser(name))
+    if "$" in expanded:
+        raise ConfigError(f"data file {name!r}: an environment variable in it is not set (e.g. SQUAD_DIR)")
+    if not Path(expanded).is_file():
+        raise FileNotFoundError(f"data file {expanded}: no such file")
+    return expanded

@@ -1,0 +1,99 @@
+"""Rank/world helpers, environment for launcher-less and SLURM runs, and gathers without padded duplicates."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_env() -> None:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* so DeepSpeed never falls back to mpi4py discovery.
+
+    Under `deepspeed`/`torchrun` they are set already. Under `srun` they come from SLURM_* (MASTER_ADDR must be
+    exported by the batch script). A bare `python -m squad_ds.train` becomes a world of one.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run: export it (the launch scripts do)")
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def init(cuda: bool) -> None:
+    import deepspeed
+
+    setup_env()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_max(value: int) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def shard_range(n: int, world: int, r: int) -> tuple[int, int]:
+    """Contiguous shard [start, stop) of n items for rank r; shards differ in length by at most one."""
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def gather_shards(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate every rank's contiguous shard in rank order on all ranks (no padded duplicates)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return arrays
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}

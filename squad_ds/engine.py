@@ -1,0 +1,246 @@
+"""DeepSpeed config resolution and engine construction.
+
+`resolve_ds_config` fills the JSON's "auto" values from the recipe and rejects contradictions before any work
+starts; `build_engine` chooses the optimizer implementation and calls `deepspeed.initialize`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from squad_ds.config import ConfigError, Recipe
+
+DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
+
+# Used when neither the recipe nor the JSON gives a value.
+DEFAULT_MICRO_BATCH = 16
+DEFAULT_ACCUMULATION = 1
+DEFAULT_LR = 5e-5
+DEFAULT_WARMUP = 0.1
+DEFAULT_WEIGHT_DECAY = 0.01
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Step arithmetic for one run, derived once from the data size and the resolved batch sizes."""
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    micro_batches_per_epoch: int  # per rank
+    total_steps: int  # optimizer steps
+    warmup_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+
+def ds_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (DS_CONFIG_DIR / name_or_path, DS_CONFIG_DIR / f"{name_or_path}.json"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"deepspeed_config: {name_or_path!r} is neither a file nor a shipped config (shipped: {known})")
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    path = ds_config_path(name_or_path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    return cfg
+
+
+def default_ds_config_name(cuda: bool) -> str:
+    return "zero2_bf16" if cuda else "cpu_fp32"
+
+
+def _merge(json_value: Any, recipe_value: Any, default: Any, json_key: str, recipe_key: str) -> Any:
+    """One value known to both: "auto"/absent in JSON takes the recipe's; two different concrete values clash."""
+    if json_value in (None, "auto"):
+        return default if recipe_value is None else recipe_value
+    if recipe_value is not None and not math.isclose(float(json_value), float(recipe_value), rel_tol=1e-12):
+        raise ConfigError(f"DeepSpeed config {json_key}={json_value!r} contradicts recipe {recipe_key}={recipe_value!r}"
+                          " (set one of them, or make them equal)")
+    return json_value
+
+
+def _resolve_batch(ds: dict, recipe: Recipe, world_size: int) -> tuple[int, int, int]:
+    tr = recipe.train
+    micro = _merge(ds.get("train_micro_batch_size_per_gpu"), tr.micro_batch_size, None,
+                   "train_micro_batch_size_per_gpu", "train.micro_batch_size")
+    accum = _merge(ds.get("gradient_accumulation_steps"), tr.gradient_accumulation_steps, None,
+                   "gradient_accumulation_steps", "train.gradient_accumulation_steps")
+    total = _merge(ds.get("train_batch_size"), tr.train_batch_size, None, "train_batch_size",
+                   "train.train_batch_size")
+    if total is not None:
+        if micro is None and accum is None:
+            accum = DEFAULT_ACCUMULATION
+        if micro is None:
+            micro, rem = divmod(total, accum * world_size)
+            if rem or micro == 0:
+                raise ConfigError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {accum}"
+                                  f" × world size {world_size}")
+        elif accum is None:
+            accum, rem = divmod(total, micro * world_size)
+            if rem or accum == 0:
+                raise ConfigError(f"train_batch_size {total} is not divisible by micro-batch {micro}"
+                                  f" × world size {world_size}")
+    micro = DEFAULT_MICRO_BATCH if micro is None else micro
+    accum = DEFAULT_ACCUMULATION if accum is None else accum
+    if total is not None and micro * accum * world_size != total:
+        raise ConfigError(f"micro-batch {micro} × gradient_accumulation_steps {accum} × world size {world_size} = "
+                          f"{micro * accum * world_size}, not the train_batch_size {total}")
+    for name, v in (("micro-batch", micro), ("gradient_accumulation_steps", accum)):
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return int(micro), int(accum), int(micro * accum * world_size)
+
+
+def plan_training(recipe: Recipe, micro: int, accum: int, world_size: int, num_features: int,
+                  warmup_proportion: float) -> TrainPlan:
+    per_rank = math.ceil(num_features / world_size)
+    micro_per_epoch = math.ceil(per_rank / micro)
+    if recipe.train.max_steps is not None:
+        total = recipe.train.max_steps
+    else:
+        total = max(1, math.ceil(recipe.train.epochs * micro_per_epoch / accum))
+    # DeepSpeed's WarmupDecayLR needs at least one warmup step (step 0 then runs at warmup_min_lr).
+    return TrainPlan(micro, accum, world_size, micro_per_epoch, total, max(1, int(warmup_proportion * total)))
+
+
+def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, num_features: int,
+                      cuda: bool) -> tuple[dict[str, Any], TrainPlan]:
+    """The effective DeepSpeed config (no "auto" left that squad-ds owns) and the step plan.
+
+    Raises ConfigError for contradictions, impossible precision/ZeRO settings and batch arithmetic that does not
+    add up — before any model is built.
+    """
+    ds = copy.deepcopy(ds)
+    micro, accum, total = _resolve_batch(ds, recipe, world_size)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"] = micro, accum, total
+
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage!r}: ZeRO stages are 0, 1, 2 and 3")
+    if not cuda and (ds.get("fp16", {}) or {}).get("enabled") is True:
+        raise ConfigError("fp16.enabled=true needs a CUDA GPU (DeepSpeed has no fp16 on CPU): use bf16 or the "
+                          "cpu_fp32 config")
+    if (ds.get("fp16", {}) or {}).get("enabled") is True and (ds.get("bf16", {}) or {}).get("enabled") is True:
+        raise ConfigError("fp16.enabled and bf16.enabled are both true: choose one")
+
+    opt = ds.get("optimizer")
+    if opt:
+        opt.setdefault("params", {})
+    lr = _merge(opt["params"].get("lr") if opt else None, recipe.train.lr, DEFAULT_LR, "optimizer.params.lr",
+                "train.lr")
+    wd = _merge(opt["params"].get("weight_decay") if opt else None, recipe.train.weight_decay, DEFAULT_WEIGHT_DECAY,
+                "optimizer.params.weight_decay", "train.weight_decay")
+    if opt:
+        opt["params"]["lr"], opt["params"]["weight_decay"] = lr, wd
+        offloaded = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+        if not cuda and not offloaded and opt["type"].lower() in ("adam", "adamw"):
+            # FusedAdam is a CUDA kernel; on CPU torch's AdamW avoids a JIT build and is what runs anyway.
+            opt["params"].setdefault("torch_adam", True)
+
+    sched = ds.get("scheduler")
+    warmup_json = (sched or {}).get("params", {}).get("warmup_num_steps")
+    warmup_prop = recipe.train.warmup_proportion
+    warmup_prop = DEFAULT_WARMUP if warmup_prop is None else warmup_prop
+    plan = plan_training(recipe, micro, accum, world_size, num_features, warmup_prop)
+    if not sched and (recipe.train.warmup_proportion or 0) > 0:
+        raise ConfigError(f"recipe train.warmup_proportion={recipe.train.warmup_proportion} but the DeepSpeed config "
+                          "has no \"scheduler\" to warm up with")
+    if sched:
+        p = sched.setdefault("params", {})
+        if p.get("total_num_steps", "auto") not in ("auto", plan.total_steps):
+            raise ConfigError(f"DeepSpeed config scheduler.params.total_num_steps={p['total_num_steps']} contradicts "
+                              f"the planned {plan.total_steps} steps (set it to \"auto\")")
+        if "total_num_steps" in p or sched.get("type") == "WarmupDecayLR":
+            p["total_num_steps"] = plan.total_steps
+        if warmup_json not in (None, "auto"):
+            if not isinstance(warmup_json, int) or warmup_json < 1:
+                raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json!r}: DeepSpeed needs "
+                                  "a positive integer (use \"auto\" to derive it from train.warmup_proportion)")
+            if recipe.train.warmup_proportion is not None and warmup_json != plan.warmup_steps:
+                raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json} contradicts "
+                                  f"recipe train.warmup_proportion={recipe.train.warmup_proportion} "
+                                  f"({plan.warmup_steps} steps)")
+            plan = TrainPlan(**{**plan.__dict__, "warmup_steps": int(warmup_json)})
+        p["warmup_num_steps"] = plan.warmup_steps
+        p["warmup_max_lr"] = _merge(p.get("warmup_max_lr"), lr, lr, "scheduler.params.warmup_max_lr",
+                                    "train.lr / optimizer.params.lr")
+        p.setdefault("warmup_min_lr", 0.0)
+        p.setdefault("warmup_type", "linear")
+
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)} (squad-ds fills only "
+                          "batch sizes, optimizer lr/weight_decay and scheduler steps/lr)")
+    return ds, plan
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def weight_decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Biases and LayerNorm weights get no decay (BERT's AdamWeightDecay convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _apex_fused_adam(groups, ds: dict[str, Any]):
+    try:
+        from apex.optimizers import FusedAdam  # NVIDIA apex, never PyPI's unrelated "apex"
+    except ImportError as e:
+        raise ConfigError("train.optimizer=apex_fused_adam but NVIDIA apex is not importable: build it from "
+                          "github.com/NVIDIA/apex, or use the DeepSpeed optimizer (train.optimizer=auto)") from e
+    opt_cfg = ds.pop("optimizer", None) or {}
+    params = {k: v for k, v in opt_cfg.get("params", {}).items() if k in ("lr", "betas", "eps", "weight_decay")}
+    return FusedAdam(groups, adam_w_mode=True, **params)
+
+
+def build_engine(model, ds: dict[str, Any], recipe: Recipe):
+    """`deepspeed.initialize` with the resolved config; returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    if recipe.train.activation_checkpointing:
+        from squad_ds.modeling.heads import supports_activation_checkpointing
+
+        if not supports_activation_checkpointing(model):
+            raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds = copy.deepcopy(ds)
+    wd = (ds.get("optimizer") or {}).get("params", {}).get("weight_decay", DEFAULT_WEIGHT_DECAY)
+    groups = weight_decay_groups(model, wd)
+    optimizer = None
+    if recipe.train.optimizer == "apex_fused_adam":
+        optimizer = _apex_fused_adam(groups, ds)
+    elif "optimizer" not in ds:
+        raise ConfigError("the DeepSpeed config has no \"optimizer\" section")
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups if optimizer is None else None, optimizer=optimizer, config=ds)
+    return engine, optimizer, scheduler

@@ -1,0 +1,113 @@
+"""Distributed inference over eval features, gather, post-process and score.
+
+Used by training (periodic and final evaluation) and by `squad-ds predict`. Every rank runs the same number of
+forward passes (ZeRO-3 gathers parameters collectively inside each forward), each on its contiguous slice of the
+features; the logits are gathered in rank order without padded duplicates and rank 0 post-processes and scores.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from squad_ds import distributed
+from squad_ds.config import EvalConfig
+from squad_ds.logs import log_main, progress
+from squad_ds.modeling.heads import eval_outputs, forward_keys, model_inputs
+
+
+def to_batch(features, idx: np.ndarray, keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    batch = {}
+    for k in keys:
+        arr = getattr(features, k)
+        if arr is None:
+            continue
+        t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
+        if t.dtype != torch.float32:
+            t = t.long()
+        batch[k] = t.to(device, non_blocking=True)
+    return batch
+
+
+@torch.no_grad()
+def predict_arrays(model, features, family: str, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Model outputs for all features, in feature order, on every rank."""
+    world, rank = distributed.world_size(), distributed.rank()
+    start, stop = distributed.shard_range(len(features), world, rank)
+    n_batches = distributed.all_reduce_max(math.ceil((stop - start) / batch_size))
+    config = getattr(model, "module", model).config
+    keys = forward_keys(family, train=False, config=config)
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {}
+    bar = progress(n_batches, desc="eval")
+    for b in range(n_batches):
+        idx = np.arange(start + b * batch_size, min(stop, start + (b + 1) * batch_size))
+        dummy = len(idx) == 0  # this rank's slice is used up; still join the collective forward
+        batch = to_batch(features, np.array([0]) if dummy else idx, keys, device)
+        out = model(**model_inputs(family, batch, train=False, config=config))
+        if not dummy:
+            for name, t in eval_outputs(family, out).items():
+                chunks.setdefault(name, []).append(t.float().cpu().numpy())
+        bar.update(1)
+    bar.close()
+    if was_training:
+        model.train()
+    local = {k: np.concatenate(v) for k, v in chunks.items()}
+    if not local:  # more ranks than features
+        local = {k: v[:0] for k, v in _empty_like(model, features, family, keys, config, device).items()}
+    return distributed.gather_shards(local)
+
+
+def _empty_like(model, features, family, keys, config, device):
+    out = model(**model_inputs(family, to_batch(features, np.array([0]), keys, device), train=False, config=config))
+    return {k: t.float().cpu().numpy() for k, t in eval_outputs(family, out).items()}
+
+
+def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, cfg: EvalConfig, version_2: bool):
+    from squad_ds.postprocess import postprocess_bert, postprocess_xlnet
+
+    common = dict(n_best_size=cfg.n_best_size, max_answer_length=cfg.max_answer_length, version_2=version_2,
+                  null_score_diff_threshold=cfg.null_score_diff_threshold)
+    if family == "xlnet":
+        return postprocess_xlnet(examples, features.example_index, features.offsets, arrays["start_top_log_probs"],
+                                 arrays["start_top_index"], arrays["end_top_log_probs"], arrays["end_top_index"],
+                                 arrays["cls_logits"], start_n_top=cfg.start_n_top, end_n_top=cfg.end_n_top,
+                                 **common)
+    return postprocess_bert(examples, features.example_index, features.offsets, arrays["start_logits"],
+                            arrays["end_logits"], cls_index=features.cls_index, **common)
+
+
+def score_predictions(dataset, preds) -> dict[str, Any]:
+    """Official metrics; for v2.0 also the best null threshold found from the null odds."""
+    from squad_ds.metrics import score
+
+    result = score(dataset, preds.predictions)
+    if dataset.version == "2.0" and preds.null_odds:
+        best = score(dataset, preds.predictions, na_probs=preds.null_odds, na_prob_thresh=float("inf"))
+        result.update({k: v for k, v in best.items() if k.startswith("best_")})
+    return result
+
+
+def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: torch.device,
+             out_dir: str | Path | None, has_answers: bool = True) -> dict[str, Any] | None:
+    """Predict, post-process and (when the data has answers) score; every rank returns the same metrics."""
+    from squad_ds.postprocess import write_predictions
+
+    arrays = predict_arrays(model, features, family, cfg.batch_size, device)
+    metrics: dict[str, Any] | None = None
+    if distributed.is_main():
+        preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0")
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_predictions(preds, out_dir)
+        if has_answers:
+            metrics = score_predictions(dataset, preds)
+            if out_dir is not None:
+                (Path(out_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            log_main("eval: %s", json.dumps(metrics))
+    return distributed.broadcast_object(metrics)

@@ -1,0 +1,76 @@
+"""`squad-ds predict`: a trained model directory + SQuAD JSON → predictions (scored when answers exist).
+
+Runs single-process or under a launcher (each rank predicts its slice; see evaluate.py). No optimizer or ZeRO is
+involved, so it loads the exported HF directory directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from squad_ds import distributed
+from squad_ds.config import ConfigError, apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.data_files import resolve_data_path
+from squad_ds.evaluate import evaluate
+from squad_ds.logs import setup_logging
+from squad_ds.modeling.factory import load_qa_model, load_tokenizer
+from squad_ds.modeling.heads import model_family
+
+
+def build_arg_parser(prog: str = "squad-ds predict") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Predict answers with a trained model directory.")
+    p.add_argument("data", help="SQuAD JSON (.json/.json.gz) or sample:NAME")
+    p.add_argument("--model", required=True, help="HF model directory (e.g. RUN_DIR/model) or hub name")
+    p.add_argument("--out-dir", default=None, help="where predictions go (default: MODEL/predictions)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe for data/eval settings (default: the one saved with the model, else defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
+    if recipe_name:
+        return load_recipe(recipe_name, overrides)
+    saved = Path(model_dir) / "squad_ds.json"
+    if saved.is_file():
+        raw = json.loads(saved.read_text(encoding="utf-8"))["recipe"]
+        return recipe_from_dict(apply_overrides(raw, overrides), str(saved))
+    return load_recipe(None, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from squad_ds.train import load_features
+
+    recipe = _recipe_for(args.model, args.recipe, args.overrides)
+    cuda = torch.cuda.is_available()
+    distributed.init(cuda)
+    setup_logging()
+    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    tokenizer = load_tokenizer(args.model)
+    feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe, "eval",
+                                   recipe.data.max_eval_examples)
+    model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
+    has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"
+    metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir, has_answers)
+    if distributed.is_main():
+        print(json.dumps({**(metrics or {}), "predictions": str(out_dir / "predictions.json")}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"squad-ds predict: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

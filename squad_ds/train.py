@@ -1,0 +1,272 @@
+"""The training loop: forward → engine.backward → engine.step → log → evaluate → save.
+
+Run as `squad-ds train …`, `deepspeed -m squad_ds.train …`, `torchrun -m squad_ds.train …` or under `srun`.
+DeepSpeed owns accumulation, clipping, loss scaling and the LR schedule; this loop owns data order, evaluation,
+checkpoints and preemption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from squad_ds import checkpoint, distributed
+from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
+from squad_ds.data_files import resolve_data_path
+from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.evaluate import evaluate, to_batch
+from squad_ds.flops import detect_peak_tflops, flops_per_sequence
+from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
+from squad_ds.modeling.factory import load_qa_model, load_tokenizer
+from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
+
+
+def build_arg_parser(prog: str = "squad-ds train") -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune a QA model with DeepSpeed.")
+    p.add_argument("--recipe", default=None, help="named recipe or YAML file (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of this run) or a path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM set a flag; the loop checks it at optimizer-step boundaries on all ranks together."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        return bool(distributed.all_reduce_max(int(self.requested)))
+
+
+def epoch_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:
+    """This rank's feature indices for an epoch: one seeded permutation, padded by wrapping to a multiple of
+    world, strided by rank (DistributedSampler's scheme), so every rank runs the same number of micro-batches."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g).numpy()
+    total = -(-n // world) * world
+    perm = np.concatenate([perm, perm[: total - n]])
+    return perm[rank:total:world]
+
+
+class BatchLoader(torch.utils.data.Dataset):
+    """Whole micro-batches as items, so a DataLoader's workers and pinned memory can prepare them ahead."""
+
+    def __init__(self, features, order: np.ndarray, micro: int, keys: tuple[str, ...], start: int = 0):
+        self.features, self.keys, self.micro = features, keys, micro
+        self.batches = [order[i:i + micro] for i in range(0, len(order), micro)][start:]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return to_batch(self.features, self.batches[i], self.keys, torch.device("cpu"))
+
+
+def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int | None):
+    from squad_ds.features import load_or_build_features
+
+    d = recipe.data
+    kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,
+                  split=split, cache_dir=d.cache_dir, num_workers=d.num_workers)
+    # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again.
+    if not distributed.is_main():
+        distributed.barrier()
+    features, dataset, info = load_or_build_features(path, tokenizer, **kwargs)
+    if distributed.is_main():
+        distributed.barrier()
+    if limit is not None:
+        features, dataset = _first_examples(features, dataset, split, limit)
+    if recipe.data.version and dataset.version != recipe.data.version:
+        raise ConfigError(f"data.version={recipe.data.version} but {path} is SQuAD v{dataset.version}")
+    log_main("%s features: %s", split, json.dumps(info))
+    return features, dataset
+
+
+def _first_examples(features, dataset, split: str, limit: int):
+    """The first `limit` examples and their features (the cache always holds the whole file)."""
+    from squad_ds.data import SquadDataset
+
+    examples = dataset.train_examples() if split == "train" else dataset.examples
+    kept = features.select(features.example_index < limit)
+    return kept, SquadDataset(dataset.path, dataset.version, examples[:limit], dataset.misaligned_ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed.setup_env()
+    recipe = load_recipe(args.recipe, args.overrides)
+    cuda = torch.cuda.is_available()
+    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda)
+    ds_raw = load_ds_config(ds_name)
+    # Validate the DeepSpeed/recipe combination before any data or model work.
+    resolve_ds_config(ds_raw, recipe, world_size=int(os.environ["WORLD_SIZE"]), num_features=1, cuda=cuda)
+    distributed.init(cuda)
+    setup_logging()
+    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    out = Path(recipe.output.dir)
+    torch.manual_seed(recipe.train.seed)
+    np.random.seed(recipe.train.seed)
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
+    train_path = resolve_data_path(recipe.data.train_file)
+    train_feats, _ = load_features(train_path, tokenizer, recipe, "train", recipe.data.max_train_examples)
+    eval_feats = eval_set = None
+    if recipe.data.eval_file:
+        eval_feats, eval_set = load_features(resolve_data_path(recipe.data.eval_file), tokenizer, recipe, "eval",
+                                             recipe.data.max_eval_examples)
+
+    ds_cfg, plan = resolve_ds_config(ds_raw, recipe, world_size=distributed.world_size(),
+                                     num_features=len(train_feats), cuda=cuda)
+    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
+    family = model_family(model.config)
+    engine, _, _ = build_engine(model, ds_cfg, recipe)
+    effective = {"recipe": recipe.to_dict(), "deepspeed": ds_cfg, "deepspeed_config_file": str(ds_name),
+                 "plan": {**plan.__dict__, "global_batch": plan.global_batch}}
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "effective_config.json").write_text(json.dumps(effective, indent=2) + "\n")
+        log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(ds_cfg, indent=2))
+
+    ckpt_dir = out / "checkpoints"
+    epoch, position = 0, 0
+    found = checkpoint.find_resume(args.resume, ckpt_dir)
+    if found:
+        state = checkpoint.load(engine, *found)
+        epoch, position = state["epoch"], state["position"]
+    elif args.resume and args.resume != "auto":
+        raise FileNotFoundError(f"--resume {args.resume}: nothing to resume")
+
+    metrics = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch, position,
+                         eval_feats, eval_set, out)
+    if metrics == "preempted":
+        return EXIT_REQUEUE
+    if recipe.output.export:
+        tag = checkpoint.complete_tags(ckpt_dir)[-1]
+        checkpoint.export_hf(engine, tokenizer, ckpt_dir, tag, out / "model",
+                             {"recipe": recipe.to_dict(), "step": engine.global_steps, "metrics": metrics})
+    if distributed.is_main():
+        final = {**(metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
+        print(json.dumps(final), flush=True)
+    return 0
+
+
+def _client_state(recipe: Recipe, epoch: int, position: int) -> dict:
+    return {"epoch": epoch, "position": position, "seed": recipe.train.seed, "recipe": recipe.to_dict()}
+
+
+def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, epoch, position, eval_feats,
+               eval_set, out):
+    tr = recipe.train
+    world, rank = distributed.world_size(), distributed.rank()
+    cfg = engine.module.config
+    keys = forward_keys(family, train=True, config=cfg)
+    preempt = Preemption()
+    seq_len = feats.input_ids.shape[1]
+    rates = Throughput(flops_per_sequence(engine.module.config, seq_len), tr.peak_tflops or detect_peak_tflops(),
+                       world)
+    bar = progress(plan.total_steps, initial=engine.global_steps)
+    pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
+    log_file = out / "train_log.jsonl"
+    metrics = None
+    t0 = time.perf_counter()
+    step_before = engine.global_steps
+    while engine.global_steps < plan.total_steps:
+        order = epoch_order(len(feats), world, rank, tr.seed, epoch)
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position),
+                                             batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
+                                             num_workers=2 if device.type == "cuda" else 0)
+        batches_per_epoch = -(-len(order) // plan.micro_batch)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = engine(**model_inputs(family, batch, train=True, config=cfg)).loss
+            engine.backward(loss)
+            engine.step()
+            position += 1
+            pending.append(loss.detach())
+            rates.add(len(batch["input_ids"]))
+            if engine.global_steps == step_before:
+                continue  # inside an accumulation window
+            step = step_before = engine.global_steps
+            bar.update(1)
+            last = step >= plan.total_steps
+            if tr.log_steps and (step % tr.log_steps == 0 or last):
+                _log_losses(pending, step, plan, engine, rates, log_file, bar)
+                pending = []
+            if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
+                metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}")
+            stop = preempt.agreed()
+            if stop or last or (tr.save_steps and step % tr.save_steps == 0):
+                epoch_done = position >= batches_per_epoch
+                epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)
+                checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now), tr.keep_last)
+            if stop:
+                log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
+                bar.close()
+                return "preempted"
+            if last:
+                break
+        else:
+            epoch, position = epoch + 1, 0
+            continue
+        break
+    bar.close()
+    if pending:
+        _log_losses(pending, engine.global_steps, plan, engine, rates, log_file, bar)
+    log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
+    if eval_feats is not None:
+        metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out)
+    return metrics
+
+
+def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
+    """One host sync per log interval: per-step losses averaged over ranks, appended to train_log.jsonl."""
+    losses = torch.stack(pending).float()
+    if distributed.world_size() > 1:
+        losses = losses.to(engine.device)
+        torch.distributed.all_reduce(losses)
+        losses = losses / distributed.world_size()
+    per_micro = losses.cpu().tolist()
+    acc = plan.accumulation
+    per_step = [sum(per_micro[i:i + acc]) / len(per_micro[i:i + acc]) for i in range(0, len(per_micro), acc)]
+    first = step - len(per_step) + 1
+    lr = engine.get_lr()[0]
+    r = rates.measure()
+    if distributed.is_main():
+        with open(log_file, "a", encoding="utf-8") as f:
+            for i, l in enumerate(per_step):
+                f.write(json.dumps({"step": first + i, "loss": l}) + "\n")
+        bar.set_postfix(loss=f"{per_step[-1]:.4f}", lr=f"{lr:.2e}", sps=f"{r['samples_per_s']:.1f}")
+        log_main(format_step(step, plan.total_steps, per_step[-1], lr, r))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"squad-ds train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The DeepSpeed training loop on CPU: ZeRO stages, processes and accumulation agree; resume is exact; export
+round-trips; bad configuration fails before any work."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from trainer_util import env, final_json, losses, make_tiny_model, run_train, train_cmd, write_recipe, REPO
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """ZeRO-0, one process, micro-batch 12 × accumulation 1: the losses everything else must reproduce."""
+    d = tmp_path_factory.mktemp("ref")
+    recipe = write_recipe(d / "r.yaml", tiny_model, d / "out", train={"micro_batch_size": 12})
+    run_train(recipe)
+    return losses(d / "out")
+
+
+def _assert_same(a: dict[int, float], b: dict[int, float], tol: float = 1e-5):
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= tol * max(1.0, abs(a[step])), (step, a[step], b[step])
+
+
+def test_reference_learns(reference):
+    assert len(reference) == 6
+    assert reference[6] < reference[1], reference
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match(tmp_path, tiny_model, reference, stage):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 12})
+    run_train(recipe, ds_config=f"cpu_fp32_zero{stage}" if stage else "cpu_fp32")
+    _assert_same(reference, losses(tmp_path / "out"))
+
+
+def test_accumulation_matches_large_batch(tmp_path, tiny_model, reference):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
+                          train={"micro_batch_size": 4, "gradient_accumulation_steps": 3})
+    run_train(recipe)
+    _assert_same(reference, losses(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("launcher,stage", [("torchrun", 2), ("deepspeed", 3)])
+def test_two_processes_match(tmp_path, tiny_model, reference, launcher, stage):
+    # 2 ranks × micro-batch 6 = the reference's 12 per step; each rank sees its own shard.
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 6})
+    proc = run_train(recipe, launcher=launcher, nproc=2, ds_config=f"cpu_fp32_zero{stage}")
+    _assert_same(reference, losses(tmp_path / "out"))
+    metrics = final_json(proc)  # evaluation ran on both ranks (ZeRO-3 forward is collective) and scored once
+    assert "f1" in metrics and "exact_match" in metrics
+
+
+def test_resume_after_preemption_is_exact(tmp_path):
+    """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit."""
+    model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: RNG state must be restored too
+    common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100}, data={"max_eval_examples": 4})
+    full = write_recipe(tmp_path / "full.yaml", model, tmp_path / "full", **common)
+    run_train(full)
+    uninterrupted = losses(tmp_path / "full")
+
+    cut = write_recipe(tmp_path / "cut.yaml", model, tmp_path / "cut", **common)
+    proc = subprocess.Popen(train_cmd(cut), env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = tmp_path / "cut" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    stopped_at = max(losses(tmp_path / "cut"))
+    assert 3 <= stopped_at < 10
+    assert (tmp_path / "cut" / "checkpoints" / f"step{stopped_at:08d}" / "squad_ds_complete.json").is_file()
+
+    run_train(cut, "--resume", "auto")
+    resumed = losses(tmp_path / "cut")
+    assert resumed == uninterrupted  # bit-exact in fp32
+
+
+def test_keep_last_and_incomplete_checkpoints(tmp_path, tiny_model):
+    from squad_ds.checkpoint import MARKER, complete_tags, find_resume
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
+                          train={"max_steps": 6, "save_steps": 2, "keep_last": 2}, data={"max_eval_examples": 4})
+    run_train(recipe)
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert complete_tags(ckpts) == ["step00000004", "step00000006"]
+    # A save that died half-way (no marker) is never chosen, even when newer.
+    (ckpts / "step00000008").mkdir()
+    assert find_resume("auto", ckpts) == (ckpts, "step00000006")
+    (ckpts / "step00000006" / MARKER).unlink()
+    assert find_resume("auto", ckpts) == (ckpts, "step00000004")
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_export_round_trip(tmp_path, tiny_model, stage):
+    """The exported HF directory reloads with from_pretrained and gives the trained model's logits exactly."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", output={"export": True},
+                          train={"max_steps": 3})
+    run_train(recipe, ds_config="cpu_fp32" if stage == 0 else "cpu_fp32_zero3")
+    model_dir = tmp_path / "out" / "model"
+    from transformers import AutoModelForQuestionAnswering
+
+    AutoModelForQuestionAnswering.from_pretrained(model_dir)  # a standard HF directory
+    proc = subprocess.run(["python", "-m", "squad_ds.cli", "predict", "sample:dev", "--model", str(model_dir),
+                           "--out-dir", str(tmp_path / "pred")], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((tmp_path / "out" / "nbest_predictions.json").read_text())
+    exported = json.loads((tmp_path / "pred" / "nbest_predictions.json").read_text())
+    assert trained.keys() == exported.keys()
+    for qid in trained:
+        a, b = trained[qid][0], exported[qid][0]
+        assert a["text"] == b["text"]
+        assert a["start_logit"] == pytest.approx(b["start_logit"], abs=1e-5)
+        assert a["end_logit"] == pytest.approx(b["end_logit"], abs=1e-5)
+    assert json.loads((tmp_path / "pred" / "eval_results.json").read_text()) == \
+        json.loads((tmp_path / "out" / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize("overrides,ds_config,message", [
+    (["train.learning_rate=1e-4"], "cpu_fp32", "unknown key train.learning_rate"),
+    (["train.lr=1e-4"], "zero2_fp16", "fp16.enabled=true needs a CUDA GPU"),
+    (["train.train_batch_size=12", "train.gradient_accumulation_steps=2"], "cpu_fp32",
+     "micro-batch 4 × gradient_accumulation_steps 2 × world size 1 = 8, not the train_batch_size 12"),
+    (["train.train_batch_size=10"], "cpu_fp32", "train_batch_size 10 is not divisible by micro-batch 4"),
+])
+def test_bad_configuration_fails_before_work(tmp_path, tiny_model, overrides, ds_config, message):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
+    t = time.time()
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = run_train(recipe, *args, ds_config=ds_config, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was built or written
+    assert time.time() - t < 60
+
+
+def test_bad_zero_stage(tmp_path, tiny_model):
+    cfg = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    cfg["zero_optimization"]["stage"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
+    proc = run_train(recipe, ds_config=str(tmp_path / "ds.json"), check=False)
+    assert proc.returncode == 2 and "ZeRO stages are 0, 1, 2 and 3" in proc.stderr
