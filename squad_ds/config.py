@@ -81,12 +81,10 @@ class EvalConfig:
     n_best_size: int = 20
     max_answer_length: int = 30
     null_score_diff_threshold: float = 0.0
-    batch_size: int = 64  # per process
-    start_n_top: int = 5  # XLNet beam heads
-    end_n_top: int = 5
+    batch_size: int = 64  # per process (XLNet's beam sizes are the model config's start_n_top/end_n_top)
 
     def __post_init__(self):
-        for k in ("n_best_size", "max_answer_length", "batch_size", "start_n_top", "end_n_top"):
+        for k in ("n_best_size", "max_answer_length", "batch_size"):
             _check(getattr(self, k) > 0, f"eval.{k}", "must be positive")
 
 

@@ -68,7 +68,8 @@ def _empty_like(model, features, family, keys, config, device):
     return {k: t.float().cpu().numpy() for k, t in eval_outputs(family, out).items()}
 
 
-def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, cfg: EvalConfig, version_2: bool):
+def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, cfg: EvalConfig, version_2: bool,
+                model_config=None):
     from squad_ds.postprocess import postprocess_bert, postprocess_xlnet
 
     common = dict(n_best_size=cfg.n_best_size, max_answer_length=cfg.max_answer_length, version_2=version_2,
@@ -76,7 +77,8 @@ def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, 
     if family == "xlnet":
         return postprocess_xlnet(examples, features.example_index, features.offsets, arrays["start_top_log_probs"],
                                  arrays["start_top_index"], arrays["end_top_log_probs"], arrays["end_top_index"],
-                                 arrays["cls_logits"], start_n_top=cfg.start_n_top, end_n_top=cfg.end_n_top,
+                                 arrays["cls_logits"], start_n_top=model_config.start_n_top,
+                                 end_n_top=model_config.end_n_top,
                                  **common)
     return postprocess_bert(examples, features.example_index, features.offsets, arrays["start_logits"],
                             arrays["end_logits"], cls_index=features.cls_index, **common)
@@ -101,7 +103,8 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
     arrays = predict_arrays(model, features, family, cfg.batch_size, device)
     metrics: dict[str, Any] | None = None
     if distributed.is_main():
-        preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0")
+        preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0",
+                            getattr(model, "module", model).config)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_predictions(preds, out_dir)

@@ -48,3 +48,15 @@ def _squad_json(*qas_per_paragraph, version="1.1", title="T", context="The cat s
 def make_squad():
     """make_squad([qa, …], [qa, …], version="1.1"|"v2.0"|None, …) -> a minimal SQuAD dict, one paragraph per list."""
     return _squad_json
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA exists (the GPU check script runs them with `-m gpu`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -18,7 +18,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded (missing directory, offline hub, unusable checkpoint)."""
 
 
@@ -35,18 +35,48 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
-    path = resolve_model_path(name_or_path)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
     try:
-        return loader(path, **kwargs)
-    except OSError as e:
-        if Path(path).exists():
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """A local directory, else the local HF cache, else the hub — failing in seconds with a clear message when
+    the hub is out of reach (huggingface_hub itself retries for about a minute)."""
+    name = resolve_model_path(os.fspath(name_or_path))
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            return loader(str(path), **kwargs)
+        except OSError as e:
             raise ModelLoadError(f"{path}: cannot load the {what}: {e}") from e
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        raise ModelLoadError(
-            f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging Face hub"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (no network?)'}: download it on a machine with "
-            f"network access (e.g. `hf download {name_or_path} --local-dir DIR`) and pass the directory") from e
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"{what}: {path}: no such directory")
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    hint = (f"download it where there is network (e.g. `hf download {name} --local-dir DIR`) and pass the "
+            "directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelLoadError(f"{name!r} is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE "
+                             f"is set: {hint}")
+    if not _hub_reachable():
+        raise ModelLoadError(f"{name!r} is neither a local directory nor in the Hugging Face cache, and the hub is "
+                             f"unreachable (offline?): {hint}")
+    try:
+        return loader(name, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"{name!r}: the Hugging Face hub did not provide the {what} ({e})") from e
 
 
 def load_config(name_or_path: str):
