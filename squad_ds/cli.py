@@ -29,6 +29,24 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from squad_ds.effective import effective_config
+
+    cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
+    doc = effective_config(args.recipe, args.overrides, args.deepspeed_config, world_size=args.world_size,
+                           num_features=args.num_features, cuda=cuda)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from squad_ds.tune import tune
+
+    summary = tune(args, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    return 0 if "best" in summary else 1
+
+
 # Sub-commands with their own full parsers (they also run as `python -m squad_ds.MODULE` under launchers).
 _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 
@@ -58,8 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-query-length", type=int, default=64)
     pp.add_argument("--split", choices=["train", "eval"], default="train")
     pp.add_argument("--cache-dir", default=None, help="default: ~/.cache/squad_ds/features")
-    pp.add_argument("--num-workers", type=int, default=None, help="default: all CPU cores")
+    pp.add_argument("--num-workers", type=int, default=None,
+                    help="1 (default): in-process, the Rust tokenizer uses every core; N > 1: a pool of N processes")
     pp.set_defaults(func=_cmd_preprocess)
+
+    cf = sub.add_parser("config", help="print the effective recipe + resolved DeepSpeed JSON + step plan (no training)")
+    cf.add_argument("recipe", nargs="?", default=None, help="named recipe or YAML file (default: the embedded demo)")
+    cf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (repeatable)")
+    cf.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                    help="DeepSpeed JSON (path or shipped name); default: the recipe's, else the hardware's")
+    cf.add_argument("--world-size", type=int, default=None, help="processes of the run (default: $WORLD_SIZE or 1)")
+    cf.add_argument("--num-features", type=int, default=None,
+                    help="train features for the step plan (default: count them with the cached featurizer)")
+    cf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="resolve as for this device (default: the one here)")
+    cf.set_defaults(func=_cmd_config)
+
+    from squad_ds.tune import add_arguments
+
+    tu = sub.add_parser("tune", help="timed trials: best micro-batch / ZeRO stage / offload / checkpointing here")
+    add_arguments(tu)
+    tu.set_defaults(func=_cmd_tune)
     return p
 
 

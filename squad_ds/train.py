@@ -21,6 +21,7 @@ from squad_ds import checkpoint, distributed
 from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.effective import effective_document
 from squad_ds.evaluate import evaluate, to_batch
 from squad_ds.flops import detect_peak_tflops, flops_per_sequence
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
@@ -140,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
     family = model_family(model.config)
     engine, _, _ = build_engine(model, ds_cfg, recipe)
-    effective = {"recipe": recipe.to_dict(), "deepspeed": ds_cfg, "deepspeed_config_file": str(ds_name),
-                 "plan": {**plan.__dict__, "global_batch": plan.global_batch}}
+    effective = effective_document(recipe, ds_cfg, ds_name, plan, len(train_feats))
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "effective_config.json").write_text(json.dumps(effective, indent=2) + "\n")

@@ -1,0 +1,522 @@
+"""`squad-ds tune`: timed trials over micro-batch × ZeRO stage × optimizer offload × activation checkpointing.
+
+For the machine it runs on, at the recipe's global batch (micro × accumulation × world held fixed), it finds the
+largest micro-batch per device that fits for each (stage, offload, checkpointing) combination and the combination
+with the best measured samples/s, and writes that as a DeepSpeed config `squad-ds train --deepspeed_config` takes.
+
+Each trial is a fresh `python -m squad_ds.tune --trial SPEC` process (under torchrun when --nproc > 1), so a CUDA
+OOM, a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what
+`squad-ds train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the
+trainer's `load_features` / `epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup + N` times on
+real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on GPU and,
+on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner every
+0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
+combination using them is not run when the same stage without them already fitted every micro-batch. Trials stop
+being launched once --budget-s is spent (so the whole run can overshoot by at most one --trial-timeout-s).
+
+Why not DeepSpeed's autotuner (`deepspeed --autotuning tune --num_gpus N train.py --deepspeed ds.json`)?
+It launches every experiment through DeepSpeed's multi-node runner, which needs pdsh and password-less ssh even to
+localhost (and neither is on our CPU boxes or every cluster); it is GPU-only (it profiles model memory on the
+accelerator to prune ZeRO stages); and it tunes `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`
+freely toward the best throughput, changing the global batch — i.e. the optimisation recipe — unless capped with
+`max_train_batch_size`, and knows nothing about our "auto" resolution, SQuAD features or recipe-owned activation
+checkpointing. This tuner keeps the recipe's global batch exactly, runs through squad-ds's own engine path (so the
+winner is valid for `squad-ds train` by construction), works on CPU and single nodes, and needs no launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squad_ds.config import ConfigError, Recipe, load_recipe
+
+WARMUP_STEPS = 2  # optimizer steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
+POLL_S = 0.2
+STATUSES = ("fits", "oom", "timeout", "error", "skipped")
+
+
+@dataclass(frozen=True)
+class Combo:
+    stage: int
+    offload: bool
+    ckpt: bool
+
+    @property
+    def label(self) -> str:
+        return f"z{self.stage}{'-offload' if self.offload else ''}{'-ckpt' if self.ckpt else ''}"
+
+
+@dataclass
+class Trial:
+    stage: int
+    offload: bool
+    ckpt: bool
+    micro: int | None  # None: the combination was not run at all
+    accum: int | None
+    status: str = "skipped"
+    samples_per_s: float | None = None
+    peak_mem_gb: float | None = None
+    seconds: float | None = None
+    note: str = ""
+    dir: str = ""
+
+
+# ---------------------------------------------------------------- search space (pure)
+
+def combos(stages: list[int], offload: bool, ckpt_mode: str) -> list[Combo]:
+    """Cheapest first (plain, then checkpointing, then offload) so a short budget measures the likely winners.
+    Offload needs ZeRO ≥ 1: DeepSpeed has nothing to offload at stage 0."""
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[ckpt_mode]
+    out = [Combo(s, off, ck) for off in ([False, True] if offload else [False]) for ck in ckpts for s in stages]
+    return [c for c in out if not (c.offload and c.stage == 0)]
+
+
+def micro_candidates(per_rank: int, max_micro: int) -> list[int]:
+    """Doubling micro-batches up to max_micro, keeping those that divide the per-rank global batch."""
+    out, m = [], 1
+    while m <= min(max_micro, per_rank):
+        if per_rank % m == 0:
+            out.append(m)
+        m *= 2
+    return out
+
+
+def candidate_ds_config(base: dict[str, Any], stage: int, offload: bool, micro: int, accum: int,
+                        world: int, cuda: bool) -> dict[str, Any]:
+    """The base JSON with concrete batch sizes and the combo's ZeRO/offload; recipe-owned "auto"s stay "auto"."""
+    ds = copy.deepcopy(base)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
+    ds["train_batch_size"] = micro * accum * world
+    zero = dict(ds.get("zero_optimization") or {})
+    zero.pop("offload_optimizer", None)
+    zero.pop("offload_param", None)
+    zero["stage"] = stage
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        if stage == 3:  # ZeRO-Infinity style: parameters too (the shipped zero3_offload_* configs do the same)
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    ds["zero_optimization"] = zero
+    return ds
+
+
+def trial_overrides(ckpt: bool) -> list[str]:
+    """The JSON owns the batch sizes in a trial (and in the tuned config); checkpointing is the recipe's setting."""
+    return ["train.micro_batch_size=null", "train.gradient_accumulation_steps=null",
+            f"train.activation_checkpointing={str(ckpt).lower()}"]
+
+
+def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
+    """`--set`s the original recipe needs to accept the tuned JSON (only where its own values would contradict)."""
+    out = []
+    if recipe.train.micro_batch_size not in (None, winner.micro):
+        out.append("train.micro_batch_size=null")
+    if recipe.train.gradient_accumulation_steps not in (None, winner.accum):
+        out.append("train.gradient_accumulation_steps=null")
+    if recipe.train.activation_checkpointing != winner.ckpt:
+        out.append(f"train.activation_checkpointing={str(winner.ckpt).lower()}")
+    return out
+
+
+# ---------------------------------------------------------------- one trial (child process)
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _peak_mem_gb(cuda: bool) -> float:
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the engine as `squad-ds train` would and time `steps` optimizer steps after WARMUP_STEPS."""
+    import torch
+
+    from squad_ds import distributed
+    from squad_ds.data_files import resolve_data_path
+    from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
+    from squad_ds.modeling.factory import load_qa_model, load_tokenizer
+    from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
+    from squad_ds.train import BatchLoader, epoch_order, load_features
+
+    distributed.setup_env()
+    recipe = load_recipe(spec["recipe"], spec["overrides"])
+    cuda = torch.cuda.is_available()
+    distributed.init(cuda)
+    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    torch.manual_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
+    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe, "train",
+                             recipe.data.max_train_examples)
+    ds_cfg, plan = resolve_ds_config(load_ds_config(spec["deepspeed_config"]), recipe,
+                                     world_size=distributed.world_size(), num_features=len(feats), cuda=cuda)
+    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
+    family = model_family(model.config)
+    engine, _, _ = build_engine(model, ds_cfg, recipe)
+    keys = forward_keys(family, train=True, config=model.config)
+    world, rank = distributed.world_size(), distributed.rank()
+
+    def batches():
+        epoch = 0
+        while True:  # as many epochs as the trial needs; the same data order the trainer would use
+            order = epoch_order(len(feats), world, rank, recipe.train.seed, epoch)
+            yield from torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys),
+                                                   batch_size=None, shuffle=False, pin_memory=cuda,
+                                                   num_workers=2 if cuda else 0)
+            epoch += 1
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # Median step time, not the mean: on a shared machine one descheduled step would decide the ranking.
+    total, marks, step, loss = WARMUP_STEPS + spec["steps"], [], engine.global_steps, None
+    for batch in batches():
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = engine(**model_inputs(family, batch, train=True, config=model.config)).loss
+        engine.backward(loss)
+        engine.step()
+        if engine.global_steps == step:
+            continue  # inside an accumulation window
+        step = engine.global_steps
+        if step >= WARMUP_STEPS:
+            sync()
+            marks.append(time.perf_counter())
+        if step >= total:
+            break
+    durations = [b - a for a, b in itertools.pairwise(marks)]
+    return {"status": "fits", "samples_per_s": plan.global_batch / statistics.median(durations),
+            "peak_mem_gb": _peak_mem_gb(cuda), "step_seconds": durations, "loss": float(loss.detach().float().cpu()),
+            "micro": engine.train_micro_batch_size_per_gpu(), "accum": engine.gradient_accumulation_steps()}
+
+
+def trial_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    rank = os.environ.get("RANK", "0")
+    out = Path(spec["result_dir"]) / f"result.rank{rank}.json"
+    try:
+        result = run_trial(spec)
+    except ConfigError as e:
+        result = {"status": "error", "note": str(e)}
+    except Exception as e:  # noqa: BLE001 - a trial reports what killed it; the tuner decides
+        result = {"status": "oom" if _is_oom(e) else "error", "note": f"{type(e).__name__}: {str(e)[:300]}"}
+        if result["status"] == "oom":
+            import torch
+
+            result["peak_mem_gb"] = _peak_mem_gb(torch.cuda.is_available())
+    tmp = out.with_suffix(".tmp")  # the tuner may kill this process group at any moment: never a torn file
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, out)
+    # Other ranks may be stuck in a collective after an OOM here: leave without waiting for them.
+    sys.stdout.flush()
+    os._exit(0 if result["status"] == "fits" else 3)
+
+
+# ---------------------------------------------------------------- the search (tuner process)
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a trial is its own world (of one, or of --nproc under torchrun)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _trial_cmd(spec_path: Path, nproc: int) -> list[str]:
+    tail = ["-m", "squad_ds.tune", "--trial", str(spec_path)]
+    if nproc == 1:
+        return [sys.executable, *tail]
+    from squad_ds.distributed import _free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", *tail]
+
+
+def launch(trial: Trial, spec: dict[str, Any], nproc: int, timeout_s: float, max_mem_bytes: int | None) -> Trial:
+    """Run one trial process group; fill in status, throughput and peak memory."""
+    d = Path(trial.dir)
+    (d / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    t0 = time.monotonic()
+    killed = None
+    with open(d / "log.txt", "w") as log:
+        proc = subprocess.Popen(_trial_cmd(d / "spec.json", nproc), stdout=log, stderr=subprocess.STDOUT,
+                                env=_child_env(), start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - t0 > timeout_s:
+                    killed = ("timeout", f"killed after {timeout_s:.0f} s")
+                elif max_mem_bytes and (rss := _tree_rss(proc.pid)) > max_mem_bytes:
+                    killed = ("oom", f"RSS {rss / 2**30:.2f} GB > --max-mem-gb {max_mem_bytes / 2**30:.2f}")
+                if killed:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(POLL_S)
+        finally:
+            if proc.poll() is None:  # the tuner itself was interrupted
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    trial.seconds = round(time.monotonic() - t0, 1)
+    results = [json.loads(p.read_text()) for p in sorted(d.glob("result.rank*.json"))]
+    statuses = {r["status"] for r in results}
+    if "oom" in statuses:
+        trial.status, trial.note = "oom", next(r["note"] for r in results if r["status"] == "oom")
+    elif killed:
+        trial.status, trial.note = killed
+    elif results and statuses == {"fits"} and len(results) == nproc:
+        main = json.loads((d / "result.rank0.json").read_text())
+        trial.status = "fits"
+        trial.samples_per_s = round(main["samples_per_s"], 2)
+    else:
+        trial.status = "error"
+        notes = [r.get("note", "") for r in results if r["status"] != "fits"]
+        tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+        trial.note = notes[0] if notes else f"exit {proc.returncode}: " + " | ".join(tail)[-300:]
+    mems = [r["peak_mem_gb"] for r in results if r.get("peak_mem_gb") is not None]
+    trial.peak_mem_gb = round(max(mems), 3) if mems else None
+    return trial
+
+
+@dataclass
+class Search:
+    recipe_name: str | None
+    overrides: list[str]
+    recipe: Recipe
+    base_ds: dict[str, Any]
+    base_ds_name: str
+    global_batch: int
+    world: int
+    cuda: bool
+    out_dir: Path
+    trials: list[Trial] = field(default_factory=list)
+
+
+def prepare(args: argparse.Namespace) -> Search:
+    """Load the recipe and its DeepSpeed config, warm the feature cache, and fix the global batch to keep."""
+    import torch
+
+    from squad_ds.effective import count_train_features
+    from squad_ds.engine import (
+        default_ds_config_name,
+        load_ds_config,
+        resolve_ds_config,
+    )
+
+    cuda = torch.cuda.is_available()
+    recipe = load_recipe(args.recipe, args.overrides)
+    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda)
+    base = load_ds_config(ds_name)
+    world = args.nproc
+    _, plan = resolve_ds_config(base, recipe, world_size=world, num_features=1, cuda=cuda)
+    bad = [s for s in args.stages if s not in (0, 1, 2, 3)]
+    if bad:
+        raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
+    if args.trial_steps < 1 or args.nproc < 1 or args.budget_s <= 0:
+        raise ConfigError("--trial-steps, --nproc and --budget-s must be positive")
+    if not micro_candidates(plan.global_batch // world, args.max_micro):
+        raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
+    count_train_features(recipe)  # build the cache once here, not inside the first timed trial
+    out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
+    out.mkdir(parents=True, exist_ok=True)
+    return Search(args.recipe, list(args.overrides), recipe, base, str(ds_name), plan.global_batch, world, cuda, out)
+
+
+def search(s: Search, args: argparse.Namespace, say=print) -> list[Trial]:
+    per_rank = s.global_batch // s.world
+    micros = micro_candidates(per_rank, args.max_micro)
+    max_mem = int(args.max_mem_gb * 2**30) if args.max_mem_gb else None
+    if max_mem is None and not s.cuda:
+        import psutil
+
+        max_mem = int(0.8 * psutil.virtual_memory().total)
+    start = time.monotonic()
+    fitted_all: dict[Combo, bool] = {}
+    for combo in combos(args.stages, args.offload, args.activation_checkpointing):
+        cheaper = [c for c, ok in fitted_all.items() if ok and c.stage == combo.stage and c != combo
+                   and c.offload <= combo.offload and c.ckpt <= combo.ckpt]
+        if cheaper:
+            # Checkpointing and offload only buy memory with speed: nothing to buy when a cheaper combo fits all.
+            s.trials.append(Trial(combo.stage, combo.offload, combo.ckpt, None, None,
+                                  note=f"not run: {cheaper[0].label} fits every micro-batch"))
+            continue
+        fitted_all[combo] = True
+        for m in micros:
+            t = Trial(combo.stage, combo.offload, combo.ckpt, m, per_rank // m)
+            s.trials.append(t)
+            if time.monotonic() - start >= args.budget_s:
+                t.note = "budget spent"
+                fitted_all[combo] = False
+                continue
+            t.dir = str(s.out_dir / "trials" / f"{len(s.trials):02d}-{combo.label}-m{m}")
+            Path(t.dir).mkdir(parents=True, exist_ok=True)
+            ds = candidate_ds_config(s.base_ds, combo.stage, combo.offload, m, t.accum, s.world, s.cuda)
+            (Path(t.dir) / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+            spec = {"recipe": s.recipe_name, "overrides": s.overrides + trial_overrides(combo.ckpt),
+                    "deepspeed_config": str(Path(t.dir) / "ds_config.json"), "steps": args.trial_steps,
+                    "result_dir": t.dir}
+            launch(t, spec, s.world, args.trial_timeout_s, max_mem)
+            say(f"tune: {combo.label} micro {m} × accum {t.accum}: {t.status}"
+                + (f", {t.samples_per_s} samples/s" if t.samples_per_s else "")
+                + (f", peak {t.peak_mem_gb} GB" if t.peak_mem_gb is not None else "")
+                + (f" ({t.note})" if t.note and t.status != "fits" else ""))
+            if t.status != "fits":
+                fitted_all[combo] = False
+                break  # larger micro-batches won't fit either (or fail the same way)
+    return s.trials
+
+
+def best(trials: list[Trial]) -> Trial | None:
+    fits = [t for t in trials if t.status == "fits"]
+    return max(fits, key=lambda t: t.samples_per_s) if fits else None
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    return ("yes" if v else "no") if isinstance(v, bool) else str(v)
+
+
+def _by_combo(trials: list[Trial]) -> dict[str, list[Trial]]:
+    out: dict[str, list[Trial]] = {}
+    for t in trials:
+        out.setdefault(Combo(t.stage, t.offload, t.ckpt).label, []).append(t)
+    return out
+
+
+def trials_markdown(s: Search, winner: Trial | None, command: str | None) -> str:
+    dev = "CUDA" if s.cuda else "CPU"
+    mem = "torch.cuda.max_memory_allocated" if s.cuda else "ru_maxrss"
+    head = (f"Device: {dev} × {s.world}; global batch {s.global_batch} kept; base DeepSpeed config "
+            f"`{s.base_ds_name}`; samples/s from the median optimizer step; peak memory: {mem}, max over ranks.")
+    lines = [f"# squad-ds tune: {s.recipe_name or 'demo'}", "", head, ""]
+    cols = ["stage", "offload", "ckpt", "micro", "accum", "samples/s", "peak mem GB", "status", "s", "note"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for t in s.trials:
+        mark = " **(best)**" if t is winner else ""
+        row = [t.stage, t.offload, t.ckpt, t.micro, t.accum, t.samples_per_s, t.peak_mem_gb, t.status + mark,
+               t.seconds, t.note.replace("|", "/")]
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    lines += ["", "Largest micro-batch that fits, per combination:", ""]
+    per_rank = s.global_batch // s.world
+    for label, rows in _by_combo(s.trials).items():
+        fit = [t.micro for t in rows if t.status == "fits"]
+        stop = next((t for t in rows if t.status != "fits"), None)
+        if stop is None:
+            why = f"every candidate fits (the global batch allows micro ≤ {per_rank} per rank)"
+        elif stop.status == "skipped":
+            why = stop.note
+        else:
+            why = f"micro {stop.micro}: {stop.status}"
+        lines.append(f"- {label}: {max(fit) if fit else 'none'} — {why}")
+    lines.append("")
+    if winner:
+        best_line = (f"Best: ZeRO {winner.stage}, offload {_cell(winner.offload)}, activation checkpointing "
+                     f"{_cell(winner.ckpt)}, micro {winner.micro} × accum {winner.accum} × world {s.world}: "
+                     f"{winner.samples_per_s} samples/s (median step).")
+        lines += [best_line, "", "Train with it:", "", f"    {command}", ""]
+    else:
+        lines += ["No trial fitted: nothing written to ds_config.tuned.json.", ""]
+    return "\n".join(lines)
+
+
+def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
+    s = prepare(args)
+    say(f"tune: global batch {s.global_batch} on {s.world} {'GPU' if s.cuda else 'CPU process'}(es); "
+        f"budget {args.budget_s:.0f} s; trials under {s.out_dir / 'trials'}")
+    search(s, args, say)
+    winner = best(s.trials)
+    command = None
+    summary: dict[str, Any] = {"global_batch": s.global_batch, "world_size": s.world, "trials": len(s.trials),
+                               "out_dir": str(s.out_dir)}
+    if winner:
+        tuned = s.out_dir / "ds_config.tuned.json"
+        tuned.write_text((Path(winner.dir) / "ds_config.json").read_text())
+        sets = s.overrides + train_overrides(s.recipe, winner)
+        # The tuned JSON pins train_batch_size for this world size: a multi-process tune trains as many processes.
+        launcher = (["squad-ds", "train"] if s.world == 1 else
+                    ["deepspeed", "--num_gpus", str(s.world), "--module", "squad_ds.train"])
+        command = shlex.join([*launcher, *(["--recipe", s.recipe_name] if s.recipe_name else []),
+                              *[a for o in sets for a in ("--set", o)], "--deepspeed_config", str(tuned)])
+        summary.update(best=asdict(winner), ds_config=str(tuned), train_overrides=train_overrides(s.recipe, winner),
+                       train_command=command)
+    (s.out_dir / "trials.json").write_text(json.dumps(
+        {"recipe": s.recipe_name, "overrides": s.overrides, "base_deepspeed_config": s.base_ds_name,
+         "device": "cuda" if s.cuda else "cpu", "world_size": s.world, "global_batch": s.global_batch,
+         "best": asdict(winner) if winner else None, "train_command": command,
+         "trials": [asdict(t) for t in s.trials]}, indent=2) + "\n")
+    (s.out_dir / "trials.md").write_text(trials_markdown(s, winner, command))
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", default=None, help="named recipe or YAML file (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="base DeepSpeed config (precision, optimizer, …); default: the recipe's, else the hardware's")
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop launching trials after this (default 300)")
+    p.add_argument("--trial-timeout-s", type=float, default=300.0, help="kill a trial after this (default 300)")
+    p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch per device to try (default 256)")
+    p.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[0, 1, 2, 3],
+                   help="ZeRO stages, comma-separated (default 0,1,2,3)")
+    p.add_argument("--offload", action="store_true",
+                   help="also try optimizer (ZeRO-3: and parameter) offload to CPU, where the same stage without "
+                   "offload ran out of memory")
+    p.add_argument("--activation-checkpointing", choices=["both", "on", "off"], default="both",
+                   help="'both': checkpointed combos only where the plain one ran out of memory (default)")
+    p.add_argument("--trial-steps", type=int, default=5, help=f"timed optimizer steps per trial, after "
+                   f"{WARMUP_STEPS} warmup steps (default 5)")
+    p.add_argument("--max-mem-gb", type=float, default=None,
+                   help="host RSS cap per trial (default on CPU: 80%% of RAM; on GPU only CUDA OOM counts)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per trial, under torchrun (default 1)")
+    p.add_argument("--out-dir", default=None, help="default: OUTPUT_DIR/tune of the recipe")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m squad_ds.tune --trial SPEC` runs one trial; anything else is `squad-ds tune …`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--trial"] and len(argv) == 2:
+        return trial_main(argv[1])
+    from squad_ds.cli import main as cli_main
+
+    return cli_main(["tune", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

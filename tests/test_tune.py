@@ -1,0 +1,144 @@
+"""`squad-ds tune`: the search space, the trial runner's guards, and a real CPU tune whose winner trains."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+from trainer_util import REPO, env, make_tiny_model, run_train
+
+from squad_ds import tune
+from squad_ds.config import load_recipe
+from squad_ds.engine import load_ds_config, resolve_ds_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _tiny_sets(tiny_model, tmp_path) -> list[str]:
+    return [f"model.name_or_path={tiny_model}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_file=null",
+            f"output.dir={tmp_path / 'run'}", "output.export=false"]
+
+
+def _tune(tmp_path, sets, *args, timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "squad_ds.cli", "tune", "tiny", *[a for s in sets for a in ("--set", s)],
+           "--out-dir", str(tmp_path / "tune"), *args]
+    return subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def test_micro_candidates_divide_the_global_batch():
+    assert tune.micro_candidates(24, 256) == [1, 2, 4, 8]
+    assert tune.micro_candidates(32, 8) == [1, 2, 4, 8]
+    assert tune.micro_candidates(4, 256) == [1, 2, 4]
+    assert tune.micro_candidates(3, 256) == [1]
+
+
+def test_combos_cheapest_first_and_no_offload_at_stage_0():
+    got = [c.label for c in tune.combos([0, 2, 3], offload=True, ckpt_mode="both")]
+    assert got == ["z0", "z2", "z3", "z0-ckpt", "z2-ckpt", "z3-ckpt", "z2-offload", "z3-offload",
+                   "z2-offload-ckpt", "z3-offload-ckpt"]
+    assert [c.label for c in tune.combos([1], offload=False, ckpt_mode="on")] == ["z1-ckpt"]
+
+
+@pytest.mark.parametrize("base", ["cpu_fp32", "zero2_bf16", "zero3_offload_bf16"])
+@pytest.mark.parametrize("stage,offload", [(0, False), (1, True), (2, False), (3, True)])
+def test_candidate_configs_resolve(base, stage, offload):
+    """Every candidate is a config the trainer accepts with the recipe minus its batch sizes; recipe-owned
+    values stay "auto"."""
+    ds = tune.candidate_ds_config(load_ds_config(base), stage, offload, micro=2, accum=3, world=2, cuda=False)
+    assert ds["optimizer"]["params"]["lr"] == "auto" and ds["scheduler"]["params"]["total_num_steps"] == "auto"
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == (offload and stage == 3)
+    recipe = load_recipe("tiny", tune.trial_overrides(ckpt=True))
+    assert recipe.train.activation_checkpointing
+    _, plan = resolve_ds_config(ds, recipe, world_size=2, num_features=100, cuda=base != "cpu_fp32")
+    assert (plan.micro_batch, plan.accumulation, plan.global_batch) == (2, 3, 12)
+
+
+def test_train_overrides_only_where_the_recipe_contradicts():
+    recipe = load_recipe("tiny")  # micro 4, accumulation 1, no checkpointing
+    same = tune.Trial(0, False, False, micro=4, accum=1)
+    assert tune.train_overrides(recipe, same) == []
+    other = tune.Trial(2, False, True, micro=2, accum=2)
+    assert tune.train_overrides(recipe, other) == ["train.micro_batch_size=null",
+                                                   "train.gradient_accumulation_steps=null",
+                                                   "train.activation_checkpointing=true"]
+
+
+def test_trial_reports_errors(tmp_path, tiny_model):
+    """A trial that cannot start is an error with the reason, not a crash of the tuner."""
+    d = tmp_path / "t"
+    d.mkdir()
+    t = tune.Trial(0, False, False, 1, 1, dir=str(d))
+    spec = {"recipe": "tiny", "overrides": _tiny_sets(tiny_model, tmp_path), "deepspeed_config": "no_such_config",
+            "steps": 1, "result_dir": str(d)}
+    tune.launch(t, spec, nproc=1, timeout_s=120, max_mem_bytes=None)
+    assert t.status == "error" and "no_such_config" in t.note, t
+
+
+def test_memory_cap_is_oom_and_nothing_is_written(tmp_path, tiny_model):
+    proc = _tune(tmp_path, _tiny_sets(tiny_model, tmp_path), "--stages", "0", "--activation-checkpointing", "off",
+                 "--max-mem-gb", "0.05", "--budget-s", "60")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "tune" / "trials.json").read_text())
+    assert [t["status"] for t in report["trials"]] == ["oom"]  # micro 1 did not fit, so 2 and 4 were not tried
+    assert "--max-mem-gb" in report["trials"][0]["note"]
+    assert report["best"] is None and not (tmp_path / "tune" / "ds_config.tuned.json").exists()
+    assert "No trial fitted" in (tmp_path / "tune" / "trials.md").read_text()
+
+
+def test_trial_timeout(tmp_path, tiny_model):
+    proc = _tune(tmp_path, _tiny_sets(tiny_model, tmp_path), "--stages", "0", "--activation-checkpointing", "off",
+                 "--trial-timeout-s", "1", "--budget-s", "60")
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "tune" / "trials.json").read_text())
+    assert [t["status"] for t in report["trials"]] == ["timeout"]
+
+
+def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
+    """Stages 0 and 2 on the tiny recipe (global batch 4; --max-micro 2 → micro 1 × 4 and 2 × 2, both of which
+    contradict the recipe's micro-batch 4, so the printed command must override it); the tuned JSON trains."""
+    sets = _tiny_sets(tiny_model, tmp_path)
+    proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "75", "--trial-steps", "3", "--max-micro", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    out = tmp_path / "tune"
+    report = json.loads((out / "trials.json").read_text())
+    assert report["global_batch"] == 4 and report["device"] == "cpu"
+    trials = report["trials"]
+    assert {t["status"] for t in trials} <= set(tune.STATUSES)
+    run = [t for t in trials if t["status"] != "skipped"]
+    assert run and all(t["micro"] * t["accum"] == 4 for t in run)
+    assert [(t["stage"], t["micro"]) for t in run] == [(0, 1), (0, 2), (2, 1), (2, 2)][:len(run)]
+    # Nothing ran out of memory, so the checkpointed combos had nothing to buy and were not run.
+    assert [t["note"] for t in trials if t["ckpt"]] == ["not run: z0 fits every micro-batch",
+                                                        "not run: z2 fits every micro-batch"]
+    fits = [t for t in run if t["status"] == "fits"]
+    assert fits and all(t["samples_per_s"] > 0 and t["peak_mem_gb"] > 0 for t in fits)
+    best = summary["best"]
+    assert best["samples_per_s"] == max(t["samples_per_s"] for t in fits) == report["best"]["samples_per_s"]
+    md = (out / "trials.md").read_text()
+    assert "**(best)**" in md and "| stage | offload | ckpt | micro | accum |" in md
+
+    tuned = json.loads((out / "ds_config.tuned.json").read_text())
+    assert tuned["zero_optimization"]["stage"] == best["stage"]
+    assert (tuned["train_micro_batch_size_per_gpu"], tuned["gradient_accumulation_steps"],
+            tuned["train_batch_size"]) == (best["micro"], best["accum"], 4)
+
+    # The printed command, as given (plus a 2-step cap), trains with the tuned config.
+    argv = shlex.split(summary["train_command"])
+    assert "train.micro_batch_size=null" in argv and "train.gradient_accumulation_steps=null" in argv
+    assert argv[:2] == ["squad-ds", "train"] and argv[-2:] == ["--deepspeed_config", str(out / "ds_config.tuned.json")]
+    recipe_args = argv[2:-2] + ["--set", "train.max_steps=2"]
+    proc = run_train(recipe_args[1], *recipe_args[2:], ds_config=str(out / "ds_config.tuned.json"))
+    eff = json.loads((tmp_path / "run" / "effective_config.json").read_text())
+    assert eff["plan"]["total_steps"] == 2 and eff["plan"]["global_batch"] == 4
+    assert eff["deepspeed"]["zero_optimization"]["stage"] == best["stage"]
+    assert eff["deepspeed"]["train_micro_batch_size_per_gpu"] == best["micro"]
+    assert '"global_step": 2' in proc.stdout
