@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe, "eval",
                                    recipe.data.max_eval_examples)
+    torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"

@@ -114,6 +114,7 @@ def _first_examples(features, dataset, split: str, limit: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    preempt = Preemption()  # first: a signal during the minute of start-up must not kill a rank unsaved
     distributed.setup_env()
     recipe = load_recipe(args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume {args.resume}: nothing to resume")
 
     metrics = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch, position,
-                         eval_feats, eval_set, out)
+                         eval_feats, eval_set, out, preempt)
     if metrics == "preempted":
         return EXIT_REQUEUE
     if recipe.output.export:
@@ -175,12 +176,11 @@ def _client_state(recipe: Recipe, epoch: int, position: int) -> dict:
 
 
 def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, epoch, position, eval_feats,
-               eval_set, out):
+               eval_set, out, preempt: Preemption):
     tr = recipe.train
     world, rank = distributed.world_size(), distributed.rank()
     cfg = engine.module.config
     keys = forward_keys(family, train=True, config=cfg)
-    preempt = Preemption()
     seq_len = feats.input_ids.shape[1]
     rates = Throughput(flops_per_sequence(engine.module.config, seq_len), tr.peak_tflops or detect_peak_tflops(),
                        world)

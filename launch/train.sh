@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Train on this host with DeepSpeed's launcher: one process per GPU, or NUM_GPUS CPU processes on a CPU box.
+#
+#   launch/train.sh RECIPE [trainer args...]
+#   NUM_GPUS=2 launch/train.sh tiny --deepspeed_config ds_configs/cpu_fp32_zero0.json --set train.max_steps=10
+#   DS_LAUNCHER_ARGS="--hostfile launch/hostfile --master_addr node0" launch/train.sh bert-base ...  (multi-node)
+#
+# NUM_GPUS defaults to the GPUs `nvidia-smi -L` lists, else 1. Without CUDA, DeepSpeed 0.19 selects its CPU
+# accelerator by itself (DS_ACCELERATOR=cpu forces it) and --num_gpus then counts CPU processes.
+# --no_local_rank: ranks read LOCAL_RANK from the environment (set by the launcher) instead of a --local_rank flag.
+# Under SLURM use launch/slurm/train.sbatch instead: this launcher kills every rank as soon as one exits non-zero,
+# so it cannot honour the checkpoint-then-exit-75 preemption contract.
+set -euo pipefail
+
+if (( $# < 1 )); then
+    echo "usage: $0 RECIPE [trainer args...]" >&2
+    exit 2
+fi
+recipe=$1
+shift
+
+if [[ -z ${NUM_GPUS:-} ]]; then
+    NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    (( NUM_GPUS > 0 )) || NUM_GPUS=1
+fi
+read -ra launcher_args <<< "${DS_LAUNCHER_ARGS:-}"
+
+exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" "${launcher_args[@]}" \
+    --no_local_rank --module squad_ds.train --recipe "$recipe" "$@"
