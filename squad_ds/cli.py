@@ -20,7 +20,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from squad_ds.features import preprocess_command
+    from squad_ds.preprocess import preprocess_command
 
     summary = preprocess_command(args.data, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
                                  doc_stride=args.doc_stride, max_query_length=args.max_query_length,

@@ -20,15 +20,12 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
-import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from squad_ds import cache
-from squad_ds.data import Example, SquadDataset, load_squad
+from squad_ds.data import Example
 
 log = logging.getLogger(__name__)
 
@@ -395,58 +392,3 @@ def _empty(spec: _Spec) -> Features:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points: tokenizer loading, the cached path used by train / evaluate / predict, and `squad-ds preprocess`.
-
-def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
-    """A fast tokenizer (local directory, HF cache or hub; clear offline errors): the model factory's loader."""
-    from squad_ds.modeling.factory import load_tokenizer as factory_load_tokenizer
-
-    return factory_load_tokenizer(os.fspath(name_or_path))
-
-
-def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_seq_length: int = 384,
-                           doc_stride: int = 128, max_query_length: int = 64, split: str,
-                           cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
-                           progress: bool = True) -> tuple[Features, SquadDataset, dict[str, Any]]:
-    """Features for a SQuAD file from the content-keyed cache, built and stored on a miss.
-
-    `example_index` indexes the examples featurized: `dataset.train_examples()` for split="train" (misaligned
-    answers dropped: see data.py), `dataset.examples` for split="eval".
-    Ranks sharing a cache directory may all build on a cold cache; the atomic write keeps that safe.
-    """
-    t0 = time.perf_counter()
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer)
-    make_spec(tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
-              split=split)  # bad parameters fail before any reading
-    dataset = load_squad(data_path)
-    params = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
-    key = cache.cache_key({"data_sha256": cache.file_sha256(data_path), "squad_version": dataset.version,
-                           "split": split, **params, **cache.tokenizer_fingerprint(tokenizer)})
-    path = cache.entry_path(cache_dir, key, prefix=split)
-    hit = cache.load(path, key)
-    if hit is not None:
-        features = Features.from_arrays(hit[0])
-    else:
-        examples = dataset.train_examples() if split == "train" else dataset.examples
-        features = featurize(examples, tokenizer, split=split, num_workers=num_workers, progress=progress, **params)
-        cache.save(path, key, features.arrays(), {"data": os.fspath(data_path), "split": split,
-                                                   "squad_version": dataset.version, **params})
-    n_examples = len(dataset.examples) - (len(dataset.misaligned_ids) if split == "train" else 0)
-    info: dict[str, Any] = {"examples": n_examples, "features": len(features), "in_span": None, "at_cls": None,
-                            "seconds": round(time.perf_counter() - t0, 3), "cached": hit is not None,
-                            "cache_file": str(path), "key": key, "squad_version": dataset.version, "split": split}
-    if features.is_impossible is not None:
-        info["at_cls"] = int(features.is_impossible.sum())
-        info["in_span"] = len(features) - info["at_cls"]
-    return features, dataset, info
-
-
-def preprocess_command(data: str, tokenizer: str, max_seq_length: int = 384, doc_stride: int = 128,
-                       max_query_length: int = 64, split: str = "train", cache_dir: str | None = None,
-                       num_workers: int | None = None) -> dict[str, Any]:
-    """`squad-ds preprocess`: build (or find) the cached features and summarise them."""
-    _, _, info = load_or_build_features(data, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                                        max_query_length=max_query_length, split=split, cache_dir=cache_dir,
-                                        num_workers=num_workers)
-    keys = ("examples", "features", "in_span", "at_cls", "seconds", "cached", "cache_file")
-    return {k: info[k] for k in keys}

@@ -85,7 +85,7 @@ class BatchLoader(torch.utils.data.Dataset):
 
 
 def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int | None):
-    from squad_ds.features import load_or_build_features
+    from squad_ds.preprocess import load_or_build_features
 
     d = recipe.data
     kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from squad_ds import cache
-from squad_ds.features import load_or_build_features
+from squad_ds.preprocess import load_or_build_features
 
 DATA = {
     "version": "1.1",

@@ -77,7 +77,7 @@ def test_counts_features_and_matches_the_trainer(tmp_path, tiny_model):
     doc = json.loads(proc.stdout)
     from squad_ds.config import load_recipe
     from squad_ds.data_files import resolve_data_path
-    from squad_ds.features import load_or_build_features
+    from squad_ds.preprocess import load_or_build_features
 
     r = load_recipe(str(recipe))
     feats, _, info = load_or_build_features(resolve_data_path("sample:train"), str(tiny_model), max_seq_length=64,

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from trainer_util import REPO, env
+from trainer_util import env
 
 # Set from measurement (see the closing notes / bench/RESULTS.md): the default run measured F1 MEASURED_F1 on
 # 2 CPU cores; the untrained head scores F1 ≈ UNTRAINED_F1. The floor leaves room for thread-count and
