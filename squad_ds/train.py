@@ -157,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume and args.resume != "auto":
         raise FileNotFoundError(f"--resume {args.resume}: nothing to resume")
 
-    metrics = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch, position,
-                         eval_feats, eval_set, out, preempt)
-    if metrics == "preempted":
+    metrics, preempted = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch, position,
+                                    eval_feats, eval_set, out, preempt)
+    if preempted:
         return EXIT_REQUEUE
     if recipe.output.export:
         tag = checkpoint.complete_tags(ckpt_dir)[-1]
@@ -177,20 +177,20 @@ def _client_state(recipe: Recipe, epoch: int, position: int) -> dict:
 
 def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, epoch, position, eval_feats,
                eval_set, out, preempt: Preemption):
+    """Train to plan.total_steps from (epoch, position); returns (final metrics, whether preempted)."""
     tr = recipe.train
     world, rank = distributed.world_size(), distributed.rank()
     cfg = engine.module.config
     keys = forward_keys(family, train=True, config=cfg)
-    seq_len = feats.input_ids.shape[1]
-    rates = Throughput(flops_per_sequence(engine.module.config, seq_len), tr.peak_tflops or detect_peak_tflops(),
-                       world)
+    rates = Throughput(flops_per_sequence(cfg, feats.max_seq_length), tr.peak_tflops or detect_peak_tflops(), world)
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
     metrics = None
     t0 = time.perf_counter()
     step_before = engine.global_steps
-    while engine.global_steps < plan.total_steps:
+    done = step_before >= plan.total_steps
+    while not done:
         order = epoch_order(len(feats), world, rank, tr.seed, epoch)
         loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position),
                                              batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
@@ -222,20 +222,19 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
             if stop:
                 log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
                 bar.close()
-                return "preempted"
+                return None, True
             if last:
+                done = True
                 break
-        else:
+        else:  # the epoch ran out before the planned steps did
             epoch, position = epoch + 1, 0
-            continue
-        break
     bar.close()
     if pending:
         _log_losses(pending, engine.global_steps, plan, engine, rates, log_file, bar)
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
     if eval_feats is not None:
         metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out)
-    return metrics
+    return metrics, False
 
 
 def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
