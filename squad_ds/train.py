@@ -55,8 +55,12 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        return bool(distributed.all_reduce_max(int(self.requested)))
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether all ranks stop now. Alone, the flag is read every step; with several ranks the vote (a
+        collective and a host sync) is taken every `every` steps."""
+        if distributed.world_size() == 1:
+            return self.requested
+        return step % max(1, every) == 0 and bool(distributed.all_reduce_max(int(self.requested)))
 
 
 def epoch_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:
@@ -82,6 +86,15 @@ class BatchLoader(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return to_batch(self.features, self.batches[i], self.keys, torch.device("cpu"))
+
+
+def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> torch.Tensor:
+    """One micro-batch: forward, engine.backward, engine.step (DeepSpeed decides whether the step is an optimizer
+    step). Returns the loss, detached and left on the device (no host sync)."""
+    loss = engine(**model_inputs(family, batch, train=True, config=config)).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int | None):
@@ -198,11 +211,8 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
         batches_per_epoch = -(-len(order) // plan.micro_batch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**model_inputs(family, batch, train=True, config=cfg)).loss
-            engine.backward(loss)
-            engine.step()
+            pending.append(train_step(engine, batch, family, cfg))
             position += 1
-            pending.append(loss.detach())
             rates.add(len(batch["input_ids"]))
             if engine.global_steps == step_before:
                 continue  # inside an accumulation window
@@ -214,7 +224,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
                 pending = []
             if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
                 metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}")
-            stop = preempt.agreed()
+            stop = preempt.agreed(step, tr.log_steps)
             if stop or last or (tr.save_steps and step % tr.save_steps == 0):
                 epoch_done = position >= batches_per_epoch
                 epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)

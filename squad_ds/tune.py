@@ -154,8 +154,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from squad_ds.data_files import resolve_data_path
     from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
     from squad_ds.modeling.factory import load_qa_model, load_tokenizer
-    from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
-    from squad_ds.train import BatchLoader, epoch_order, load_features
+    from squad_ds.modeling.heads import forward_keys, model_family
+    from squad_ds.train import BatchLoader, epoch_order, load_features, train_step
 
     distributed.setup_env()
     recipe = load_recipe(spec["recipe"], spec["overrides"])
@@ -191,9 +191,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     total, marks, step, loss = WARMUP_STEPS + spec["steps"], [], engine.global_steps, None
     for batch in batches():
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = engine(**model_inputs(family, batch, train=True, config=model.config)).loss
-        engine.backward(loss)
-        engine.step()
+        loss = train_step(engine, batch, family, model.config)
         if engine.global_steps == step:
             continue  # inside an accumulation window
         step = engine.global_steps

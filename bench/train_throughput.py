@@ -1,0 +1,426 @@
+"""Training throughput of squad-ds's DeepSpeed path vs HF transformers.Trainer + DeepSpeed, same model and batch.
+
+For each ZeRO stage in --zero and a micro-batch (--micro N, or --find-max-micro: doubling until CUDA OOM, GPU only)
+it measures, after --warmup optimizer steps, samples/s over --steps steps, TFLOP/s (squad_ds.flops), MFU against
+--peak-tflops or a measured bf16 matmul peak, and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the
+process's max RSS). The squad-ds side goes through resolve_ds_config + build_engine and the loop body of
+squad_ds.train.train_loop (same DataLoader(BatchLoader), forward, engine.backward, engine.step). The baseline
+trains the same random model on the same features with `transformers.Trainer(args=TrainingArguments(deepspeed=
+<the same resolved DeepSpeed dict>, …))`; it needs `accelerate` (a bench extra, see bench/README.md).
+
+Each (implementation, ZeRO stage) runs in its own process: DeepSpeed and accelerate keep process-wide state, and a
+CPU RSS peak is only meaningful per process.
+
+    GPU: python bench/train_throughput.py --model bert-large --zero 0,2,3 --find-max-micro --out tp.json
+    CPU: python bench/train_throughput.py --model tiny --zero 0,2,3 --micro 4 --steps 5 --out tp.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert-large", choices=common.MODELS)
+    p.add_argument("--seq", type=int, default=384)
+    p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--zero", default="0,2,3", help="comma-separated ZeRO stages")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--micro", type=int, default=None, help="micro-batch per GPU (default 8 on GPU, 4 on CPU)")
+    g.add_argument("--find-max-micro", action="store_true", help="double the micro-batch until OOM (GPU only)")
+    p.add_argument("--micro-start", type=int, default=8, help="first micro-batch of --find-max-micro")
+    p.add_argument("--micro-limit", type=int, default=512, help="largest micro-batch --find-max-micro tries")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak for MFU (default: measured with large bf16 matmuls on GPU; none on CPU)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each implementation per stage, alternating squad-ds / HF (ratios: median of pairs)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads in the workers (0: torch's choice; 1 steadies timings on a shared machine)")
+    p.add_argument("--train-file", default=None, help="SQuAD train JSON (default: $SQUAD_DIR or the sample)")
+    p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
+    p.add_argument("--worker-timeout", type=int, default=900, help="seconds per (implementation, stage) process")
+    p.add_argument("--measure-peak", action="store_true", help="only measure the bf16 matmul peak and print it")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec of one worker process
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements inside a worker process.
+
+def measure_matmul_peak(sizes=(4096, 8192), iters: int = 20, warmup: int = 5) -> dict:
+    """Dense bf16 matmul TFLOP/s timed with CUDA events (the best of `sizes`): the MFU denominator this card reaches."""
+    import torch
+
+    best = {"tflops": 0.0}
+    for n in sizes:
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(warmup):
+            torch.matmul(a, b, out=c)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            torch.matmul(a, b, out=c)
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / iters
+        tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
+        if tflops > best["tflops"]:
+            best = {"tflops": tflops, "n": n, "ms_per_matmul": ms, "device": torch.cuda.get_device_name()}
+        del a, b, c
+    torch.cuda.empty_cache()
+    return best
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _order(n_features: int, micro: int, n_batches: int, seed: int):
+    """epoch_order's permutation, repeated when the data holds fewer than n_batches full micro-batches."""
+    import numpy as np
+
+    from squad_ds import distributed
+    from squad_ds.train import epoch_order
+
+    order = epoch_order(n_features, distributed.world_size(), distributed.rank(), seed, 0)
+    need = micro * n_batches
+    return np.resize(order, need) if len(order) < need else order[:need]
+
+
+def run_squad_ds(template, feats, spec: dict, micro: int) -> dict:
+    """Warm-up + timed steps of the squad-ds engine path; train_loop's per-micro-batch body, step for step."""
+    import torch
+
+    from squad_ds.modeling.heads import forward_keys, model_family
+    from squad_ds.train import BatchLoader, train_step
+
+    cuda = spec["cuda"]
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    n = spec["warmup"] + spec["steps"]
+    model = copy.deepcopy(template)
+    common.reset_peak_memory(cuda)
+    recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
+    engine, ds_cfg, plan = common.engine_for(model, spec["ds_config"], recipe, len(feats), cuda)
+    try:
+        cfg = engine.module.config
+        family = model_family(cfg)
+        keys = forward_keys(family, train=True, config=cfg)
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42), micro, keys),
+                                             batch_size=None, shuffle=False, pin_memory=cuda,
+                                             num_workers=2 if cuda else 0)
+        pending, stamps = [], {}
+        for i, batch in enumerate(loader):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            pending.append(train_step(engine, batch, family, cfg))
+            _stamp(stamps, i + 1, spec, cuda)
+        losses = torch.stack(pending).float().cpu().tolist()
+        return {"micro": micro, **_rates(stamps, spec, micro, cuda), "global_steps": engine.global_steps,
+                "loss_first": losses[0], "loss_last": losses[-1], **common.peak_memory(cuda)}
+    finally:
+        del engine, model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _stamp(stamps: dict[int, float], step: int, spec: dict, cuda: bool) -> None:
+    """Time at the end of optimizer step `step`. On GPU only the window's two ends synchronise (a per-step sync
+    would stop the host running ahead); on CPU every step is stamped, for a median that shrugs off contention."""
+    edge = step in (spec["warmup"], spec["warmup"] + spec["steps"])
+    if cuda and not edge:
+        return
+    common.sync(cuda)
+    stamps[step] = time.perf_counter()
+
+
+def _rates(stamps: dict[int, float], spec: dict, micro: int, cuda: bool) -> dict:
+    w, n = spec["warmup"], spec["warmup"] + spec["steps"]
+    window = stamps[n] - stamps[w]
+    out = {"seconds": window, "samples_per_s_window": spec["steps"] * micro / window}
+    if cuda:
+        out.update(samples_per_s=out["samples_per_s_window"], timing="window")
+    else:
+        steps = [stamps[i + 1] - stamps[i] for i in range(w, n)]
+        out.update(step_s=common.summarize(steps), samples_per_s=micro / statistics.median(steps),
+                   timing="median_step")
+    return out
+
+
+class _Rows:
+    """One feature per item, as HF Trainer's default collator expects."""
+
+    def __init__(self, feats, order, keys):
+        self.feats, self.order, self.keys = feats, order, keys
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        import torch
+
+        j = int(self.order[i])
+        return {k: torch.as_tensor(getattr(self.feats, k)[j]).long() for k in self.keys}
+
+
+def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
+    """The same model, batch and resolved DeepSpeed config through transformers.Trainer's DeepSpeed integration."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from squad_ds.modeling.heads import forward_keys, model_family
+
+    cuda = spec["cuda"]
+    n = spec["warmup"] + spec["steps"]
+    model = copy.deepcopy(template)
+    common.reset_peak_memory(cuda)
+    recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
+    from squad_ds import distributed
+    from squad_ds.engine import load_ds_config, resolve_ds_config
+
+    ds, plan = resolve_ds_config(load_ds_config(spec["ds_config"]), recipe, world_size=distributed.world_size(),
+                                 num_features=len(feats), cuda=cuda)
+    op = ds["optimizer"]["params"]
+    if spec["activation_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stamps: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            _stamp(stamps, state.global_step, spec, cuda)
+
+    keys = forward_keys(model_family(model.config), train=True, config=model.config)
+    rows = _Rows(feats, _order(len(feats), micro, n, 42), keys)
+    bf16 = bool((ds.get("bf16") or {}).get("enabled"))
+    with tempfile.TemporaryDirectory(prefix="hf_trainer_") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, deepspeed=ds, per_device_train_batch_size=micro, gradient_accumulation_steps=1,
+            max_steps=n, learning_rate=op["lr"], weight_decay=op["weight_decay"], adam_beta1=op["betas"][0],
+            adam_beta2=op["betas"][1], adam_epsilon=op["eps"], max_grad_norm=ds["gradient_clipping"],
+            warmup_steps=plan.warmup_steps, lr_scheduler_type="linear", bf16=bf16, logging_steps=10 ** 6,
+            save_strategy="no", report_to="none", disable_tqdm=True, seed=42, data_seed=42,
+            dataloader_num_workers=2 if cuda else 0, dataloader_pin_memory=cuda, use_cpu=not cuda,
+            gradient_checkpointing=False)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()])
+        try:
+            out = trainer.train()
+            return {"micro": micro, **_rates(stamps, spec, micro, cuda),
+                    "global_steps": trainer.state.global_step, "train_loss": out.training_loss,
+                    **common.peak_memory(cuda)}
+        finally:
+            del trainer, model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def worker(spec: dict) -> int:
+    """One (implementation, ZeRO stage): fixed micro-batch, or doubling until OOM; JSON to spec['out']."""
+    import torch
+
+    result: dict = {"impl": spec["impl"], "zero": spec["zero"], "ds_config": spec["ds_config"], "probes": []}
+    try:
+        if spec["impl"] == "peak":
+            result.update(measure_matmul_peak())
+            return 0
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        common.init_distributed(spec["cuda"])
+        tok = common.load_tokenizer()
+        feats, info = common.load_features(tok, spec["seq"], spec["stride"], path=spec["train_file"],
+                                           cache_dir=spec["cache_dir"])
+        result["features"] = {k: info[k] for k in ("examples", "features", "cached", "seconds")}
+        config = common.model_config(spec["model"], len(tok), max_positions=max(512, spec["seq"]))
+        template = common.build_model(config)  # the same seeded weights in every process
+        run = run_squad_ds if spec["impl"] == "squad-ds" else run_hf_trainer
+        micros = [spec["micro"]]
+        if spec["find_max"]:
+            micros = []
+            m = spec["micro_start"]
+            while m <= spec["micro_limit"]:
+                micros.append(m)
+                m *= 2
+        for m in micros:
+            try:
+                probe = run(template, feats, spec, m)
+            except Exception as e:  # noqa: BLE001 - an OOM ends the search; anything else is recorded and ends it
+                gc.collect()
+                if spec["cuda"]:
+                    torch.cuda.empty_cache()
+                result["probes"].append({"micro": m, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                                         "oom": _is_oom(e)})
+                break
+            result["probes"].append(probe)
+            print(f"[{spec['impl']} zero{spec['zero']}] micro {m}: {probe['samples_per_s']:.2f} samples/s", flush=True)
+        ok = [p for p in result["probes"] if "error" not in p]
+        if ok:
+            result.update(max(ok, key=lambda p: p["micro"]))
+        else:
+            result["error"] = result["probes"][-1]["error"] if result["probes"] else "no probe ran"
+    finally:
+        common.write_json(spec["out"], result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The orchestrating process (imports no CUDA state of its own).
+
+def spawn(spec: dict, timeout: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tp_worker_") as tmp:
+        spec = {**spec, "out": str(Path(tmp) / "result.json")}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**spec, "error": f"worker timed out after {timeout} s"}
+        wall = time.perf_counter() - t0
+        path = Path(spec["out"])
+        if not path.is_file():
+            return {"impl": spec["impl"], "zero": spec["zero"],
+                    "error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}"}
+        res = json.loads(path.read_text())
+        res["worker_wall_s"] = wall
+        if proc.returncode != 0 or "error" in res:
+            res.setdefault("stderr_tail", proc.stderr[-2000:])
+        return res
+
+
+def add_rates(res: dict, flops_per_seq: float, peak: float | None) -> None:
+    if "samples_per_s" in res:
+        res["tflops"] = res["samples_per_s"] * flops_per_seq / 1e12
+        res["mfu"] = res["tflops"] / peak if peak else None
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'config':<26} {'micro':>5} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10}"]
+    for r in rows:
+        name = f"{r['impl']} zero{r['zero']}"
+        if "samples_per_s" not in r:
+            lines.append(f"{name:<26} {'-':>5} {'error: ' + str(r.get('error', ''))[:60]}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_mem_bytes'] / 2 ** 30:.2f} GiB"
+        lines.append(f"{name:<26} {r['micro']:>5} {r['samples_per_s']:>10.2f} {r['tflops']:>9.3f} {mfu:>7} {mem:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.measure_peak:
+        if not cuda:
+            raise SystemExit("--measure-peak needs a CUDA GPU")
+        res = spawn({"impl": "peak", "zero": None, "cuda": True, "ds_config": None}, 120)
+        print(json.dumps(res))
+        common.write_json(args.out, res)
+        return 0 if "tflops" in res else 1
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("--warmup and --steps must be at least 1")
+    if args.find_max_micro and not cuda:
+        raise SystemExit("--find-max-micro needs a CUDA GPU (it doubles the micro-batch until CUDA runs out of memory)")
+    zeros = [int(z) for z in args.zero.split(",") if z.strip()]
+    peak, peak_source = args.peak_tflops, "--peak-tflops"
+    peak_info = None
+    if peak is None and cuda:
+        peak_info = spawn({"impl": "peak", "zero": None, "cuda": True, "ds_config": None}, 120)
+        peak, peak_source = peak_info.get("tflops"), "measured bf16 matmul"
+    from transformers import BertConfig  # noqa: F401 - fail here, not in every worker, when transformers is absent
+
+    from squad_ds.flops import flops_per_sequence
+
+    base = {"cuda": cuda, "model": args.model, "seq": args.seq, "stride": args.stride, "warmup": args.warmup,
+            "steps": args.steps, "train_file": args.train_file, "cache_dir": args.cache_dir,
+            "activation_checkpointing": args.activation_checkpointing, "find_max": args.find_max_micro,
+            "micro": args.micro or (8 if cuda else 4), "micro_start": args.micro_start,
+            "micro_limit": args.micro_limit, "threads": args.threads}
+    flops_seq = flops_per_sequence(_config_for_flops(args), args.seq)
+    rows, runs, ratios = [], [], {}
+    for z in zeros:
+        spec = {**base, "impl": "squad-ds", "zero": z, "ds_config": common.ds_config_name(z, cuda)}
+        ours = [spawn(spec, args.worker_timeout)]
+        if "samples_per_s" not in ours[0]:
+            rows.append(ours[0])
+            continue
+        fixed = {**spec, "find_max": False, "micro": ours[0]["micro"]}
+        hf: list[dict] = []
+        for r in range(args.repeat):  # squad-ds, HF, squad-ds, HF, …: drift on a shared machine hits both
+            if not args.no_baseline:
+                h = spawn({**fixed, "impl": "hf-trainer"}, args.worker_timeout)
+                if r == 0 and "samples_per_s" not in h and cuda and "out of memory" in json.dumps(h).lower():
+                    fixed_hf = {**fixed, "impl": "hf-trainer", "micro": max(1, fixed["micro"] // 2)}
+                    h = spawn(fixed_hf, args.worker_timeout)  # HF needs more memory: compare one step down
+                hf.append(h)
+            if r < args.repeat - 1:
+                ours.append(spawn(fixed, args.worker_timeout))
+        for group in (ours, hf):
+            for res in group:
+                add_rates(res, flops_seq, peak)
+            runs.extend(group)
+            ok = [g for g in group if "samples_per_s" in g]
+            if ok or group:
+                rep = sorted(ok, key=lambda g: g["samples_per_s"])[len(ok) // 2] if ok else group[-1]
+                rows.append({**rep, "repeats": len(ok)})
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
+        partial = {"bench": "train_throughput", "partial": True, "args": vars(args), "results": rows, "runs": runs}
+        common.write_json(args.out, partial)  # a stage killed by its time box still leaves the finished stages
+        pairs = [(o["samples_per_s"] / h["samples_per_s"], o["micro"] == h["micro"]) for o, h in zip(ours, hf)
+                 if "samples_per_s" in o and "samples_per_s" in h]
+        if pairs:
+            ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": statistics.median(p for p, _ in pairs),
+                                  "pairs": [p for p, _ in pairs], "same_micro": all(same for _, same in pairs)}
+    print()
+    print(table(rows))
+    for k, v in ratios.items():
+        print(f"{k}: squad-ds / HF Trainer samples/s = {v['squad_ds_over_hf_trainer']:.3f} (median of {len(v['pairs'])})"
+              f"{'' if v['same_micro'] else ' (HF at a smaller micro-batch)'}")
+    result = {"bench": "train_throughput", "env": _env_in_subprocess(), "args": vars(args),
+              "flops_per_sequence": flops_seq, "peak_tflops": peak, "peak_source": peak_source if peak else None,
+              "peak_measurement": peak_info, "results": rows, "runs": runs, "ratios": ratios}
+    common.write_json(args.out, result)
+    failed = [r for r in rows if "samples_per_s" not in r]
+    return 1 if failed else 0
+
+
+def _config_for_flops(args):
+    """The model config without building a tokenizer: vocab size does not enter the FLOPs."""
+    return common.model_config(args.model, vocab_size=30522, max_positions=max(512, args.seq))
+
+
+def _env_in_subprocess() -> dict:
+    try:
+        return common.environment()
+    except Exception as e:  # noqa: BLE001 - versions are nice to have, never worth failing the run
+        return {"error": str(e)}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The training benchmarks still run and still write the fields RESULTS.md and bench/gpu.sh read (no timing checks)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from trainer_util import REPO, env
+
+
+def _run(tmp_path, script: str, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(out)], env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def test_loop_overhead_smoke(tmp_path):
+    res = _run(tmp_path, "loop_overhead.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--micro", "4",
+               "--steps", "3", "--reps", "1")
+    for side in ("plain", "squad_ds"):
+        assert res[side]["n"] == 3 and res[side]["median_s"] > 0
+    assert {"overhead", "overhead_paired_median", "per_rep", "env", "model_config"} <= res.keys()
+
+
+def test_train_throughput_smoke(tmp_path):
+    res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "128", "--stride", "64", "--steps", "2",
+               "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline")
+    (row,) = res["results"]
+    assert row["impl"] == "squad-ds" and row["zero"] == 0 and row["micro"] == 2
+    for key in ("samples_per_s", "tflops", "mfu", "peak_mem_bytes", "peak_mem_kind", "global_steps"):
+        assert key in row, key
+    assert row["global_steps"] == 3 and row["samples_per_s"] > 0 and row["mfu"] is None  # no peak on CPU
+    assert res["flops_per_sequence"] > 0 and res["ratios"] == {}
