@@ -46,8 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="also time forward / backward / step separately for both (a re-implemented loop)")
     p.add_argument("--profile", action="store_true", help="cProfile one extra repetition of each loop")
-    p.add_argument("--skip-world1-allreduce", action="store_true",
-                   help="try the proposed fix: engine.enable_backward_allreduce = False (world of one, ZeRO-0)")
     p.add_argument("--train-file", default=None, help="SQuAD train JSON (default: $SQUAD_DIR or the sample)")
     p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -204,10 +202,6 @@ def main(argv=None) -> int:
     # log_steps 10: the shipped default, so its host sync + log line are in the loop as in a real run.
     recipe = common.make_recipe(args.micro, total, log_steps=10)
     engine, ds_cfg, plan = common.engine_for(model_b, "cpu_fp32", recipe, len(feats), cuda=False)
-    if args.skip_world1_allreduce:
-        # At world size 1 DeepSpeed's ZeRO-0 backward still flattens every gradient into buckets, all-reduces them
-        # over a group of one and copies them back: two gradient-sized copies per step that change nothing.
-        engine.enable_backward_allreduce = False
     opt_p = ds_cfg["optimizer"]["params"]
     clip = float(ds_cfg["gradient_clipping"])
     opt = torch.optim.AdamW(weight_decay_groups(model_a, opt_p["weight_decay"]), lr=opt_p["lr"],
@@ -238,7 +232,7 @@ def main(argv=None) -> int:
         "bench": "loop_overhead", "env": common.environment(), "model": args.model,
         "model_config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size")},
         "threads": torch.get_num_threads(), "seq": args.seq, "micro": args.micro, "steps": args.steps,
-        "reps": args.reps, "features": info["features"], "skip_world1_allreduce": args.skip_world1_allreduce,
+        "reps": args.reps, "features": info["features"],
         "plain": a, "squad_ds": b,
         "overhead": b["median_s"] / a["median_s"] - 1,
         "overhead_paired_median": statistics.median(r["overhead"] for r in per_rep),

@@ -9,11 +9,11 @@ import pytest
 
 from trainer_util import env
 
-# Set from measurement (see the closing notes / bench/RESULTS.md): the default run measured F1 MEASURED_F1 on
-# 2 CPU cores; the untrained head scores F1 ≈ UNTRAINED_F1. The floor leaves room for thread-count and
-# platform differences in floating point.
-F1_FLOOR = 15.0
-UNTRAINED_MAX_F1 = 10.0
+# Set from measurement on 2 CPU cores (2026-11-26): the default run scored F1 41.0 / EM 28.4 in 4 min 12 s; the
+# same model with its untrained QA head scores F1 7.0 / EM 0.5. The floor leaves room for thread-count and
+# platform differences in floating point without letting a run that learned little pass.
+F1_FLOOR = 30.0
+UNTRAINED_MAX_F1 = 12.0
 
 
 @pytest.mark.slow
@@ -33,4 +33,4 @@ def test_default_run_learns(tmp_path):
     print(f"default run: {final}; untrained head: {base}")
     assert base["f1"] < UNTRAINED_MAX_F1
     assert final["f1"] >= F1_FLOOR
-    assert final["f1"] >= base["f1"] + 10
+    assert final["f1"] >= base["f1"] + 20
