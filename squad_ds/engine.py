@@ -184,6 +184,12 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
         p.setdefault("warmup_min_lr", 0.0)
         p.setdefault("warmup_type", "linear")
 
+    for monitor in ("tensorboard", "csv_monitor"):
+        m = ds.get(monitor)
+        if isinstance(m, dict) and m.get("enabled") and m.get("output_path", "") in ("", "auto"):
+            # DeepSpeed's own default is the launch directory; the run directory is where a user looks.
+            m["output_path"] = str(Path(recipe.output.dir) / "monitor")
+
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)} (squad-ds fills only "

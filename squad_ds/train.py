@@ -224,6 +224,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
                 pending = []
             if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
                 metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}")
+                _monitor_eval(engine, metrics)
             stop = preempt.agreed(step, tr.log_steps)
             if stop or last or (tr.save_steps and step % tr.save_steps == 0):
                 epoch_done = position >= batches_per_epoch
@@ -244,7 +245,15 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
     if eval_feats is not None:
         metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out)
+        _monitor_eval(engine, metrics)
     return metrics, False
+
+
+def _monitor_eval(engine, metrics: dict | None) -> None:
+    """Eval scores next to DeepSpeed's own train loss/lr events (TensorBoard, CSV, … as the JSON enables)."""
+    if metrics and engine.monitor.enabled and distributed.is_main():
+        engine.monitor.write_events([(f"Eval/{k}", float(v), engine.global_samples) for k, v in metrics.items()
+                                     if isinstance(v, (int, float))])
 
 
 def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
@@ -264,6 +273,10 @@ def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
         with open(log_file, "a", encoding="utf-8") as f:
             for i, l in enumerate(per_step):
                 f.write(json.dumps({"step": first + i, "loss": l}) + "\n")
+        if engine.monitor.enabled:  # DeepSpeed logs the lr itself; the loss and throughput come from here
+            events = [("Train/Samples/train_loss", l, (first + i) * plan.global_batch) for i, l in enumerate(per_step)]
+            events += [(f"Train/Samples/{k}", v, step * plan.global_batch) for k, v in r.items()]
+            engine.monitor.write_events(events)
         bar.set_postfix(loss=f"{per_step[-1]:.4f}", lr=f"{lr:.2e}", sps=f"{r['samples_per_s']:.1f}")
         log_main(format_step(step, plan.total_steps, per_step[-1], lr, r))
 

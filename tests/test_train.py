@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trainer_util import env, final_json, losses, make_tiny_model, run_train, train_cmd, write_recipe, REPO
+from trainer_util import REPO, env, final_json, free_port, losses, make_tiny_model, run_train, train_cmd, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,30 @@ def test_bad_zero_stage(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
     proc = run_train(recipe, ds_config=str(tmp_path / "ds.json"), check=False)
     assert proc.returncode == 2 and "ZeRO stages are 0, 1, 2 and 3" in proc.stderr
+
+
+def test_csv_monitor_gets_train_and_eval_events(tmp_path, tiny_model):
+    """DeepSpeed's monitor config (here csv_monitor) logs train loss; squad-ds adds the eval scores; an empty
+    output_path lands in the run directory."""
+    cfg = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    cfg["csv_monitor"] = {"enabled": True, "output_path": "", "job_name": "tiny"}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"max_steps": 3})
+    run_train(recipe, ds_config=str(tmp_path / "ds.json"))
+    files = {p.name for p in (tmp_path / "out" / "monitor").rglob("*.csv")}
+    assert any("train_loss" in f for f in files), files
+    assert any("Eval_f1" in f for f in files), files
+
+
+def test_deepspeed_launcher_with_hostfile(tmp_path, tiny_model, reference):
+    """`deepspeed --hostfile` naming localhost slots=2 runs the 2-process CPU job (gloo)."""
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 6})
+    # With a hostfile the launcher ssh-es to its first host (a reachability check, then `hostname -I` for the
+    # master address) even when that host is localhost: --no_ssh_check and --master_addr skip both.
+    cmd = ["deepspeed", "--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--module", "squad_ds.train", "--recipe", str(recipe),
+           "--deepspeed_config", "cpu_fp32"]
+    proc = subprocess.run(cmd, env=env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_same(reference, losses(tmp_path / "out"))  # micro-batch 6 reproduces 12 per step only with 2 ranks
