@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from squad_ds import distributed
-from squad_ds.config import ConfigError, apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.config import apply_overrides, load_recipe, recipe_from_dict
 from squad_ds.data_files import resolve_data_path
+from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.logs import setup_logging
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
@@ -66,11 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"squad-ds predict: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("squad-ds predict", lambda: run(args))
 
 
 if __name__ == "__main__":

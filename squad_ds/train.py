@@ -22,6 +22,7 @@ from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
 from squad_ds.effective import effective_document
+from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate, to_batch
 from squad_ds.flops import detect_peak_tflops, flops_per_sequence
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
@@ -283,11 +284,7 @@ def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"squad-ds train: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("squad-ds train", lambda: run(args))
 
 
 if __name__ == "__main__":
