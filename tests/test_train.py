@@ -137,6 +137,7 @@ def test_export_round_trip(tmp_path, tiny_model, stage):
     (["train.train_batch_size=12", "train.gradient_accumulation_steps=2"], "cpu_fp32",
      "micro-batch 4 × gradient_accumulation_steps 2 × world size 1 = 8, not the train_batch_size 12"),
     (["train.train_batch_size=10"], "cpu_fp32", "train_batch_size 10 is not divisible by micro-batch 4"),
+    (["train.optimizer=apex_fused_adam"], "cpu_fp32", "NVIDIA apex is not importable"),
 ])
 def test_bad_configuration_fails_before_work(tmp_path, tiny_model, overrides, ds_config, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
@@ -183,3 +184,13 @@ def test_deepspeed_launcher_with_hostfile(tmp_path, tiny_model, reference):
     proc = subprocess.run(cmd, env=env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_same(reference, losses(tmp_path / "out"))  # micro-batch 6 reproduces 12 per step only with 2 ranks
+
+
+def test_zero2_cpu_offload_matches(tmp_path, tiny_model, reference):
+    """ZeRO-2 with the optimizer offloaded to the CPU (DeepSpeedCPUAdam, a JIT-built op) tracks torch AdamW."""
+    cfg = json.loads((REPO / "ds_configs" / "cpu_fp32_zero2.json").read_text())
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 12})
+    run_train(recipe, ds_config=str(tmp_path / "ds.json"), timeout=900)
+    _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
