@@ -101,7 +101,9 @@ def make_recipe(micro: int, steps: int, *, lr: float = 1e-4, seed: int = 42, log
     return recipe_from_dict({
         "train": {"micro_batch_size": micro, "gradient_accumulation_steps": 1, "max_steps": steps, "lr": lr,
                   "warmup_proportion": 0.1, "weight_decay": 0.01, "seed": seed, "log_steps": log_steps,
-                  "activation_checkpointing": activation_checkpointing},
+                  "activation_checkpointing": activation_checkpointing,
+                  # benches pin the batches: the same features in the same order for every loop they compare
+                  "group_by_length": False},
         "data": {"eval_file": None},
         "output": {"dir": out_dir, "export": False},
     }, "bench")

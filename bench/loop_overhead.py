@@ -79,7 +79,7 @@ def plain_loop(model, opt, sched, feats, family, keys, micro, seed, n_steps, clo
     import torch
 
     from squad_ds.modeling.heads import model_inputs
-    from squad_ds.train import BatchLoader, epoch_order
+    from squad_ds.batching import BatchLoader, epoch_order
 
     cfg = model.config
     order = epoch_order(len(feats), 1, 0, seed, 0)
@@ -128,7 +128,7 @@ def breakdown(model, opt, sched, engine, feats, family, keys, micro, seed, n_ste
     import torch
 
     from squad_ds.modeling.heads import model_inputs
-    from squad_ds.train import BatchLoader, epoch_order
+    from squad_ds.batching import BatchLoader, epoch_order
 
     order = epoch_order(len(feats), 1, 0, seed, 0)
     batches = [BatchLoader(feats, order, micro, keys, 0)[i] for i in range(n_steps)]

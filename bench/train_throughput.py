@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each implementation per stage, alternating squad-ds / HF (ratios: median of pairs)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--trim", action="store_true",
+                   help="squad-ds trims each batch to its longest sequence (the trainer's default); off, every batch "
+                        "is the full --seq, the workload the HF baseline runs")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads in the workers (0: torch's choice; 1 steadies timings on a shared machine)")
     p.add_argument("--train-file", default=None, help="SQuAD train JSON (default: $SQUAD_DIR or the sample)")
@@ -104,7 +107,7 @@ def _order(n_features: int, micro: int, n_batches: int, seed: int):
     import numpy as np
 
     from squad_ds import distributed
-    from squad_ds.train import epoch_order
+    from squad_ds.batching import epoch_order
 
     order = epoch_order(n_features, distributed.world_size(), distributed.rank(), seed, 0)
     need = micro * n_batches
@@ -116,7 +119,8 @@ def run_squad_ds(template, feats, spec: dict, micro: int) -> dict:
     import torch
 
     from squad_ds.modeling.heads import forward_keys, model_family
-    from squad_ds.train import BatchLoader, train_step
+    from squad_ds.batching import BatchLoader
+    from squad_ds.train import train_step
 
     cuda = spec["cuda"]
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -129,7 +133,8 @@ def run_squad_ds(template, feats, spec: dict, micro: int) -> dict:
         cfg = engine.module.config
         family = model_family(cfg)
         keys = forward_keys(family, train=True, config=cfg)
-        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42), micro, keys),
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42), micro, keys,
+                                                             trim=spec.get("trim", False)),
                                              batch_size=None, shuffle=False, pin_memory=cuda,
                                              num_workers=2 if cuda else 0)
         pending, stamps = [], {}
@@ -359,6 +364,7 @@ def main(argv=None) -> int:
     base = {"cuda": cuda, "model": args.model, "seq": args.seq, "stride": args.stride, "warmup": args.warmup,
             "steps": args.steps, "train_file": args.train_file, "cache_dir": args.cache_dir,
             "activation_checkpointing": args.activation_checkpointing, "find_max": args.find_max_micro,
+            "trim": args.trim,
             "micro": args.micro or (8 if cuda else 4), "micro_start": args.micro_start,
             "micro_limit": args.micro_limit, "threads": args.threads}
     flops_seq = flops_per_sequence(_config_for_flops(args), args.seq)

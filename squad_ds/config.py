@@ -101,6 +101,7 @@ class TrainConfig:
     warmup_proportion: float | None = None
     weight_decay: float | None = None
     activation_checkpointing: bool = False
+    group_by_length: bool = True  # similar lengths share an optimizer step, so trimmed batches carry less padding
     optimizer: str = "auto"  # auto | deepspeed (as the JSON says) | apex_fused_adam
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only at the end)

@@ -15,49 +15,62 @@ import numpy as np
 import torch
 
 from squad_ds import distributed
+from squad_ds.batching import is_left_padded, to_batch, trim_padding
 from squad_ds.config import EvalConfig
 from squad_ds.logs import log_main, progress
 from squad_ds.modeling.heads import eval_outputs, forward_keys, model_inputs
 
 
-def to_batch(features, idx: np.ndarray, keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
-    batch = {}
-    for k in keys:
-        arr = getattr(features, k)
-        if arr is None:
-            continue
-        t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
-        if t.dtype != torch.float32:
-            t = t.long()
-        batch[k] = t.to(device, non_blocking=True)
-    return batch
+def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: int) -> dict[str, np.ndarray]:
+    """Outputs of a trimmed batch in full-length coordinates: per-token logits padded back (padding is never a
+    candidate span: its offsets are -1), XLNet's top-k positions shifted back by the columns cut on the left."""
+    out = {}
+    for name, t in outputs.items():
+        a = t.float().cpu().numpy()
+        if family == "bert" and a.ndim == 2 and a.shape[1] != full:
+            pad = np.full((a.shape[0], full - a.shape[1]), -1e4, dtype=a.dtype)
+            a = np.concatenate([pad, a] if offset else [a, pad], axis=1)
+        elif name.endswith("_index") and offset:
+            a = a + offset
+        out[name] = a
+    return out
 
 
 @torch.no_grad()
 def predict_arrays(model, features, family: str, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """Model outputs for all features, in feature order, on every rank."""
+    """Model outputs for all features, in feature order, on every rank.
+
+    Each rank takes its contiguous slice, runs it longest-first so batches hold similar lengths, trims their
+    padding, and puts the outputs back in feature order."""
     world, rank = distributed.world_size(), distributed.rank()
     start, stop = distributed.shard_range(len(features), world, rank)
     n_batches = distributed.all_reduce_max(math.ceil((stop - start) / batch_size))
     config = getattr(model, "module", model).config
     keys = forward_keys(family, train=False, config=config)
+    left = is_left_padded(features.attention_mask)
+    full = features.max_seq_length
+    order = start + np.argsort(-features.attention_mask[start:stop].sum(1), kind="stable")
     was_training = model.training
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     bar = progress(n_batches, desc="eval")
     for b in range(n_batches):
-        idx = np.arange(start + b * batch_size, min(stop, start + (b + 1) * batch_size))
+        idx = order[b * batch_size:(b + 1) * batch_size]
         dummy = len(idx) == 0  # this rank's slice is used up; still join the collective forward
-        batch = to_batch(features, np.array([0]) if dummy else idx, keys, device)
+        batch, offset = trim_padding(to_batch(features, np.array([0]) if dummy else idx, keys, device), left)
         out = model(**model_inputs(family, batch, train=False, config=config))
         if not dummy:
-            for name, t in eval_outputs(family, out).items():
-                chunks.setdefault(name, []).append(t.float().cpu().numpy())
+            for name, a in _untrim(family, eval_outputs(family, out), full, offset).items():
+                chunks.setdefault(name, []).append(a)
         bar.update(1)
     bar.close()
     if was_training:
         model.train()
-    local = {k: np.concatenate(v) for k, v in chunks.items()}
+    local = {}
+    for name, parts in chunks.items():
+        sorted_out = np.concatenate(parts)
+        local[name] = np.empty_like(sorted_out)
+        local[name][order - start] = sorted_out
     if not local:  # more ranks than features
         local = {k: v[:0] for k, v in _empty_like(model, features, family, keys, config, device).items()}
     return distributed.gather_shards(local)

@@ -38,25 +38,28 @@ def progress(total: int, initial: int = 0, desc: str = "train"):
 class Throughput:
     """Samples/s, TFLOP/s and MFU over the window since the last `measure` call."""
 
-    def __init__(self, flops_per_sample: float, peak_tflops: float | None, world_size: int):
-        self.flops_per_sample = flops_per_sample
+    def __init__(self, peak_tflops: float | None, world_size: int):
         self.peak_tflops = peak_tflops
         self.world_size = world_size
         self._t = time.perf_counter()
         self._samples = 0
+        self._flops = 0.0
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, flops: float) -> None:
+        """`flops`: model FLOPs of the work actually done (trimmed batches do less than max_seq_length)."""
         self._samples += samples
+        self._flops += flops
 
     def measure(self) -> dict[str, float]:
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
-        sps = self._samples * self.world_size / dt  # every rank trains the same number of samples
-        tflops = sps * self.flops_per_sample / 1e12
+        # This rank's work × world: ranks run equally many samples; their lengths differ a little.
+        sps = self._samples * self.world_size / dt
+        tflops = self._flops * self.world_size / dt / 1e12
         out = {"samples_per_s": sps, "tflops": tflops}
         if self.peak_tflops:
             out["mfu"] = tflops / (self.peak_tflops * self.world_size)
-        self._t, self._samples = now, 0
+        self._t, self._samples, self._flops = now, 0, 0.0
         return out
 
 

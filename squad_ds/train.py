@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from squad_ds import checkpoint, distributed
+from squad_ds.batching import BatchLoader, epoch_order
 from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
 from squad_ds.effective import effective_document
 from squad_ds.errors import run_main
-from squad_ds.evaluate import evaluate, to_batch
+from squad_ds.evaluate import evaluate
 from squad_ds.flops import detect_peak_tflops, flops_per_sequence
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
@@ -62,31 +63,6 @@ class Preemption:
         if distributed.world_size() == 1:
             return self.requested
         return step % max(1, every) == 0 and bool(distributed.all_reduce_max(int(self.requested)))
-
-
-def epoch_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:
-    """This rank's feature indices for an epoch: one seeded permutation, padded by wrapping to a multiple of
-    world, strided by rank (DistributedSampler's scheme), so every rank runs the same number of micro-batches."""
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).numpy()
-    total = -(-n // world) * world
-    perm = np.concatenate([perm, perm[: total - n]])
-    return perm[rank:total:world]
-
-
-class BatchLoader(torch.utils.data.Dataset):
-    """Whole micro-batches as items, so a DataLoader's workers and pinned memory can prepare them ahead."""
-
-    def __init__(self, features, order: np.ndarray, micro: int, keys: tuple[str, ...], start: int = 0):
-        self.features, self.keys, self.micro = features, keys, micro
-        self.batches = [order[i:i + micro] for i in range(0, len(order), micro)][start:]
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        return to_batch(self.features, self.batches[i], self.keys, torch.device("cpu"))
 
 
 def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> torch.Tensor:
@@ -196,7 +172,8 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     world, rank = distributed.world_size(), distributed.rank()
     cfg = engine.module.config
     keys = forward_keys(family, train=True, config=cfg)
-    rates = Throughput(flops_per_sequence(cfg, feats.max_seq_length), tr.peak_tflops or detect_peak_tflops(), world)
+    rates = Throughput(tr.peak_tflops or detect_peak_tflops(), world)
+    lengths = feats.attention_mask.sum(1) if tr.group_by_length else None
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
@@ -205,7 +182,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     step_before = engine.global_steps
     done = step_before >= plan.total_steps
     while not done:
-        order = epoch_order(len(feats), world, rank, tr.seed, epoch)
+        order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths, global_batch=plan.global_batch)
         loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position),
                                              batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
                                              num_workers=2 if device.type == "cuda" else 0)
@@ -214,7 +191,8 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             pending.append(train_step(engine, batch, family, cfg))
             position += 1
-            rates.add(len(batch["input_ids"]))
+            ids = batch["input_ids"]
+            rates.add(len(ids), len(ids) * flops_per_sequence(cfg, ids.shape[1]))
             if engine.global_steps == step_before:
                 continue  # inside an accumulation window
             step = step_before = engine.global_steps

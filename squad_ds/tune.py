@@ -7,7 +7,7 @@ with the best measured samples/s, and writes that as a DeepSpeed config `squad-d
 Each trial is a fresh `python -m squad_ds.tune --trial SPEC` process (under torchrun when --nproc > 1), so a CUDA
 OOM, a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what
 `squad-ds train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the
-trainer's `load_features` / `epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup + N` times on
+trainer's `load_features` / `train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup + N` times on
 real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on GPU and,
 on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner every
 0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
@@ -155,7 +155,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
     from squad_ds.modeling.factory import load_qa_model, load_tokenizer
     from squad_ds.modeling.heads import forward_keys, model_family
-    from squad_ds.train import BatchLoader, epoch_order, load_features, train_step
+    from squad_ds.batching import BatchLoader, epoch_order
+    from squad_ds.train import load_features, train_step
 
     distributed.setup_env()
     recipe = load_recipe(spec["recipe"], spec["overrides"])
@@ -174,10 +175,13 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     keys = forward_keys(family, train=True, config=model.config)
     world, rank = distributed.world_size(), distributed.rank()
 
+    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length else None
+
     def batches():
         epoch = 0
         while True:  # as many epochs as the trial needs; the same data order the trainer would use
-            order = epoch_order(len(feats), world, rank, recipe.train.seed, epoch)
+            order = epoch_order(len(feats), world, rank, recipe.train.seed, epoch, lengths=lengths,
+                                global_batch=plan.global_batch)
             yield from torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys),
                                                    batch_size=None, shuffle=False, pin_memory=cuda,
                                                    num_workers=2 if cuda else 0)
