@@ -4,7 +4,7 @@ For the machine it runs on, at the recipe's global batch (micro × accumulation 
 largest micro-batch per device that fits for each (stage, offload, checkpointing) combination and the combination
 with the best measured samples/s, and writes that as a DeepSpeed config `squad-ds train --deepspeed_config` takes.
 
-Each trial is a fresh `python -m squad_ds.tune --trial SPEC` process (under torchrun when --nproc > 1), so a CUDA
+Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA
 OOM, a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what
 `squad-ds train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the
 trainer's `load_features` / `train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup + N` times on
@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
-import resource
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -42,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, load_recipe
+from squad_ds.tune_trial import WARMUP_STEPS
 
-WARMUP_STEPS = 2  # optimizer steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 POLL_S = 0.2
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
 
@@ -130,108 +127,6 @@ def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- one trial (child process)
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _peak_mem_gb(cuda: bool) -> float:
-    import torch
-
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build the engine as `squad-ds train` would and time `steps` optimizer steps after WARMUP_STEPS."""
-    import torch
-
-    from squad_ds import distributed
-    from squad_ds.data_files import resolve_data_path
-    from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
-    from squad_ds.modeling.factory import load_qa_model, load_tokenizer
-    from squad_ds.modeling.heads import forward_keys, model_family
-    from squad_ds.batching import BatchLoader, epoch_order
-    from squad_ds.train import load_features, train_step
-
-    distributed.setup_env()
-    recipe = load_recipe(spec["recipe"], spec["overrides"])
-    cuda = torch.cuda.is_available()
-    distributed.init(cuda)
-    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
-    torch.manual_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe, "train",
-                             recipe.data.max_train_examples)
-    ds_cfg, plan = resolve_ds_config(load_ds_config(spec["deepspeed_config"]), recipe,
-                                     world_size=distributed.world_size(), num_features=len(feats), cuda=cuda)
-    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
-    family = model_family(model.config)
-    engine, _, _ = build_engine(model, ds_cfg, recipe)
-    keys = forward_keys(family, train=True, config=model.config)
-    world, rank = distributed.world_size(), distributed.rank()
-
-    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length else None
-
-    def batches():
-        epoch = 0
-        while True:  # as many epochs as the trial needs; the same data order the trainer would use
-            order = epoch_order(len(feats), world, rank, recipe.train.seed, epoch, lengths=lengths,
-                                global_batch=plan.global_batch)
-            yield from torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys),
-                                                   batch_size=None, shuffle=False, pin_memory=cuda,
-                                                   num_workers=2 if cuda else 0)
-            epoch += 1
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    # Median step time, not the mean: on a shared machine one descheduled step would decide the ranking.
-    total, marks, step, loss = WARMUP_STEPS + spec["steps"], [], engine.global_steps, None
-    for batch in batches():
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = train_step(engine, batch, family, model.config)
-        if engine.global_steps == step:
-            continue  # inside an accumulation window
-        step = engine.global_steps
-        if step >= WARMUP_STEPS:
-            sync()
-            marks.append(time.perf_counter())
-        if step >= total:
-            break
-    durations = [b - a for a, b in itertools.pairwise(marks)]
-    return {"status": "fits", "samples_per_s": plan.global_batch / statistics.median(durations),
-            "peak_mem_gb": _peak_mem_gb(cuda), "step_seconds": durations, "loss": float(loss.detach().float().cpu()),
-            "micro": engine.train_micro_batch_size_per_gpu(), "accum": engine.gradient_accumulation_steps()}
-
-
-def trial_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    rank = os.environ.get("RANK", "0")
-    out = Path(spec["result_dir"]) / f"result.rank{rank}.json"
-    try:
-        result = run_trial(spec)
-    except ConfigError as e:
-        result = {"status": "error", "note": str(e)}
-    except Exception as e:  # noqa: BLE001 - a trial reports what killed it; the tuner decides
-        result = {"status": "oom" if _is_oom(e) else "error", "note": f"{type(e).__name__}: {str(e)[:300]}"}
-        if result["status"] == "oom":
-            import torch
-
-            result["peak_mem_gb"] = _peak_mem_gb(torch.cuda.is_available())
-    tmp = out.with_suffix(".tmp")  # the tuner may kill this process group at any moment: never a torn file
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, out)
-    # Other ranks may be stuck in a collective after an OOM here: leave without waiting for them.
-    sys.stdout.flush()
-    os._exit(0 if result["status"] == "fits" else 3)
-
-
 # ---------------------------------------------------------------- the search (tuner process)
 
 def _tree_rss(pid: int) -> int:
@@ -261,7 +156,7 @@ def _child_env() -> dict[str, str]:
 
 
 def _trial_cmd(spec_path: Path, nproc: int) -> list[str]:
-    tail = ["-m", "squad_ds.tune", "--trial", str(spec_path)]
+    tail = ["-m", "squad_ds.tune_trial", str(spec_path)]
     if nproc == 1:
         return [sys.executable, *tail]
     from squad_ds.distributed import _free_port
@@ -511,10 +406,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m squad_ds.tune --trial SPEC` runs one trial; anything else is `squad-ds tune …`."""
+    """`python -m squad_ds.tune …` is `squad-ds tune …`."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--trial"] and len(argv) == 2:
-        return trial_main(argv[1])
     from squad_ds.cli import main as cli_main
 
     return cli_main(["tune", *argv])
