@@ -2,8 +2,8 @@
 # Train on this host with DeepSpeed's launcher: one process per GPU, or NUM_GPUS CPU processes on a CPU box.
 #
 #   launch/train.sh RECIPE [trainer args...]
-#   NUM_GPUS=2 launch/train.sh tiny --deepspeed_config ds_configs/cpu_fp32_zero0.json --set train.max_steps=10
-#   DS_LAUNCHER_ARGS="--hostfile launch/hostfile --master_addr node0" launch/train.sh bert-base ...  (multi-node)
+#   NUM_GPUS=2 launch/train.sh tiny --deepspeed_config ds_configs/cpu_fp32.json --set train.max_steps=10
+#   DS_LAUNCHER_ARGS="--hostfile launch/hostfile --master_addr node0" launch/train.sh bert_large_wwm_squad1 ...  (multi-node)
 #
 # NUM_GPUS defaults to the GPUs `nvidia-smi -L` lists, else 1. Without CUDA, DeepSpeed 0.19 selects its CPU
 # accelerator by itself (DS_ACCELERATOR=cpu forces it) and --num_gpus then counts CPU processes.
