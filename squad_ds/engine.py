@@ -130,6 +130,8 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
     micro, accum, total = _resolve_batch(ds, recipe, world_size)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"] = micro, accum, total
 
+    if recipe.train.optimizer == "apex_fused_adam":
+        _apex_fused_adam_class()  # a missing apex is a configuration error, found before any work
     zero = ds.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -218,12 +220,17 @@ def weight_decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _apex_fused_adam(groups, ds: dict[str, Any]):
+def _apex_fused_adam_class():
     try:
         from apex.optimizers import FusedAdam  # NVIDIA apex, never PyPI's unrelated "apex"
     except ImportError as e:
         raise ConfigError("train.optimizer=apex_fused_adam but NVIDIA apex is not importable: build it from "
                           "github.com/NVIDIA/apex, or use the DeepSpeed optimizer (train.optimizer=auto)") from e
+    return FusedAdam
+
+
+def _apex_fused_adam(groups, ds: dict[str, Any]):
+    FusedAdam = _apex_fused_adam_class()
     opt_cfg = ds.pop("optimizer", None) or {}
     params = {k: v for k, v in opt_cfg.get("params", {}).items() if k in ("lr", "betas", "eps", "weight_decay")}
     return FusedAdam(groups, adam_w_mode=True, **params)

@@ -141,13 +141,12 @@ def test_export_round_trip(tmp_path, tiny_model, stage):
 ])
 def test_bad_configuration_fails_before_work(tmp_path, tiny_model, overrides, ds_config, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
-    t = time.time()
     args = [a for o in overrides for a in ("--set", o)]
     proc = run_train(recipe, *args, ds_config=ds_config, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was built or written
-    assert time.time() - t < 60
+    assert "features:" not in proc.stderr  # failed before featurizing (timing lives in bench/, not tests)
 
 
 def test_bad_zero_stage(tmp_path, tiny_model):
