@@ -64,6 +64,10 @@ class DataConfig:
     max_eval_examples: int | None = None
     cache_dir: str | None = None
     num_workers: int | None = None
+    # Batches cut to their longest sequence (train and eval). null: on CPU yes, on CUDA no (measured, see
+    # batching.trim_policy); pad_to_multiple_of rounds the trimmed length up, bounding the number of batch shapes.
+    trim_padding: bool | None = None
+    pad_to_multiple_of: int = 1
 
     def __post_init__(self):
         _check(self.version in (None, "1.1", "2.0"), "data.version", f"must be '1.1' or '2.0', got {self.version!r}")
@@ -71,6 +75,7 @@ class DataConfig:
         _check(0 < self.doc_stride < self.max_seq_length, "data.doc_stride", "must be in (0, max_seq_length)")
         _check(0 < self.max_query_length < self.max_seq_length, "data.max_query_length",
                "must be in (0, max_seq_length)")
+        _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be a positive integer")
         for k in ("max_train_examples", "max_eval_examples"):
             v = getattr(self, k)
             _check(v is None or v > 0, f"data.{k}", "must be positive or null")
@@ -88,6 +93,9 @@ class EvalConfig:
             _check(getattr(self, k) > 0, f"eval.{k}", "must be positive")
 
 
+OPTIMIZERS = ("auto", "deepspeed", "torch_fused_adamw", "apex_fused_adam")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 2.0
@@ -102,7 +110,10 @@ class TrainConfig:
     weight_decay: float | None = None
     activation_checkpointing: bool = False
     group_by_length: bool = True  # similar lengths share an optimizer step, so trimmed batches carry less padding
-    optimizer: str = "auto"  # auto | deepspeed (as the JSON says) | apex_fused_adam
+    # auto | deepspeed (as the JSON says: DeepSpeed's FusedAdam on CUDA) | torch_fused_adamw (torch.optim.AdamW with
+    # fused=True, through DeepSpeed's torch_adam switch) | apex_fused_adam (NVIDIA apex, when importable)
+    optimizer: str = "auto"
+    compile: bool = False  # torch.compile the model through engine.compile() (DeepSpeed's supported route)
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2
@@ -119,8 +130,8 @@ class TrainConfig:
         _check(self.weight_decay is None or self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_proportion is None or 0 <= self.warmup_proportion < 1, "train.warmup_proportion",
                "must be in [0, 1)")
-        _check(self.optimizer in ("auto", "deepspeed", "apex_fused_adam"), "train.optimizer",
-               f"must be auto, deepspeed or apex_fused_adam, got {self.optimizer!r}")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer",
+               f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for k in ("eval_steps", "save_steps", "log_steps"):
             _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")

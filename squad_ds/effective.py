@@ -56,7 +56,7 @@ def effective_config(recipe_name: str | None, overrides: list[str], deepspeed_co
     if num_features is not None and num_features < 1:
         raise ConfigError(f"--num-features {num_features}: must be a positive integer")
     recipe = load_recipe(recipe_name, overrides)
-    ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda)
+    ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world_size)
     ds_raw = load_ds_config(ds_name)
     # Contradictions fail before any tokenizing, as in train.run.
     resolve_ds_config(ds_raw, recipe, world_size=world_size, num_features=1, cuda=cuda)

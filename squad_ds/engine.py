@@ -61,8 +61,12 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     return cfg
 
 
-def default_ds_config_name(cuda: bool) -> str:
-    return "zero2_bf16" if cuda else "cpu_fp32"
+def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:
+    """bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one, where ZeRO-2 partitions nothing and measured
+    slower with more memory (BERT-large, H100: 318 vs 316 samples/s, 24.4 vs 25.2 GiB; bench/RESULTS.md)."""
+    if not cuda:
+        return "cpu_fp32"
+    return "zero0_bf16" if world_size == 1 else "zero2_bf16"
 
 
 def _merge(json_value: Any, recipe_value: Any, default: Any, json_key: str, recipe_key: str) -> Any:
@@ -152,7 +156,15 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
     if opt:
         opt["params"]["lr"], opt["params"]["weight_decay"] = lr, wd
         offloaded = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-        if not cuda and not offloaded and opt["type"].lower() in ("adam", "adamw"):
+        adam = opt["type"].lower() in ("adam", "adamw")
+        if recipe.train.optimizer == "torch_fused_adamw":
+            if not adam or offloaded:
+                raise ConfigError("train.optimizer=torch_fused_adamw needs an Adam/AdamW optimizer in the DeepSpeed "
+                                  f"config and no optimizer offload (got type {opt['type']!r}"
+                                  f"{', offloaded' if offloaded else ''})")
+            # DeepSpeed's torch_adam switch builds torch.optim.AdamW and passes the other params through.
+            opt["params"]["torch_adam"], opt["params"]["fused"] = True, True
+        elif not cuda and not offloaded and adam:
             # FusedAdam is a CUDA kernel; on CPU torch's AdamW avoids a JIT build and is what runs anyway.
             opt["params"].setdefault("torch_adam", True)
 
@@ -236,9 +248,37 @@ def _apex_fused_adam(groups, ds: dict[str, Any]):
     return FusedAdam(groups, adam_w_mode=True, **params)
 
 
+def arch_list_for_deepspeed(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT op builder can parse it: arch-specific suffixes dropped
+    ("9.0a" → "9.0"; it does int("0a") and fails). Set that way by NVIDIA's own images, e.g. on the H100 this
+    project measured on; DeepSpeed's kernels use nothing arch-specific."""
+    out = []
+    for tok in value.replace(";", " ").split():
+        base, plus, ptx = tok.partition("+")
+        major, dot, minor = base.partition(".")
+        minor = minor.rstrip("abcdefghijklmnopqrstuvwxyz") if minor[:1].isdigit() else minor
+        new = f"{major}{dot}{minor}{plus}{ptx}"
+        if new not in out:
+            out.append(new)
+    return ";".join(out)
+
+
+def _sanitize_arch_list() -> None:
+    import logging
+    import os
+
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value and arch_list_for_deepspeed(value) != value.replace(" ", ";"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list_for_deepspeed(value)
+        logging.getLogger("squad_ds").warning("TORCH_CUDA_ARCH_LIST=%r → %r for DeepSpeed's JIT op builds", value,
+                                              os.environ["TORCH_CUDA_ARCH_LIST"])
+
+
 def build_engine(model, ds: dict[str, Any], recipe: Recipe):
     """`deepspeed.initialize` with the resolved config; returns (engine, optimizer, scheduler)."""
     import deepspeed
+
+    _sanitize_arch_list()
 
     if recipe.train.activation_checkpointing:
         from squad_ds.modeling.heads import supports_activation_checkpointing
@@ -256,6 +296,8 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe):
         raise ConfigError("the DeepSpeed config has no \"optimizer\" section")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups if optimizer is None else None, optimizer=optimizer, config=ds)
+    if recipe.train.compile:
+        engine.compile()  # nn.Module.compile in place: parameter names (checkpoints, export) stay as they are
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
         # A world of one: DeepSpeed would still flatten, all-reduce and unflatten every gradient each step
         # (measured +3–5% step time on CPU, bench/loop_overhead.py) for no effect.

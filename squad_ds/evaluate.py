@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from squad_ds import distributed
-from squad_ds.batching import is_left_padded, to_batch, trim_padding
+from squad_ds.batching import TrimPolicy, is_left_padded, to_batch, trim_padding
 from squad_ds.config import EvalConfig
 from squad_ds.logs import log_main, progress
 from squad_ds.modeling.heads import eval_outputs, forward_keys, model_inputs
@@ -37,11 +37,12 @@ def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: in
 
 
 @torch.no_grad()
-def predict_arrays(model, features, family: str, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+def predict_arrays(model, features, family: str, batch_size: int, device: torch.device,
+                   trim: TrimPolicy = TrimPolicy()) -> dict[str, np.ndarray]:
     """Model outputs for all features, in feature order, on every rank.
 
     Each rank takes its contiguous slice, runs it longest-first so batches hold similar lengths, trims their
-    padding, and puts the outputs back in feature order."""
+    padding (as `trim` says), and puts the outputs back in feature order."""
     world, rank = distributed.world_size(), distributed.rank()
     start, stop = distributed.shard_range(len(features), world, rank)
     n_batches = distributed.all_reduce_max(math.ceil((stop - start) / batch_size))
@@ -57,7 +58,8 @@ def predict_arrays(model, features, family: str, batch_size: int, device: torch.
     for b in range(n_batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         dummy = len(idx) == 0  # this rank's slice is used up; still join the collective forward
-        batch, offset = trim_padding(to_batch(features, np.array([0]) if dummy else idx, keys, device), left)
+        batch = to_batch(features, np.array([0]) if dummy else idx, keys, device)
+        batch, offset = trim_padding(batch, left, trim.multiple) if trim.trim else (batch, 0)
         out = model(**model_inputs(family, batch, train=False, config=config))
         if not dummy:
             for name, a in _untrim(family, eval_outputs(family, out), full, offset).items():
@@ -109,11 +111,12 @@ def score_predictions(dataset, preds) -> dict[str, Any]:
 
 
 def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: torch.device,
-             out_dir: str | Path | None, has_answers: bool = True) -> dict[str, Any] | None:
+             out_dir: str | Path | None, has_answers: bool = True,
+             trim: TrimPolicy = TrimPolicy()) -> dict[str, Any] | None:
     """Predict, post-process and (when the data has answers) score; every rank returns the same metrics."""
     from squad_ds.postprocess import write_predictions
 
-    arrays = predict_arrays(model, features, family, cfg.batch_size, device)
+    arrays = predict_arrays(model, features, family, cfg.batch_size, device, trim)
     metrics: dict[str, Any] | None = None
     if distributed.is_main():
         preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0",

@@ -45,6 +45,7 @@ def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
+    from squad_ds.batching import trim_policy
     from squad_ds.train import load_features
 
     recipe = _recipe_for(args.model, args.recipe, args.overrides)
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"
-    metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir, has_answers)
+    trim = trim_policy(recipe.data.trim_padding, recipe.data.pad_to_multiple_of, cuda)
+    metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir, has_answers,
+                       trim=trim)
     if distributed.is_main():
         print(json.dumps({**(metrics or {}), "predictions": str(out_dir / "predictions.json")}), flush=True)
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from squad_ds import checkpoint, distributed
-from squad_ds.batching import BatchLoader, epoch_order
+from squad_ds.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
@@ -108,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
     distributed.setup_env()
     recipe = load_recipe(args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
-    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda)
+    world = int(os.environ["WORLD_SIZE"])
+    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world)
     ds_raw = load_ds_config(ds_name)
     # Validate the DeepSpeed/recipe combination before any data or model work.
-    resolve_ds_config(ds_raw, recipe, world_size=int(os.environ["WORLD_SIZE"]), num_features=1, cuda=cuda)
+    resolve_ds_config(ds_raw, recipe, world_size=world, num_features=1, cuda=cuda)
     distributed.init(cuda)
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
@@ -173,7 +174,9 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     cfg = engine.module.config
     keys = forward_keys(family, train=True, config=cfg)
     rates = Throughput(tr.peak_tflops or detect_peak_tflops(), world)
-    lengths = feats.attention_mask.sum(1) if tr.group_by_length else None
+    trim = trim_policy(recipe.data.trim_padding, recipe.data.pad_to_multiple_of, device.type == "cuda")
+    # Grouping lengths only pays when batches are trimmed; full-length batches keep the plain shuffle.
+    lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.trim else None
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
@@ -183,7 +186,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     done = step_before >= plan.total_steps
     while not done:
         order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths, global_batch=plan.global_batch)
-        loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position),
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position, trim),
                                              batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
                                              num_workers=2 if device.type == "cuda" else 0)
         batches_per_epoch = -(-len(order) // plan.micro_batch)
@@ -202,7 +205,8 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
                 _log_losses(pending, step, plan, engine, rates, log_file, bar)
                 pending = []
             if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
-                metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}")
+                metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}",
+                                   trim=trim)
                 _monitor_eval(engine, metrics)
             stop = preempt.agreed(step, tr.log_steps)
             if stop or last or (tr.save_steps and step % tr.save_steps == 0):
@@ -223,7 +227,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
         _log_losses(pending, engine.global_steps, plan, engine, rates, log_file, bar)
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
     if eval_feats is not None:
-        metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out)
+        metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out, trim=trim)
         _monitor_eval(engine, metrics)
     return metrics, False
 

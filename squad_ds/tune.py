@@ -237,7 +237,7 @@ def prepare(args: argparse.Namespace) -> Search:
 
     cuda = torch.cuda.is_available()
     recipe = load_recipe(args.recipe, args.overrides)
-    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda)
+    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, args.nproc)
     base = load_ds_config(ds_name)
     world = args.nproc
     _, plan = resolve_ds_config(base, recipe, world_size=world, num_features=1, cuda=cuda)

@@ -42,7 +42,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
     from squad_ds.modeling.factory import load_qa_model, load_tokenizer
     from squad_ds.modeling.heads import forward_keys, model_family
-    from squad_ds.batching import BatchLoader, epoch_order
+    from squad_ds.batching import BatchLoader, epoch_order, trim_policy
     from squad_ds.train import load_features, train_step
 
     distributed.setup_env()
@@ -62,14 +62,15 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     keys = forward_keys(family, train=True, config=model.config)
     world, rank = distributed.world_size(), distributed.rank()
 
-    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length else None
+    trim = trim_policy(recipe.data.trim_padding, recipe.data.pad_to_multiple_of, cuda)
+    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length and trim.trim else None
 
     def batches():
         epoch = 0
         while True:  # as many epochs as the trial needs; the same data order the trainer would use
             order = epoch_order(len(feats), world, rank, recipe.train.seed, epoch, lengths=lengths,
                                 global_batch=plan.global_batch)
-            yield from torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys),
+            yield from torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, 0, trim),
                                                    batch_size=None, shuffle=False, pin_memory=cuda,
                                                    num_workers=2 if cuda else 0)
             epoch += 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from squad_ds.batching import epoch_order, is_left_padded, trim_padding
+from squad_ds.batching import BatchLoader, TrimPolicy, epoch_order, is_left_padded, trim_padding, trim_policy
 
 
 def _steps(n, world, micro, accum, lengths, seed=3, epoch=1):
@@ -72,3 +72,35 @@ def test_trimmed_batch_gives_the_same_logits():
     for i, n in enumerate((9, 5, 7)):
         torch.testing.assert_close(short.start_logits[i, :n], full.start_logits[i, :n], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(short.end_logits[i, :n], full.end_logits[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_trim_to_a_multiple_bounds_the_shapes():
+    mask = torch.tensor([[1] * 5 + [0] * 11, [1] * 3 + [0] * 13])
+    batch = {"attention_mask": mask, "input_ids": torch.arange(32).view(2, 16), "start_positions": torch.tensor([4, 1])}
+    out, offset = trim_padding(batch, left=False, multiple=4)
+    assert offset == 0 and out["input_ids"].shape == (2, 8) and out["start_positions"].tolist() == [4, 1]
+    out, offset = trim_padding(batch, left=False, multiple=32)  # never longer than the features
+    assert out["input_ids"].shape == (2, 16)
+    left = {"attention_mask": mask.flip(1), "input_ids": torch.arange(32).view(2, 16), "cls_index": torch.tensor([15, 15])}
+    out, offset = trim_padding(left, left=True, multiple=4)
+    assert offset == 8 and out["input_ids"][0].tolist() == list(range(8, 16)) and out["cls_index"].tolist() == [7, 7]
+
+
+def test_trim_policy_auto_is_per_device():
+    assert trim_policy(None, 1, cuda=False) == TrimPolicy(True, 1)
+    assert trim_policy(None, 64, cuda=True) == TrimPolicy(False, 64)
+    assert trim_policy(True, 64, cuda=True) == TrimPolicy(True, 64)
+    assert trim_policy(False, 1, cuda=False).trim is False
+
+
+def test_batch_loader_follows_the_policy():
+    class F:  # the two feature arrays BatchLoader reads
+        attention_mask = np.array([[1] * n + [0] * (16 - n) for n in (5, 3, 9, 2)])
+        input_ids = attention_mask * 7
+
+    order = np.arange(4)
+    keys = ("input_ids", "attention_mask")
+    assert BatchLoader(F, order, 2, keys, trim=TrimPolicy(False))[0]["input_ids"].shape == (2, 16)
+    assert BatchLoader(F, order, 2, keys, trim=TrimPolicy(True))[0]["input_ids"].shape == (2, 5)
+    assert BatchLoader(F, order, 2, keys, trim=TrimPolicy(True, 8))[1]["input_ids"].shape == (2, 16)
+    assert BatchLoader(F, order, 2, keys, trim=TrimPolicy(True, 8))[0]["input_ids"].shape == (2, 8)

@@ -50,6 +50,11 @@ def test_world_size_overrides_and_device(capsys):
     assert "torch_adam" not in doc["deepspeed"]["optimizer"]["params"]  # that is the CPU-only choice
 
 
+def test_one_gpu_defaults_to_zero0(capsys):
+    rc, out, _ = _config(capsys, "demo", "--num-features", "1000", "--world-size", "1", "--device", "cuda")
+    assert rc == 0 and json.loads(out)["deepspeed_config_file"] == "zero0_bf16"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["tiny", "--deepspeed_config", "zero2_fp16", "--device", "cpu"], "fp16.enabled=true needs a CUDA GPU"),
     (["tiny", "--set", "train.learning_rate=1"], "unknown key train.learning_rate"),

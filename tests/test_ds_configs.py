@@ -65,6 +65,12 @@ def test_shipped_set_is_complete_and_packaged():
     assert default_ds_config_name(cuda=True) in SHIPPED and default_ds_config_name(cuda=False) in SHIPPED
 
 
+def test_default_config_per_device_and_world_size():
+    assert default_ds_config_name(cuda=False) == "cpu_fp32"
+    assert default_ds_config_name(cuda=True) == "zero0_bf16"  # one GPU: ZeRO-2 would partition nothing
+    assert default_ds_config_name(cuda=True, world_size=8) == "zero2_bf16"
+
+
 def test_unknown_config_names_the_shipped_ones():
     with pytest.raises(ConfigError, match="zero2_bf16"):
         ds_config_path("zero9_fp8")

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from squad_ds.config import ConfigError, recipe_from_dict
-from squad_ds.engine import (DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, load_ds_config,
-                             resolve_ds_config, weight_decay_groups)
+from squad_ds.engine import (DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, arch_list_for_deepspeed,
+                             load_ds_config, resolve_ds_config, weight_decay_groups)
 from test_ds_configs import build_scheduler
 
 
@@ -255,6 +255,28 @@ def test_torch_adam_on_cpu_unless_offloaded():
     assert out["optimizer"]["params"]["torch_adam"] is False
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_torch_fused_adamw_is_torch_adamw_with_fused_kernels(cuda):
+    out, _ = resolve(ds_auto(), recipe(optimizer="torch_fused_adamw"), cuda=cuda)
+    assert out["optimizer"]["params"]["torch_adam"] is True
+    assert out["optimizer"]["params"]["fused"] is True
+
+
+def test_torch_fused_adamw_refuses_offload_and_non_adam():
+    offload = ds_auto(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+    with pytest.raises(ConfigError, match="no optimizer offload"):
+        resolve(offload, recipe(optimizer="torch_fused_adamw"))
+    lamb = ds_auto()
+    lamb["optimizer"]["type"] = "Lamb"
+    with pytest.raises(ConfigError, match="torch_fused_adamw needs an Adam/AdamW"):
+        resolve(lamb, recipe(optimizer="torch_fused_adamw"))
+
+
+def test_unknown_optimizer_choice_names_the_choices():
+    with pytest.raises(ConfigError, match="torch_fused_adamw"):
+        recipe(optimizer="sgd")
+
+
 def test_optimizer_without_params_gets_the_recipe_values():
     """BUG (engine.resolve_ds_config): `opt["params"].get("lr")` runs before `opt.setdefault("params", {})`, so a
     DeepSpeed config whose optimizer has no "params" (DeepSpeed's own examples allow {"type": "AdamW"}) crashes
@@ -311,3 +333,15 @@ def test_weight_decay_groups_skip_frozen_parameters():
     frozen.requires_grad_(False)
     groups = weight_decay_groups(model, 0.1)
     assert all(p is not frozen for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("9.0a", "9.0"),                      # the H100 image's value: DeepSpeed 0.19 fails on int("0a")
+    ("8.0;9.0a;10.0a+PTX", "8.0;9.0;10.0+PTX"),
+    ("7.5 8.6 9.0+PTX", "7.5;8.6;9.0+PTX"),  # spaces are DeepSpeed's other separator
+    ("9.0;9.0a", "9.0"),
+])
+def test_arch_list_for_deepspeed(given, expected):
+    assert arch_list_for_deepspeed(given) == expected
+    major_minor = [t.split("+")[0].split(".") for t in expected.split(";")]
+    assert all(int(a) >= 0 and int(b) >= 0 for a, b in major_minor)  # what DeepSpeed's builder does with them

@@ -47,6 +47,30 @@ def cut_is_exact(tokenizer, example, max_query_length: int) -> bool:
     return tokenizer(cut, add_special_tokens=False)["input_ids"] == full
 
 
+def overflow_is_complete(tokenizer) -> bool:
+    """Whether return_overflowing_tokens windows reach the end of a long second sequence. tokenizers 0.23.1-0.23.2
+    stop tokenizing a truncated sequence once max_length tokens exist (huggingface/tokenizers#2091; 0.23.3 is right again),
+    so run_qa.py's windows silently lose the tail of every context longer than max_length tokens there."""
+    right = tokenizer.padding_side == "right"
+    question, context = "what is it?", " ".join(["word"] * 64)
+    enc = tokenizer(question if right else context, context if right else question,
+                    truncation="only_second" if right else "only_first", max_length=24, stride=4,
+                    return_overflowing_tokens=True, return_offsets_mapping=True)
+    last = len(enc["input_ids"]) - 1
+    ctx = 1 if right else 0
+    return max(o[1] for o, s in zip(enc["offset_mapping"][last], enc.sequence_ids(last)) if s == ctx) == len(context)
+
+
+def reference_safe(tokenizer, examples, max_seq_length: int) -> list:
+    """The examples the reference gets right: all of them, or with a tokenizers that truncates early (see
+    overflow_is_complete), those whose context fits in max_seq_length tokens (each sequence is fully tokenized)."""
+    if overflow_is_complete(tokenizer):
+        return list(examples)
+    enc = tokenizer([e.context for e in examples], add_special_tokens=False, verbose=False)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    return [e for e, n in zip(examples, lengths) if n <= max_seq_length]
+
+
 def reference_features(examples, tokenizer, max_seq_length, doc_stride, max_query_length, split):
     pad_on_right = tokenizer.padding_side == "right"
     questions = [_truncate_question(tokenizer, e.question.lstrip(), max_query_length) for e in examples]
@@ -194,11 +218,17 @@ def test_bert_matches_run_qa(bert_tokenizer, path, config, split):
     feats = featurize(examples, bert_tokenizer, max_seq_length=L, doc_stride=S, max_query_length=Q, split=split,
                       num_workers=1, progress=False)
     assert all(cut_is_exact(bert_tokenizer, e, Q) for e in examples)
-    ref = reference_features(examples, bert_tokenizer, L, S, Q, split)
-    assert_matches_reference(feats, ref, split, bert_tokenizer)
     assert np.all(feats.cls_index == 0)
     if config == (128, 32, 16):
         assert len(feats) > 1.5 * len(examples)  # the small config must exercise many windows
+    safe = reference_safe(bert_tokenizer, examples, L)
+    if len(safe) < len(examples):
+        examples = safe
+        feats = featurize(examples, bert_tokenizer, max_seq_length=L, doc_stride=S, max_query_length=Q, split=split,
+                          num_workers=1, progress=False)
+        assert len(examples) >= 20 and (config != (128, 32, 16) or len(feats) > len(examples))
+    ref = reference_features(examples, bert_tokenizer, L, S, Q, split)
+    assert_matches_reference(feats, ref, split, bert_tokenizer)
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -218,9 +248,10 @@ def test_xlnet_left_padding_matches_run_qa(xlnet_tokenizer, config, split):
     # The reference cuts question text, which a Unigram model may re-segment: compare where the cut is exact.
     exact = [e for e in examples if cut_is_exact(tok, e, Q)]
     assert len(exact) > 0.9 * len(examples)
-    examples = exact
+    examples = reference_safe(tok, exact, L)
     feats = featurize(examples, tok, max_seq_length=L, doc_stride=S, max_query_length=Q, split=split,
                       num_workers=1, progress=False)
+    assert len(examples) >= 20 and (config != (128, 32, 16) or len(feats) > len(examples))  # still windows
     ref = reference_features(examples, tok, L, S, Q, split)
     assert_matches_reference(feats, ref, split, tok)
     # <cls> is last and padding is on the left.

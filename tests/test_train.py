@@ -193,3 +193,36 @@ def test_zero2_cpu_offload_matches(tmp_path, tiny_model, reference):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 12})
     run_train(recipe, ds_config=str(tmp_path / "ds.json"), timeout=900)
     _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
+
+
+def test_torch_fused_adamw_matches(tmp_path, tiny_model, reference):
+    """train.optimizer=torch_fused_adamw: torch's fused AdamW kernel through DeepSpeed's torch_adam switch."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
+                          train={"micro_batch_size": 12, "optimizer": "torch_fused_adamw"})
+    run_train(recipe)
+    _assert_same(reference, losses(tmp_path / "out"), tol=1e-5)
+
+
+def test_compiled_model_matches(tmp_path, tiny_model, reference):
+    """train.compile=true: engine.compile() (torch.compile, inductor) trains to the eager losses; evaluation and
+    checkpointing run on the compiled engine."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
+                          train={"micro_batch_size": 12, "compile": True})
+    run_train(recipe, timeout=900)
+    _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
+
+
+def test_full_length_and_bucketed_batches_train_alike(tmp_path, tiny_model):
+    """data.trim_padding=false (the CUDA default) and trimming to a multiple of 16 compute what trimmed batches do:
+    same losses and the same evaluation, in the same (ungrouped) order."""
+    runs = {}
+    for name, data in (("trim", {"trim_padding": True}), ("full", {"trim_padding": False}),
+                       ("bucket", {"trim_padding": True, "pad_to_multiple_of": 16})):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name, data=data,
+                              train={"micro_batch_size": 12, "group_by_length": False})
+        metrics = final_json(run_train(recipe))
+        runs[name] = (losses(tmp_path / name), metrics)
+    for name in ("full", "bucket"):
+        _assert_same(runs["trim"][0], runs[name][0])
+        assert runs[name][1]["f1"] == pytest.approx(runs["trim"][1]["f1"], abs=1e-6)
+        assert runs[name][1]["exact_match"] == pytest.approx(runs["trim"][1]["exact_match"], abs=1e-6)
