@@ -4,6 +4,7 @@
 #   bash bench/gpu.sh --prepare   # on a machine with the shared files: fill the git-ignored .gpu-wheels/ payload
 #   bash bench/gpu.sh             # on the GPU machine, repo root, .gpu-wheels/ carried: results go to $OUT
 #   bash bench/gpu.sh --dry-run   # on CPU: every stage at toy size, to prove the plumbing (OUT default runs/gpu_dry)
+#   GPU_SH_ONLY=finetune,tp-ckpt bash bench/gpu.sh   # only those stages (after the setup every run does)
 #
 # Payload (.gpu-wheels/, the only carried path, ~58 MiB with the repo; the carry limit is 64 MiB):
 #   *.whl               DeepSpeed and the deps the GPU image lacks (from /work/shared/gpu-wheels; Python 3.12)
@@ -12,12 +13,15 @@
 #                       dtype float32, so transformers upcasts on load and training starts from the bf16-rounded weights
 #   squad/*.json.gz     train-v1.1.reconstructed and dev-v1.1, gzipped (8.9 MB instead of 35 MB; squad_ds reads gzip)
 #
-# Stages, each under `timeout` inside one overall deadline (a hang costs its own box, never the run):
-#   env -> bf16 matmul peak -> pytest -m gpu -> MiniLM fine-tune (2 epochs, full train, dev-v1.1 scored)
-#   -> BERT-large throughput table (ZeRO 0/2/3, max micro-batch, HF Trainer baseline).
-# The fine-tune runs before the table: it builds the feature cache and the FusedAdam JIT build the table reuses.
-# $OUT gets at most 8 flat files: summary.txt env.txt peak.json pytest_gpu.log finetune.log finetune.json
-# throughput.log throughput.json.
+# Stages, in priority order, each under `timeout` inside one overall deadline (GPU_SH_BUDGET, default 500 s): a
+# hang costs its own box, a spent budget skips what is left, never what is done.
+#   install wheels; in the background: DeepSpeed's FusedAdam + CPUAdam JIT builds and the feature caches
+#   env -> bf16 matmul peak -> BERT-large ZeRO-0 micro 64 (squad-ds variants full / trim / torch_adamw vs HF Trainer)
+#   -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> ZeRO-2/3 rows with the baseline -> largest
+#   micro-batches (squad-ds, HF, squad-ds + activation checkpointing) -> torch.compile rows -> pytest -m gpu.
+# If the FusedAdam build fails, the squad-ds rows and the fine-tune use torch's fused AdamW instead (said in summary).
+# $OUT: summary.txt env.txt throughput.log finetune.log finetune.json results.tar.gz (every JSON and log, remade
+# after each stage so a time-out keeps what finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -69,27 +73,38 @@ if [[ $MODE == dry ]]; then
   BUDGET=${GPU_SH_BUDGET:-900}
 else
   : "${OUT:?set OUT to the results folder}"
-  BUDGET=${GPU_SH_BUDGET:-470}  # seconds for everything; each stage also has its own box
+  BUDGET=${GPU_SH_BUDGET:-500}  # seconds for everything; each stage also has its own box
 fi
 mkdir -p "$OUT"
+WORK=/tmp/gpu_sh_work
+rm -rf "$WORK"; mkdir -p "$WORK"
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 log() { echo "[gpu.sh $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$SUMMARY"; }
+pack() {
+  cp -f "$SUMMARY" "$WORK/" 2>/dev/null
+  tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+}
 
 # stage NAME BOX_S LOGFILE CMD...: runs CMD under timeout min(BOX_S, time left), logs rc and duration.
 stage() {
   local name=$1 box=$2 logf=$3; shift 3
   local left=$((BUDGET - SECONDS))
   (( box > left )) && box=$left
-  if (( box < 10 )); then log "$name: SKIPPED (budget spent)"; return 99; fi
+  if [[ -n ${GPU_SH_ONLY:-} && $name != install && $name != peak && ,$GPU_SH_ONLY, != *,$name,* ]]; then
+    log "$name: not in GPU_SH_ONLY"; return 98
+  fi
+  if (( box < 15 )); then log "$name: SKIPPED (budget spent)"; return 99; fi
   local t0=$SECONDS
+  echo "=== $name: $* ===" >> "$logf"
   timeout --kill-after=10 "$box" "$@" >> "$logf" 2>&1
   local rc=$?
   local why=""
   [[ $rc == 124 || $rc == 137 ]] && why=" (TIMED OUT at ${box}s)"
   log "$name: rc=$rc in $((SECONDS - t0))s$why"
+  pack
   return $rc
 }
 
@@ -100,6 +115,10 @@ if [[ $MODE == gpu ]]; then
   export PYTHONPATH=/tmp/site:$REPO
   export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
   export SQUAD_DIR=$PAYLOAD/squad SQUAD_DS_MINILM_DIR=$PAYLOAD/minilm-bf16
+  # The image's TORCH_CUDA_ARCH_LIST names "9.0a"-style targets, which DeepSpeed 0.19's JIT builder cannot parse
+  # (int('0a')): build DeepSpeed's ops for this card's own compute capability.
+  log "TORCH_CUDA_ARCH_LIST was '${TORCH_CUDA_ARCH_LIST:-}'"
+  export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 else
   log "dry run on CPU: no wheel install (they are Python 3.12 wheels for the GPU image); payload: $(ls "$PAYLOAD" 2>/dev/null | tr '\n' ' ')"
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
@@ -111,82 +130,105 @@ PY=python3
 CACHE=$REPO/runs/bench_cache
 MINILM=${SQUAD_DS_MINILM_DIR:-all-MiniLM-L6-v2}
 
+# Background, while the GPU measures its peak: the JIT-built DeepSpeed ops (minutes of nvcc/g++, once) and the
+# 384/128/64 feature caches the table and the fine-tune share.
+OPS_PID=
+if [[ $MODE == gpu ]]; then
+  ( timeout 240 $PY bench/gpu_steps.py ops > "$WORK/ops_build.log" 2>&1 ) &
+  OPS_PID=$!
+fi
+( timeout 200 $PY bench/gpu_steps.py features "$CACHE" > "$WORK/features.log" 2>&1 ) &
+FEAT_PID=$!
+
 # --- environment -----------------------------------------------------------------------------------------------
 {
   date -u; uname -a
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  $PY - <<'EOF'
-import importlib, platform
-print("python", platform.python_version())
-for m in ("torch", "deepspeed", "transformers", "accelerate", "tokenizers", "numpy", "safetensors"):
-    try:
-        mod = importlib.import_module(m)
-        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
-    except Exception as e:
-        print(m, "MISSING", type(e).__name__, e)
-import torch
-print("cuda", torch.cuda.is_available(), torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-EOF
+  nvcc --version 2>&1 | tail -2
+  $PY bench/gpu_steps.py env
 } > "$OUT/env.txt" 2>&1
-log "env: $(grep -m1 -E '^cuda ' "$OUT/env.txt")"
+cp "$OUT/env.txt" "$WORK/"
+log "env: $(grep -m1 -E '^cuda ' "$OUT/env.txt"); $(grep -m1 -E '^transformers ' "$OUT/env.txt" | cut -d' ' -f1-2)"
 
 # --- bf16 matmul peak ------------------------------------------------------------------------------------------
 PEAK_ARGS=()
-if [[ $MODE == gpu ]]; then
-  stage peak 90 "$OUT/throughput.log" $PY bench/train_throughput.py --measure-peak --out "$OUT/peak.json"
-  peak=$($PY -c "import json;print(json.load(open('$OUT/peak.json'))['tflops'])" 2>/dev/null)
+if [[ -n ${GPU_SH_PEAK:-} ]]; then
+  PEAK_ARGS=(--peak-tflops "$GPU_SH_PEAK") && log "bf16 matmul peak: $GPU_SH_PEAK TFLOP/s (given, not measured)"
+elif [[ $MODE == gpu ]]; then
+  stage peak 60 "$OUT/throughput.log" $PY bench/train_throughput.py --measure-peak --out "$WORK/peak.json"
+  peak=$($PY -c "import json;print(json.load(open('$WORK/peak.json'))['tflops'])" 2>/dev/null)
   [[ -n $peak ]] && PEAK_ARGS=(--peak-tflops "$peak") && log "bf16 matmul peak: $peak TFLOP/s"
-else
-  echo '{"skipped": "no GPU (dry run)"}' > "$OUT/peak.json"
 fi
 
-# --- GPU-marked tests ------------------------------------------------------------------------------------------
-stage pytest-gpu 90 "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -p no:cacheprovider tests
-rc=$(tail -1 "$SUMMARY" | sed -n 's/.*rc=\([0-9]*\).*/\1/p')
-[[ $rc == 5 ]] && log "pytest-gpu: no tests carry the gpu marker yet: skipped"
+wait $FEAT_PID; log "feature caches: rc=$? $(grep -E '^(train|eval) ' "$WORK/features.log" | cut -c1-120 | tr '\n' ' ')"
+FIRST=full FT_OPT=()
+if [[ -n $OPS_PID ]]; then
+  wait $OPS_PID; log "DeepSpeed ops: rc=$? $(grep -E '^(fused_adam|cpu_adam):' "$WORK/ops_build.log" | cut -c1-100 | tr '\n' ' ')"
+  if ! grep -q "^fused_adam: ok" "$WORK/ops_build.log"; then
+    FIRST=torch_adamw FT_OPT=(--set train.optimizer=torch_fused_adamw)
+    log "FusedAdam did not build: squad-ds rows and the fine-tune use torch's fused AdamW (see ops_build.log)"
+  fi
+fi
+pack
 
-# --- all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 ----
+if [[ $MODE == gpu ]]; then
+  MODEL=bert-large MICRO=64 STEPS=(--warmup 3 --steps 12)
+else
+  MODEL=tiny MICRO=4 STEPS=(--warmup 1 --steps 2)
+fi
+tp() {  # tp NAME BOX OUTNAME ARGS...: one train_throughput.py run, its table appended to throughput.log
+  local name=$1 box=$2 outname=$3; shift 3
+  stage "$name" "$box" "$OUT/throughput.log" $PY bench/train_throughput.py --model "$MODEL" --cache-dir "$CACHE" \
+    "${PEAK_ARGS[@]}" --out "$WORK/$outname" "$@"
+}
+
+# --- 1. BERT-large, ZeRO-0 bf16, micro 64: squad-ds variants vs HF Trainer -------------------------------------
+OPT_ARGS=()
+[[ $FIRST == torch_adamw ]] && OPT_ARGS=(--optimizer torch_fused_adamw)
+tp tp-zero0 170 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
+  --variants "${GPU_SH_TP_VARIANTS:-full,trim64,trim,torch_adamw}" "${OPT_ARGS[@]}" --worker-timeout 120
+
+# --- 2. all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 --
 FT_OUT=$REPO/runs/gpu_minilm_squad1_full
 rm -rf "$FT_OUT"
 if [[ $MODE == gpu ]]; then
   FT_ARGS=(--set data.train_file="$SQUAD_DIR/train-v1.1.reconstructed.json.gz"
-           --set data.eval_file="$SQUAD_DIR/dev-v1.1.json.gz" --set train.log_steps=200)
-  FT_BOX=300
+           --set data.eval_file="$SQUAD_DIR/dev-v1.1.json.gz" --set train.log_steps=250 "${FT_OPT[@]}")
+  # GPU_SH_FT_ARGS: extra `squad-ds train` arguments for the fine-tune (e.g. another DeepSpeed config)
+  [[ -n ${GPU_SH_FT_ARGS:-} ]] && read -r -a extra <<< "$GPU_SH_FT_ARGS" && FT_ARGS+=("${extra[@]}")
 else  # the same recipe and overrides on the samples: 2 steps of micro-batch 2, fp32 on CPU
   FT_ARGS=(--deepspeed_config cpu_fp32 --set data.train_file=sample:train --set data.eval_file=sample:dev
            --set data.max_train_examples=16 --set data.max_eval_examples=8 --set train.max_steps=2
            --set train.micro_batch_size=2 --set train.train_batch_size=2 --set train.log_steps=1)
-  FT_BOX=300
 fi
-stage finetune "$FT_BOX" "$OUT/finetune.log" $PY -m squad_ds.train --recipe minilm_squad1_full \
+FT_T0=$SECONDS
+stage finetune 240 "$OUT/finetune.log" $PY -m squad_ds.train --recipe minilm_squad1_full \
   --set model.name_or_path="$MINILM" --set data.cache_dir="$CACHE" --set output.dir="$FT_OUT" \
   --set output.export=false "${FT_ARGS[@]}"
-$PY - "$FT_OUT" "$OUT/finetune.json" <<'EOF' >> "$SUMMARY" 2>&1
-import json, statistics, sys
-from pathlib import Path
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-res = {"run_dir": str(run)}
-for name in ("eval_results.json", "effective_config.json"):
-    if (run / name).is_file():
-        res[name.split(".")[0]] = json.loads((run / name).read_text())
-log = run / "train_log.jsonl"
-if log.is_file():
-    losses = [json.loads(l)["loss"] for l in log.read_text().splitlines()]
-    res["train"] = {"steps_logged": len(losses), "loss_first": losses[0], "loss_last_100_mean": statistics.fmean(losses[-100:])}
-out.write_text(json.dumps(res, indent=2) + "\n")
-print("finetune:", json.dumps(res.get("eval_results", "no eval_results.json")))
-EOF
-grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | tee -a "$SUMMARY"
+$PY bench/gpu_steps.py finetune-summary "$FT_OUT" "$WORK/finetune.json" $((SECONDS - FT_T0)) >> "$SUMMARY" 2>&1
+cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
+grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
 
-# --- throughput table: BERT-large, ZeRO 0/2/3 at the largest micro-batch, HF Trainer baseline ------------------
+# --- 3. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
+tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants full "${OPT_ARGS[@]}" \
+  --worker-timeout 70
+
+# --- 4. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------
 if [[ $MODE == gpu ]]; then
-  TP_ARGS=(--model bert-large --zero 0,2,3 --find-max-micro --micro-start 32 --micro-limit 256 --warmup 2 --steps 6
-           --worker-timeout 150 "${PEAK_ARGS[@]}")
-else
-  TP_ARGS=(--model tiny --zero 0 --micro 4 --warmup 1 --steps 2)
+  tp tp-maxmicro 130 tp_maxmicro.json --zero 0 --find-max-micro --baseline-find-max --micro-start 128 \
+    --micro-limit 512 --warmup 1 --steps 3 --variants full "${OPT_ARGS[@]}" --worker-timeout 60
+  tp tp-ckpt 80 tp_ckpt.json --zero 0 --find-max-micro --micro-start 256 --micro-limit 1024 --warmup 1 --steps 2 \
+    --variants ckpt "${OPT_ARGS[@]}" --no-baseline --worker-timeout 75
 fi
-stage throughput 400 "$OUT/throughput.log" $PY bench/train_throughput.py "${TP_ARGS[@]}" --cache-dir "$CACHE" \
-  --out "$OUT/throughput.json"
-sed -n '/^config /,$p' "$OUT/throughput.log" | tee -a "$SUMMARY"
 
+# --- 5. torch.compile (engine.compile) ------------------------------------------------------------------------
+tp tp-compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim_compile \
+  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 140
+
+# --- 6. GPU-marked tests ---------------------------------------------------------------------------------------
+stage pytest-gpu 150 "$WORK/pytest_gpu.log" $PY -m pytest -m gpu -q -p no:cacheprovider tests
+tail -3 "$WORK/pytest_gpu.log" | tee -a "$SUMMARY"
+
+grep -hE "^(squad-ds|hf-trainer) zero|^zero[0-9]: " "$OUT/throughput.log" | awk '!seen[$0]++' | tee -a "$SUMMARY"
 log "done in ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"
+pack

@@ -33,6 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+# squad-ds variants. "full" is the HF baseline's workload (every batch the full --seq, random order); the others
+# change one thing each, except "trim", which is what `squad-ds train` does by default.
+VARIANTS = {
+    "full": dict(help="full-length batches, random order, DeepSpeed FusedAdam (the baseline's workload)"),
+    "trim": dict(trim=True, group=True,
+                 help="batches trimmed to their longest sequence and length-grouped steps (the trainer's default)"),
+    "trim64": dict(trim=True, group=True, multiple=64,
+                   help="trim with lengths rounded up to a multiple of 64 (at most 6 batch shapes at 384)"),
+    "torch_adamw": dict(optimizer="torch_fused_adamw", help="full + torch.optim.AdamW(fused=True)"),
+    "compile": dict(compile=True, help="full + engine.compile() (torch.compile, inductor)"),
+    "trim_compile": dict(trim=True, group=True, compile=True, help="trim + engine.compile()"),
+    "ckpt": dict(activation_checkpointing=True, help="full + activation checkpointing"),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-large", choices=common.MODELS)
@@ -52,9 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each implementation per stage, alternating squad-ds / HF (ratios: median of pairs)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--trim", action="store_true",
-                   help="squad-ds trims each batch to its longest sequence (the trainer's default); off, every batch "
-                        "is the full --seq, the workload the HF baseline runs")
+    p.add_argument("--variants", default="full",
+                   help="comma-separated squad-ds variants, each measured at the stage's micro-batch in one worker: "
+                        + "; ".join(f"{k}: {v['help']}" for k, v in VARIANTS.items()))
+    p.add_argument("--optimizer", default=None, choices=["deepspeed", "torch_fused_adamw"],
+                   help="train.optimizer for every squad-ds variant that does not set its own")
+    p.add_argument("--baseline-find-max", action="store_true",
+                   help="search the HF baseline's own largest micro-batch too (default: it runs at squad-ds's)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads in the workers (0: torch's choice; 1 steadies timings on a shared machine)")
     p.add_argument("--train-file", default=None, help="SQuAD train JSON (default: $SQUAD_DIR or the sample)")
@@ -102,48 +121,69 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _order(n_features: int, micro: int, n_batches: int, seed: int):
-    """epoch_order's permutation, repeated when the data holds fewer than n_batches full micro-batches."""
+def _order(n_features: int, micro: int, n_batches: int, seed: int, lengths=None):
+    """epoch_order's permutation (length-grouped when `lengths` is given, as the trainer does), repeated when the
+    data holds fewer than n_batches full micro-batches."""
     import numpy as np
 
     from squad_ds import distributed
     from squad_ds.batching import epoch_order
 
-    order = epoch_order(n_features, distributed.world_size(), distributed.rank(), seed, 0)
+    order = epoch_order(n_features, distributed.world_size(), distributed.rank(), seed, 0, lengths=lengths,
+                        global_batch=micro * distributed.world_size() if lengths is not None else None)
     need = micro * n_batches
     return np.resize(order, need) if len(order) < need else order[:need]
 
 
-def run_squad_ds(template, feats, spec: dict, micro: int) -> dict:
-    """Warm-up + timed steps of the squad-ds engine path; train_loop's per-micro-batch body, step for step."""
+def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full") -> dict:
+    """Warm-up + timed steps of the squad-ds engine path; train_loop's per-micro-batch body, step for step.
+    FLOPs are counted per batch at its actual (trimmed) length, as the trainer's logs count them."""
     import torch
 
+    from squad_ds.batching import BatchLoader, TrimPolicy
+    from squad_ds.flops import flops_per_sequence
     from squad_ds.modeling.heads import forward_keys, model_family
-    from squad_ds.batching import BatchLoader
     from squad_ds.train import train_step
 
+    v = VARIANTS[variant]
     cuda = spec["cuda"]
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     n = spec["warmup"] + spec["steps"]
     model = copy.deepcopy(template)
     common.reset_peak_memory(cuda)
-    recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
+    recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"]
+                                or v.get("activation_checkpointing", False),
+                                optimizer=v.get("optimizer", spec.get("optimizer") or "auto"),
+                                compile=v.get("compile", False))
+    t_init = time.perf_counter()
     engine, ds_cfg, plan = common.engine_for(model, spec["ds_config"], recipe, len(feats), cuda)
     try:
         cfg = engine.module.config
         family = model_family(cfg)
         keys = forward_keys(family, train=True, config=cfg)
-        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42), micro, keys,
-                                                             trim=spec.get("trim", False)),
+        lengths = feats.attention_mask.sum(1) if v.get("group") else None
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42, lengths), micro,
+                                                         keys, trim=TrimPolicy(v.get("trim", False), v.get("multiple", 1))),
                                              batch_size=None, shuffle=False, pin_memory=cuda,
                                              num_workers=2 if cuda else 0)
-        pending, stamps = [], {}
+        pending, stamps, flops, seq_lens = [], {}, [], []
         for i, batch in enumerate(loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             pending.append(train_step(engine, batch, family, cfg))
+            ids = batch["input_ids"]
+            flops.append(len(ids) * flops_per_sequence(cfg, ids.shape[1]))
+            seq_lens.append(ids.shape[1])
+            if i == 0:
+                common.sync(cuda)
+                first_step_s = time.perf_counter() - t_init  # engine build + first step (compilation shows here)
             _stamp(stamps, i + 1, spec, cuda)
         losses = torch.stack(pending).float().cpu().tolist()
-        return {"micro": micro, **_rates(stamps, spec, micro, cuda), "global_steps": engine.global_steps,
+        w = spec["warmup"]
+        rates = _rates(stamps, spec, micro, cuda)
+        rates["flops_window"] = sum(flops[w:n])
+        rates["mean_seq_len"] = statistics.fmean(seq_lens[w:n])
+        return {"micro": micro, "variant": variant, **rates, "global_steps": engine.global_steps,
+                "init_and_first_step_s": first_step_s, "optimizer": type(engine.optimizer).__name__,
                 "loss_first": losses[0], "loss_last": losses[-1], **common.peak_memory(cuda)}
     finally:
         del engine, model
@@ -260,7 +300,12 @@ def worker(spec: dict) -> int:
         result["features"] = {k: info[k] for k in ("examples", "features", "cached", "seconds")}
         config = common.model_config(spec["model"], len(tok), max_positions=max(512, spec["seq"]))
         template = common.build_model(config)  # the same seeded weights in every process
-        run = run_squad_ds if spec["impl"] == "squad-ds" else run_hf_trainer
+        ours = spec["impl"] == "squad-ds"
+        variants = spec.get("variants") or ["full"]
+
+        def run(m, variant):
+            return run_squad_ds(template, feats, spec, m, variant) if ours else run_hf_trainer(template, feats, spec, m)
+
         micros = [spec["micro"]]
         if spec["find_max"]:
             micros = []
@@ -268,9 +313,9 @@ def worker(spec: dict) -> int:
             while m <= spec["micro_limit"]:
                 micros.append(m)
                 m *= 2
-        for m in micros:
+        for m in micros:  # the search runs on the first variant
             try:
-                probe = run(template, feats, spec, m)
+                probe = run(m, variants[0])
             except Exception as e:  # noqa: BLE001 - an OOM ends the search; anything else is recorded and ends it
                 gc.collect()
                 if spec["cuda"]:
@@ -279,12 +324,29 @@ def worker(spec: dict) -> int:
                                          "oom": _is_oom(e)})
                 break
             result["probes"].append(probe)
-            print(f"[{spec['impl']} zero{spec['zero']}] micro {m}: {probe['samples_per_s']:.2f} samples/s", flush=True)
+            print(f"[{spec['impl']} zero{spec['zero']} {variants[0] if ours else ''}] micro {m}: "
+                  f"{probe['samples_per_s']:.2f} samples/s", flush=True)
+            common.write_json(spec["out"], result)
         ok = [p for p in result["probes"] if "error" not in p]
         if ok:
             result.update(max(ok, key=lambda p: p["micro"]))
         else:
             result["error"] = result["probes"][-1]["error"] if result["probes"] else "no probe ran"
+        result["variant_results"] = []
+        if ok and ours:
+            for variant in variants[1:]:  # the other variants at the micro-batch the first one ran
+                try:
+                    res = run(result["micro"], variant)
+                    print(f"[squad-ds zero{spec['zero']} {variant}] micro {result['micro']}: "
+                          f"{res['samples_per_s']:.2f} samples/s", flush=True)
+                except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+                    gc.collect()
+                    if spec["cuda"]:
+                        torch.cuda.empty_cache()
+                    res = {"micro": result["micro"], "variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                           "oom": _is_oom(e)}
+                result["variant_results"].append(res)
+                common.write_json(spec["out"], result)
     finally:
         common.write_json(spec["out"], result)
     return 0
@@ -294,42 +356,62 @@ def worker(spec: dict) -> int:
 # The orchestrating process (imports no CUDA state of its own).
 
 def spawn(spec: dict, timeout: int) -> dict:
+    """One worker process; what it wrote survives its time box (it writes after every probe)."""
     with tempfile.TemporaryDirectory(prefix="tp_worker_") as tmp:
         spec = {**spec, "out": str(Path(tmp) / "result.json")}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         t0 = time.perf_counter()
+        timed_out, stderr, rc = False, "", None
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {**spec, "error": f"worker timed out after {timeout} s"}
+            stderr, rc = proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            timed_out = True
+            stderr = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         wall = time.perf_counter() - t0
         path = Path(spec["out"])
-        if not path.is_file():
-            return {"impl": spec["impl"], "zero": spec["zero"],
-                    "error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}"}
-        res = json.loads(path.read_text())
+        res = json.loads(path.read_text()) if path.is_file() else {"impl": spec["impl"], "zero": spec["zero"]}
         res["worker_wall_s"] = wall
-        if proc.returncode != 0 or "error" in res:
-            res.setdefault("stderr_tail", proc.stderr[-2000:])
+        if timed_out:
+            res["timed_out"] = f"worker timed out after {timeout} s"
+            ok = [p for p in res.get("probes", []) if "error" not in p]
+            if ok and "samples_per_s" not in res:
+                res.update(max(ok, key=lambda p: p["micro"]))
+            res.setdefault("error", res["timed_out"]) if not ok else None
+        elif "samples_per_s" not in res and "tflops" not in res:
+            res.setdefault("error", f"worker exited {rc}")
+        if rc not in (0, None) or "error" in res or timed_out:
+            res["stderr_tail"] = stderr[-2000:]
         return res
 
 
 def add_rates(res: dict, flops_per_seq: float, peak: float | None) -> None:
+    """TFLOP/s of the work done: the window's counted FLOPs (trimmed batches) or micro × steps × full length."""
     if "samples_per_s" in res:
-        res["tflops"] = res["samples_per_s"] * flops_per_seq / 1e12
+        if res.get("flops_window") is not None:
+            res["tflops"] = res["flops_window"] / res["seconds"] / 1e12
+        else:
+            res["tflops"] = res["samples_per_s"] * flops_per_seq / 1e12
         res["mfu"] = res["tflops"] / peak if peak else None
 
 
+def _name(r: dict) -> str:
+    v = r.get("variant")
+    return f"{r['impl']} zero{r['zero']}" + (f" {v}" if v and r["impl"] == "squad-ds" else "")
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':<26} {'micro':>5} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10}"]
+    lines = [f"{'config':<30} {'micro':>5} {'samples/s':>10} {'seq':>5} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10}"]
     for r in rows:
-        name = f"{r['impl']} zero{r['zero']}"
+        name = _name(r)
         if "samples_per_s" not in r:
-            lines.append(f"{name:<26} {'-':>5} {'error: ' + str(r.get('error', ''))[:60]}")
+            lines.append(f"{name:<30} {r.get('micro', '-')!s:>5} {'error: ' + str(r.get('error', ''))[:70]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2 ** 30:.2f} GiB"
-        lines.append(f"{name:<26} {r['micro']:>5} {r['samples_per_s']:>10.2f} {r['tflops']:>9.3f} {mfu:>7} {mem:>10}")
+        seq = f"{r['mean_seq_len']:.0f}" if r.get("mean_seq_len") else "full"
+        lines.append(f"{name:<30} {r['micro']:>5} {r['samples_per_s']:>10.2f} {seq:>5} {r['tflops']:>9.3f} {mfu:>7}"
+                     f" {mem:>10}")
     return "\n".join(lines)
 
 
@@ -349,8 +431,12 @@ def main(argv=None) -> int:
         return 0 if "tflops" in res else 1
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1")
-    if args.find_max_micro and not cuda:
+    if (args.find_max_micro or args.baseline_find_max) and not cuda:
         raise SystemExit("--find-max-micro needs a CUDA GPU (it doubles the micro-batch until CUDA runs out of memory)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     zeros = [int(z) for z in args.zero.split(",") if z.strip()]
     peak, peak_source = args.peak_tflops, "--peak-tflops"
     peak_info = None
@@ -364,27 +450,41 @@ def main(argv=None) -> int:
     base = {"cuda": cuda, "model": args.model, "seq": args.seq, "stride": args.stride, "warmup": args.warmup,
             "steps": args.steps, "train_file": args.train_file, "cache_dir": args.cache_dir,
             "activation_checkpointing": args.activation_checkpointing, "find_max": args.find_max_micro,
-            "trim": args.trim,
+            "variants": variants, "optimizer": args.optimizer,
             "micro": args.micro or (8 if cuda else 4), "micro_start": args.micro_start,
             "micro_limit": args.micro_limit, "threads": args.threads}
     flops_seq = flops_per_sequence(_config_for_flops(args), args.seq)
     rows, runs, ratios = [], [], {}
+
+    def save(partial: bool):
+        common.write_json(args.out, {"bench": "train_throughput", "partial": partial, "args": vars(args),
+                                     "flops_per_sequence": flops_seq, "peak_tflops": peak,
+                                     "peak_source": peak_source if peak else None, "peak_measurement": peak_info,
+                                     "results": rows, "runs": runs, "ratios": ratios,
+                                     **({} if partial else {"env": _env_in_subprocess()})})
+
     for z in zeros:
         spec = {**base, "impl": "squad-ds", "zero": z, "ds_config": common.ds_config_name(z, cuda)}
         ours = [spawn(spec, args.worker_timeout)]
-        if "samples_per_s" not in ours[0]:
-            rows.append(ours[0])
-            continue
-        fixed = {**spec, "find_max": False, "micro": ours[0]["micro"]}
+        extra = [{**vr, "impl": "squad-ds", "zero": z, "ds_config": spec["ds_config"]}
+                 for vr in ours[0].get("variant_results", [])]
+        if "samples_per_s" in ours[0]:
+            ours[0]["variant"] = variants[0]
+        for res in extra:
+            add_rates(res, flops_seq, peak)
+        fixed = {**spec, "find_max": False, "variants": [variants[0]], "micro": ours[0].get("micro", base["micro"])}
         hf: list[dict] = []
         for r in range(args.repeat):  # squad-ds, HF, squad-ds, HF, …: drift on a shared machine hits both
-            if not args.no_baseline:
-                h = spawn({**fixed, "impl": "hf-trainer"}, args.worker_timeout)
-                if r == 0 and "samples_per_s" not in h and cuda and "out of memory" in json.dumps(h).lower():
-                    fixed_hf = {**fixed, "impl": "hf-trainer", "micro": max(1, fixed["micro"] // 2)}
-                    h = spawn(fixed_hf, args.worker_timeout)  # HF needs more memory: compare one step down
+            if not args.no_baseline and (r > 0 or "samples_per_s" in ours[0] or args.baseline_find_max):
+                hspec = {**fixed, "impl": "hf-trainer"}
+                if args.baseline_find_max and r == 0:
+                    hspec.update(find_max=True)
+                h = spawn(hspec, args.worker_timeout)
+                if (r == 0 and not args.baseline_find_max and "samples_per_s" not in h and cuda
+                        and "out of memory" in json.dumps(h).lower()):
+                    h = spawn({**hspec, "micro": max(1, fixed["micro"] // 2)}, args.worker_timeout)
                 hf.append(h)
-            if r < args.repeat - 1:
+            if r < args.repeat - 1 and "samples_per_s" in ours[0]:
                 ours.append(spawn(fixed, args.worker_timeout))
         for group in (ours, hf):
             for res in group:
@@ -395,22 +495,23 @@ def main(argv=None) -> int:
                 rep = sorted(ok, key=lambda g: g["samples_per_s"])[len(ok) // 2] if ok else group[-1]
                 rows.append({**rep, "repeats": len(ok)})
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
-        partial = {"bench": "train_throughput", "partial": True, "args": vars(args), "results": rows, "runs": runs}
-        common.write_json(args.out, partial)  # a stage killed by its time box still leaves the finished stages
+            if group is ours:
+                for res in extra:
+                    rows.append(res)
+                    print(table([res]).splitlines()[-1], flush=True)
         pairs = [(o["samples_per_s"] / h["samples_per_s"], o["micro"] == h["micro"]) for o, h in zip(ours, hf)
                  if "samples_per_s" in o and "samples_per_s" in h]
         if pairs:
             ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": statistics.median(p for p, _ in pairs),
-                                  "pairs": [p for p, _ in pairs], "same_micro": all(same for _, same in pairs)}
+                                  "pairs": [p for p, _ in pairs], "same_micro": all(same for _, same in pairs),
+                                  "variant": variants[0]}
+        save(partial=True)  # a run killed by its time box still leaves the finished stages
     print()
     print(table(rows))
     for k, v in ratios.items():
-        print(f"{k}: squad-ds / HF Trainer samples/s = {v['squad_ds_over_hf_trainer']:.3f} (median of {len(v['pairs'])})"
-              f"{'' if v['same_micro'] else ' (HF at a smaller micro-batch)'}")
-    result = {"bench": "train_throughput", "env": _env_in_subprocess(), "args": vars(args),
-              "flops_per_sequence": flops_seq, "peak_tflops": peak, "peak_source": peak_source if peak else None,
-              "peak_measurement": peak_info, "results": rows, "runs": runs, "ratios": ratios}
-    common.write_json(args.out, result)
+        print(f"{k}: squad-ds ({v['variant']}) / HF Trainer samples/s = {v['squad_ds_over_hf_trainer']:.3f} "
+              f"(median of {len(v['pairs'])}){'' if v['same_micro'] else ' (different micro-batches)'}")
+    save(partial=False)
     failed = [r for r in rows if "samples_per_s" not in r]
     return 1 if failed else 0
 
