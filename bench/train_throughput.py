@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-# squad-ds variants. "full" is the HF baseline's workload (every batch the full --seq, random order); the others
-# change one thing each, except "trim", which is what `squad-ds train` does by default.
+# squad-ds variants. "full" is the HF baseline's workload (every batch the full --seq, random order; the trainer's
+# default on CUDA); the others change one thing each, except "trim", the trainer's default on CPU.
 VARIANTS = {
-    "full": dict(help="full-length batches, random order, DeepSpeed FusedAdam (the baseline's workload)"),
+    "full": dict(help="full-length batches, random order, the DS config's optimizer (the baseline's workload)"),
     "trim": dict(trim=True, group=True,
-                 help="batches trimmed to their longest sequence and length-grouped steps (the trainer's default)"),
+                 help="batches trimmed to their longest sequence, length-grouped steps (the CPU default)"),
     "trim64": dict(trim=True, group=True, multiple=64,
                    help="trim with lengths rounded up to a multiple of 64 (at most 6 batch shapes at 384)"),
     "torch_adamw": dict(optimizer="torch_fused_adamw", help="full + torch.optim.AdamW(fused=True)"),
@@ -377,7 +377,8 @@ def spawn(spec: dict, timeout: int) -> dict:
             ok = [p for p in res.get("probes", []) if "error" not in p]
             if ok and "samples_per_s" not in res:
                 res.update(max(ok, key=lambda p: p["micro"]))
-            res.setdefault("error", res["timed_out"]) if not ok else None
+            if not ok:
+                res.setdefault("error", res["timed_out"])
         elif "samples_per_s" not in res and "tflops" not in res:
             res.setdefault("error", f"worker exited {rc}")
         if rc not in (0, None) or "error" in res or timed_out:

@@ -78,13 +78,14 @@ class TrimPolicy(NamedTuple):
     multiple: int = 1
 
 
-def trim_policy(trim: bool | None, multiple: int, cuda: bool) -> TrimPolicy:
-    """`data.trim_padding` / `data.pad_to_multiple_of` for this device. None (auto) trims on CPU, where fewer tokens
-    is directly less time (1.58× faster training on the demo run), and keeps full-length batches on CUDA, where
-    trimmed BERT-large batches of ever-new shapes ran 3.1× slower per sequence than full-length ones on an H100
-    (bench/RESULTS.md) — a one-off cost per new shape that bounded shapes (`pad_to_multiple_of`) should amortise,
-    not yet measured there."""
-    return TrimPolicy(trim=(not cuda) if trim is None else bool(trim), multiple=max(1, int(multiple)))
+def trim_policy(data, cuda: bool) -> TrimPolicy:
+    """The recipe's `data.trim_padding` / `data.pad_to_multiple_of` (a DataConfig) for this device. None (auto)
+    trims on CPU, where fewer tokens is directly less time (1.58× faster training on the demo run), and keeps
+    full-length batches on CUDA, where trimmed BERT-large batches of ever-new shapes ran 3.1× slower per sequence
+    than full-length ones on an H100 (bench/RESULTS.md) — a one-off cost per new shape that bounded shapes
+    (`pad_to_multiple_of`) should amortise, not yet measured there."""
+    trim = (not cuda) if data.trim_padding is None else data.trim_padding
+    return TrimPolicy(trim=trim, multiple=data.pad_to_multiple_of)
 
 
 def trim_padding(batch: dict[str, torch.Tensor], left: bool, multiple: int = 1) -> tuple[dict[str, torch.Tensor], int]:
@@ -110,10 +111,10 @@ class BatchLoader(torch.utils.data.Dataset):
     """Whole micro-batches as items, so a DataLoader's workers and pinned memory can prepare them ahead."""
 
     def __init__(self, features, order: np.ndarray, micro: int, keys: tuple[str, ...], start: int = 0,
-                 trim: bool | TrimPolicy = True):
+                 trim: TrimPolicy = TrimPolicy()):
         self.features, self.keys, self.micro = features, keys, micro
         self.batches = [order[i:i + micro] for i in range(0, len(order), micro)][start:]
-        self.policy = trim if isinstance(trim, TrimPolicy) else TrimPolicy(trim=bool(trim))
+        self.policy = trim
         self.left = is_left_padded(features.attention_mask)
 
     def __len__(self):

@@ -250,8 +250,8 @@ def _apex_fused_adam(groups, ds: dict[str, Any]):
 
 def arch_list_for_deepspeed(value: str) -> str:
     """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT op builder can parse it: arch-specific suffixes dropped
-    ("9.0a" → "9.0"; it does int("0a") and fails). Set that way by NVIDIA's own images, e.g. on the H100 this
-    project measured on; DeepSpeed's kernels use nothing arch-specific."""
+    ("9.0a" → "9.0"; it does int("0a") and fails). The H100 image this project measured on sets "9.0a"; the
+    DeepSpeed ops squad-ds builds (FusedAdam, CPUAdam) need no arch-specific ("a") features."""
     out = []
     for tok in value.replace(";", " ").split():
         base, plus, ptx = tok.partition("+")

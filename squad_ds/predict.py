@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"
-    trim = trim_policy(recipe.data.trim_padding, recipe.data.pad_to_multiple_of, cuda)
+    trim = trim_policy(recipe.data, cuda)
     metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir, has_answers,
                        trim=trim)
     if distributed.is_main():

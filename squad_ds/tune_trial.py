@@ -62,7 +62,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     keys = forward_keys(family, train=True, config=model.config)
     world, rank = distributed.world_size(), distributed.rank()
 
-    trim = trim_policy(recipe.data.trim_padding, recipe.data.pad_to_multiple_of, cuda)
+    trim = trim_policy(recipe.data, cuda)
     lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length and trim.trim else None
 
     def batches():

@@ -87,10 +87,12 @@ def test_trim_to_a_multiple_bounds_the_shapes():
 
 
 def test_trim_policy_auto_is_per_device():
-    assert trim_policy(None, 1, cuda=False) == TrimPolicy(True, 1)
-    assert trim_policy(None, 64, cuda=True) == TrimPolicy(False, 64)
-    assert trim_policy(True, 64, cuda=True) == TrimPolicy(True, 64)
-    assert trim_policy(False, 1, cuda=False).trim is False
+    from squad_ds.config import DataConfig
+
+    assert trim_policy(DataConfig(), cuda=False) == TrimPolicy(True, 1)
+    assert trim_policy(DataConfig(pad_to_multiple_of=64), cuda=True) == TrimPolicy(False, 64)
+    assert trim_policy(DataConfig(trim_padding=True, pad_to_multiple_of=64), cuda=True) == TrimPolicy(True, 64)
+    assert trim_policy(DataConfig(trim_padding=False), cuda=False).trim is False
 
 
 def test_batch_loader_follows_the_policy():
