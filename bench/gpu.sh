@@ -16,9 +16,11 @@
 # Stages, in priority order, each under `timeout` inside one overall deadline (GPU_SH_BUDGET, default 500 s): a
 # hang costs its own box, a spent budget skips what is left, never what is done.
 #   install wheels; in the background: DeepSpeed's FusedAdam + CPUAdam JIT builds and the feature caches
-#   env -> bf16 matmul peak -> BERT-large ZeRO-0 micro 64 (squad-ds variants full / trim / torch_adamw vs HF Trainer)
-#   -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> ZeRO-2/3 rows with the baseline -> largest
-#   micro-batches (squad-ds, HF, squad-ds + activation checkpointing) -> torch.compile rows -> pytest -m gpu.
+#   env -> bf16 matmul peak -> SDPA probe (per-new-shape cost of cuDNN vs memory-efficient attention) -> BERT-large
+#   ZeRO-0 micro 64 (squad-ds variants: full / trim64 / trim, each with torch's SDPA order and with the efficient
+#   kernel first, vs HF Trainer) -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> torch.compile
+#   rows -> ZeRO-2/3 rows with the baseline -> largest micro-batches (squad-ds, HF, squad-ds + activation
+#   checkpointing) -> pytest -m gpu.
 # If the FusedAdam build fails, the squad-ds rows and the fine-tune use torch's fused AdamW instead (said in summary).
 # $OUT: summary.txt env.txt throughput.log finetune.log finetune.json results.tar.gz (every JSON and log, remade
 # after each stage so a time-out keeps what finished).
@@ -182,11 +184,16 @@ tp() {  # tp NAME BOX OUTNAME ARGS...: one train_throughput.py run, its table ap
     "${PEAK_ARGS[@]}" --out "$WORK/$outname" "$@"
 }
 
+# --- 0. per-new-shape cost of each SDPA backend (2-layer BERT-large width, cold vs warm lengths) ---------------
+stage sdpa-probe 60 "$WORK/sdpa_probe.log" $PY bench/gpu_steps.py sdpa-probe "$WORK/sdpa_probe.json"
+grep -E "^sdpa-probe|attention kernels" "$WORK/sdpa_probe.log" | cut -c1-300 | tee -a "$SUMMARY"
+
 # --- 1. BERT-large, ZeRO-0 bf16, micro 64: squad-ds variants vs HF Trainer -------------------------------------
 OPT_ARGS=()
 [[ $FIRST == torch_adamw ]] && OPT_ARGS=(--optimizer torch_fused_adamw)
-tp tp-zero0 170 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
-  --variants "${GPU_SH_TP_VARIANTS:-full,trim64,trim,torch_adamw}" "${OPT_ARGS[@]}" --worker-timeout 120
+tp tp-zero0 200 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
+  --variants "${GPU_SH_TP_VARIANTS:-full,full_efficient,trim64,trim64_efficient,trim,trim_efficient}" "${OPT_ARGS[@]}" \
+  --worker-timeout 150
 
 # --- 2. all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 --
 FT_OUT=$REPO/runs/gpu_minilm_squad1_full
@@ -209,21 +216,21 @@ $PY bench/gpu_steps.py finetune-summary "$FT_OUT" "$WORK/finetune.json" $((SECON
 cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
 grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
 
-# --- 3. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
+# --- 3. torch.compile (engine.compile) ------------------------------------------------------------------------
+tp tp-compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim_compile \
+  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 140
+
+# --- 4. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
 tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants full "${OPT_ARGS[@]}" \
   --worker-timeout 70
 
-# --- 4. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------
+# --- 5. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------
 if [[ $MODE == gpu ]]; then
   tp tp-maxmicro 130 tp_maxmicro.json --zero 0 --find-max-micro --baseline-find-max --micro-start 128 \
     --micro-limit 512 --warmup 1 --steps 3 --variants full "${OPT_ARGS[@]}" --worker-timeout 60
   tp tp-ckpt 80 tp_ckpt.json --zero 0 --find-max-micro --micro-start 256 --micro-limit 1024 --warmup 1 --steps 2 \
     --variants ckpt "${OPT_ARGS[@]}" --no-baseline --worker-timeout 75
 fi
-
-# --- 5. torch.compile (engine.compile) ------------------------------------------------------------------------
-tp tp-compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim_compile \
-  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 140
 
 # --- 6. GPU-marked tests ---------------------------------------------------------------------------------------
 stage pytest-gpu 150 "$WORK/pytest_gpu.log" $PY -m pytest -m gpu -q -p no:cacheprovider tests

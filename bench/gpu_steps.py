@@ -4,6 +4,7 @@
     python bench/gpu_steps.py ops                      # build/load DeepSpeed's FusedAdam and CPUAdam (JIT, once)
     python bench/gpu_steps.py features CACHE_DIR       # 384/128/64 train (and dev, with $SQUAD_DIR) feature caches
     python bench/gpu_steps.py finetune-summary RUN_DIR OUT_JSON WALL_S
+    python bench/gpu_steps.py sdpa-probe OUT_JSON      # per-new-shape cost of each SDPA backend (GPU; CPU: tiny)
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def env() -> int:
     except Exception as e:  # noqa: BLE001 - older torch
         print("tunableop_enabled ?", type(e).__name__)
     print("cudnn.benchmark", torch.backends.cudnn.benchmark, "tf32 matmul", torch.backends.cuda.matmul.allow_tf32)
+    print("cudnn", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    from squad_ds.modeling.sdpa import current_order
+
+    print("sdpa_order", ",".join(current_order()), "(before the first CUDA call; torch may reorder at it)")
     for k in sorted(os.environ):
         if k.startswith(("PYTORCH_", "TORCH_", "CUDA_", "NCCL_", "CUBLAS", "NVIDIA_", "OMP_")):
             print("env", k, os.environ[k])
@@ -95,8 +100,82 @@ def finetune_summary(run_dir: str, out_json: str, wall_s: str) -> int:
     return 0
 
 
+PROBE_PREFS = ("auto", "cudnn", "efficient")
+
+
+def sdpa_probe(out_json: str) -> int:
+    """Forward + backward of a 2-layer BERT-large-width QA model (micro 64, bf16, padded batches as training feeds
+    them) at lengths it has not seen, then again at the same lengths, per SDPA preference: the first-call excess
+    is the per-new-shape cost that made trimmed batches slow on the first H100. Each preference gets its own
+    lengths (multiples of 8), so one backend's cached plans cannot warm another's. Also records which attention
+    kernels each preference ran (profiler)."""
+    import torch
+
+    from squad_ds.modeling.sdpa import current_order, sdpa_preference
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name, batch, lengths = ("bert-large", 64, (384, 320, 256, 192, 128)) if cuda else ("tiny", 4, (128, 96))
+    cfg = common.model_config(name, vocab_size=30522, max_positions=512)
+    cfg.num_hidden_layers = 2
+    model = common.build_model(cfg).to(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model.to(dtype).train()
+    gen = torch.Generator().manual_seed(0)
+
+    def step(length: int) -> float:
+        ids = torch.randint(1000, 30000, (batch, length), generator=gen)
+        real = torch.randint(length // 3, length + 1, (batch,), generator=gen)
+        real[0] = length  # the longest row fills the batch, as a trimmed batch's does
+        mask = (torch.arange(length)[None, :] < real[:, None]).long()
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "token_type_ids": torch.zeros_like(ids).to(device),
+                  "start_positions": torch.zeros(batch, dtype=torch.long, device=device),
+                  "end_positions": torch.zeros(batch, dtype=torch.long, device=device)}
+        common.sync(cuda)
+        t = time.perf_counter()
+        model(**inputs).loss.backward()
+        common.sync(cuda)
+        model.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t) * 1e3
+
+    step(lengths[-1] - 40)  # CUDA context, cuBLAS handles, allocator: not any backend's cost
+    res = {"model": f"{name} (2 layers)", "micro": batch, "dtype": str(dtype), "device":
+           torch.cuda.get_device_name() if cuda else "cpu", "cudnn": torch.backends.cudnn.version(), "prefs": {}}
+    print(f"{'pref':<10} {'order':<55} {'len':>4} {'first ms':>9} {'again ms':>9} {'excess ms':>9}")
+    for i, pref in enumerate(PROBE_PREFS):
+        with sdpa_preference(pref):
+            rows = []
+            for length in (n - 8 * i for n in lengths):
+                first, again = step(length), step(length)
+                again = min(again, step(length))
+                rows.append({"len": length, "first_ms": first, "again_ms": again, "excess_ms": first - again})
+                print(f"{pref:<10} {','.join(current_order()):<55} {length:>4} {first:>9.1f} {again:>9.1f} "
+                      f"{first - again:>9.1f}", flush=True)
+            kernels = {}
+            try:
+                acts = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
+                with torch.profiler.profile(activities=acts) as prof:
+                    step(lengths[0] - 8 * i)
+                for ev in prof.key_averages():
+                    if any(k in ev.key.lower() for k in ("attention", "fmha", "sdpa", "flash", "mha")):
+                        kernels[ev.key[:120]] = ev.count
+            except Exception as e:  # noqa: BLE001 - the kernel names are a nice-to-have
+                kernels = {"error": f"{type(e).__name__}: {e}"}
+        res["prefs"][pref] = {"order": current_order(), "rows": rows, "kernels": kernels,
+                              "mean_excess_ms": statistics.fmean(r["excess_ms"] for r in rows),
+                              "mean_again_ms": statistics.fmean(r["again_ms"] for r in rows)}
+        print(f"{pref}: attention kernels {json.dumps(kernels)[:400]}", flush=True)
+    for pref, r in res["prefs"].items():
+        print(f"sdpa-probe {pref}: mean first-call excess {r['mean_excess_ms']:.1f} ms, "
+              f"mean warm fwd+bwd {r['mean_again_ms']:.1f} ms")
+    common.write_json(out_json, res)
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    steps = {"env": env, "ops": ops, "features": features, "finetune-summary": finetune_summary}
+    steps = {"env": env, "ops": ops, "features": features, "finetune-summary": finetune_summary,
+             "sdpa-probe": sdpa_probe}
     if not argv or argv[0] not in steps:
         raise SystemExit(__doc__)
     return steps[argv[0]](*argv[1:])

@@ -41,11 +41,19 @@ VARIANTS = {
                  help="batches trimmed to their longest sequence, length-grouped steps (the CPU default)"),
     "trim64": dict(trim=True, group=True, multiple=64,
                    help="trim with lengths rounded up to a multiple of 64 (at most 6 batch shapes at 384)"),
+    "full_efficient": dict(sdpa="efficient", help="full, SDPA's memory-efficient kernel first (model.sdpa_backend)"),
+    "full_cudnn": dict(sdpa="cudnn", help="full, SDPA's cuDNN kernel first"),
+    "trim_efficient": dict(trim=True, group=True, sdpa="efficient", help="trim, memory-efficient SDPA kernel first"),
+    "trim64_efficient": dict(trim=True, group=True, multiple=64, sdpa="efficient",
+                             help="trim64, memory-efficient SDPA kernel first"),
     "torch_adamw": dict(optimizer="torch_fused_adamw", help="full + torch.optim.AdamW(fused=True)"),
     "compile": dict(compile=True, help="full + engine.compile() (torch.compile, inductor)"),
     "trim_compile": dict(trim=True, group=True, compile=True, help="trim + engine.compile()"),
     "ckpt": dict(activation_checkpointing=True, help="full + activation checkpointing"),
 }
+# Trimmed variants time their window twice, the same batches: "cold" (first time each shape is seen after the
+# warm-up, which is what a short bench sees) and "warm" (every shape seen before, which is what most of a long run
+# sees once the shapes have repeated). samples/s is the warm pass; cold_samples_per_s is kept beside it.
 
 
 def parse_args(argv=None):
@@ -138,17 +146,21 @@ def _order(n_features: int, micro: int, n_batches: int, seed: int, lengths=None)
 def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full") -> dict:
     """Warm-up + timed steps of the squad-ds engine path; train_loop's per-micro-batch body, step for step.
     FLOPs are counted per batch at its actual (trimmed) length, as the trainer's logs count them."""
+    import numpy as np
     import torch
 
     from squad_ds.batching import BatchLoader, TrimPolicy
     from squad_ds.flops import flops_per_sequence
     from squad_ds.modeling.heads import forward_keys, model_family
+    from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import train_step
 
     v = VARIANTS[variant]
     cuda = spec["cuda"]
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    n = spec["warmup"] + spec["steps"]
+    w, steps = spec["warmup"], spec["steps"]
+    replay = bool(v.get("trim"))
+    n = w + steps * (2 if replay else 1)
     model = copy.deepcopy(template)
     common.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"]
@@ -162,29 +174,40 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
         family = model_family(cfg)
         keys = forward_keys(family, train=True, config=cfg)
         lengths = feats.attention_mask.sum(1) if v.get("group") else None
-        loader = torch.utils.data.DataLoader(BatchLoader(feats, _order(len(feats), micro, n, 42, lengths), micro,
-                                                         keys, trim=TrimPolicy(v.get("trim", False), v.get("multiple", 1))),
+        order = _order(len(feats), micro, w + steps, 42, lengths)
+        if replay:
+            order = np.concatenate([order, order[w * micro:]])
+        loader = torch.utils.data.DataLoader(BatchLoader(feats, order, micro, keys,
+                                                         trim=TrimPolicy(v.get("trim", False), v.get("multiple", 1))),
                                              batch_size=None, shuffle=False, pin_memory=cuda,
                                              num_workers=2 if cuda else 0)
+        edges = {w, w + steps, n}
         pending, stamps, flops, seq_lens = [], {}, [], []
-        for i, batch in enumerate(loader):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            pending.append(train_step(engine, batch, family, cfg))
-            ids = batch["input_ids"]
-            flops.append(len(ids) * flops_per_sequence(cfg, ids.shape[1]))
-            seq_lens.append(ids.shape[1])
-            if i == 0:
-                common.sync(cuda)
-                first_step_s = time.perf_counter() - t_init  # engine build + first step (compilation shows here)
-            _stamp(stamps, i + 1, spec, cuda)
+        with sdpa_preference(v.get("sdpa", "auto")):
+            for i, batch in enumerate(loader):
+                batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+                pending.append(train_step(engine, batch, family, cfg))
+                ids = batch["input_ids"]
+                flops.append(len(ids) * flops_per_sequence(cfg, ids.shape[1]))
+                seq_lens.append(ids.shape[1])
+                if i == 0:
+                    common.sync(cuda)
+                    first_step_s = time.perf_counter() - t_init  # engine build + first step (compilation shows here)
+                _stamp(stamps, i + 1, edges, cuda)
         losses = torch.stack(pending).float().cpu().tolist()
-        w = spec["warmup"]
-        rates = _rates(stamps, spec, micro, cuda)
-        rates["flops_window"] = sum(flops[w:n])
-        rates["mean_seq_len"] = statistics.fmean(seq_lens[w:n])
+        rates = _rates(stamps, n - steps, n, micro, cuda)
+        rates["flops_window"] = sum(flops[n - steps:n])
+        rates["mean_seq_len"] = statistics.fmean(seq_lens[n - steps:n])
+        rates["shapes_window"] = len(set(seq_lens[n - steps:n]))
+        if replay:
+            cold = _rates(stamps, w, w + steps, micro, cuda)
+            rates["cold_samples_per_s"] = cold["samples_per_s"]
+            rates["cold_seconds"] = cold["seconds"]
+            rates["new_shapes_cold"] = len(set(seq_lens[w:w + steps]) - set(seq_lens[:w]))
         return {"micro": micro, "variant": variant, **rates, "global_steps": engine.global_steps,
                 "init_and_first_step_s": first_step_s, "optimizer": type(engine.optimizer).__name__,
-                "loss_first": losses[0], "loss_last": losses[-1], **common.peak_memory(cuda)}
+                "sdpa": v.get("sdpa", "auto"), "loss_first": losses[0], "loss_last": losses[-1],
+                **common.peak_memory(cuda)}
     finally:
         del engine, model
         gc.collect()
@@ -192,24 +215,23 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
             torch.cuda.empty_cache()
 
 
-def _stamp(stamps: dict[int, float], step: int, spec: dict, cuda: bool) -> None:
-    """Time at the end of optimizer step `step`. On GPU only the window's two ends synchronise (a per-step sync
-    would stop the host running ahead); on CPU every step is stamped, for a median that shrugs off contention."""
-    edge = step in (spec["warmup"], spec["warmup"] + spec["steps"])
-    if cuda and not edge:
+def _stamp(stamps: dict[int, float], step: int, edges: set[int], cuda: bool) -> None:
+    """Time at the end of optimizer step `step`. On GPU only the windows' ends (`edges`) synchronise (a per-step
+    sync would stop the host running ahead); on CPU every step is stamped, for a median that shrugs off contention."""
+    if cuda and step not in edges:
         return
     common.sync(cuda)
     stamps[step] = time.perf_counter()
 
 
-def _rates(stamps: dict[int, float], spec: dict, micro: int, cuda: bool) -> dict:
-    w, n = spec["warmup"], spec["warmup"] + spec["steps"]
-    window = stamps[n] - stamps[w]
-    out = {"seconds": window, "samples_per_s_window": spec["steps"] * micro / window}
+def _rates(stamps: dict[int, float], start: int, stop: int, micro: int, cuda: bool) -> dict:
+    """samples/s over optimizer steps (start, stop]: the window's wall time on GPU, the median step on CPU."""
+    window = stamps[stop] - stamps[start]
+    out = {"seconds": window, "samples_per_s_window": (stop - start) * micro / window}
     if cuda:
         out.update(samples_per_s=out["samples_per_s_window"], timing="window")
     else:
-        steps = [stamps[i + 1] - stamps[i] for i in range(w, n)]
+        steps = [stamps[i + 1] - stamps[i] for i in range(start, stop)]
         out.update(step_s=common.summarize(steps), samples_per_s=micro / statistics.median(steps),
                    timing="median_step")
     return out
@@ -255,7 +277,7 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            _stamp(stamps, state.global_step, spec, cuda)
+            _stamp(stamps, state.global_step, {spec["warmup"], n}, cuda)
 
     keys = forward_keys(model_family(model.config), train=True, config=model.config)
     rows = _Rows(feats, _order(len(feats), micro, n, 42), keys)
@@ -272,7 +294,7 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()])
         try:
             out = trainer.train()
-            return {"micro": micro, **_rates(stamps, spec, micro, cuda),
+            return {"micro": micro, **_rates(stamps, spec["warmup"], n, micro, cuda),
                     "global_steps": trainer.state.global_step, "train_loss": out.training_loss,
                     **common.peak_memory(cuda)}
         finally:
@@ -411,8 +433,10 @@ def table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2 ** 30:.2f} GiB"
         seq = f"{r['mean_seq_len']:.0f}" if r.get("mean_seq_len") else "full"
+        cold = (f"  (first pass {r['cold_samples_per_s']:.2f} samples/s, {r['new_shapes_cold']} new shapes)"
+                if r.get("cold_samples_per_s") else "")
         lines.append(f"{name:<30} {r['micro']:>5} {r['samples_per_s']:>10.2f} {seq:>5} {r['tflops']:>9.3f} {mfu:>7}"
-                     f" {mem:>10}")
+                     f" {mem:>10}{cold}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from squad_ds.modeling.sdpa import SDPA_BACKENDS
+
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
 
@@ -45,10 +47,14 @@ class ModelConfig:
     name_or_path: str = "all-MiniLM-L6-v2"
     tokenizer: str | None = None  # defaults to name_or_path
     attn_implementation: str = "sdpa"
+    # SDPA kernel tried first: auto (torch's order) | cudnn | flash | efficient | math (see modeling/sdpa.py)
+    sdpa_backend: str = "auto"
 
     def __post_init__(self):
         _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
                f"must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        _check(self.sdpa_backend in SDPA_BACKENDS, "model.sdpa_backend",
+               f"must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
 
 
 @dataclass

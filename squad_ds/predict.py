@@ -20,6 +20,7 @@ from squad_ds.evaluate import evaluate
 from squad_ds.logs import setup_logging
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
+from squad_ds.modeling.sdpa import sdpa_preference
 
 
 def build_arg_parser(prog: str = "squad-ds predict") -> argparse.ArgumentParser:
@@ -61,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"
     trim = trim_policy(recipe.data, cuda)
-    metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir, has_answers,
-                       trim=trim)
+    with sdpa_preference(recipe.model.sdpa_backend):
+        metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir,
+                           has_answers, trim=trim)
     if distributed.is_main():
         print(json.dumps({**(metrics or {}), "predictions": str(out_dir / "predictions.json")}), flush=True)
     return 0

@@ -29,6 +29,8 @@ from squad_ds.flops import detect_peak_tflops, flops_per_sequence
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
+from squad_ds.modeling.sdpa import current_order as current_sdpa_order
+from squad_ds.modeling.sdpa import sdpa_preference
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
 
@@ -148,8 +150,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume and args.resume != "auto":
         raise FileNotFoundError(f"--resume {args.resume}: nothing to resume")
 
-    metrics, preempted = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch, position,
-                                    eval_feats, eval_set, out, preempt)
+    with sdpa_preference(recipe.model.sdpa_backend):
+        if cuda or recipe.model.sdpa_backend != "auto":
+            log_main("SDPA backends in the order torch tries them: %s", ", ".join(current_sdpa_order()))
+        metrics, preempted = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch,
+                                        position, eval_feats, eval_set, out, preempt)
     if preempted:
         return EXIT_REQUEUE
     if recipe.output.export:

@@ -43,6 +43,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from squad_ds.modeling.factory import load_qa_model, load_tokenizer
     from squad_ds.modeling.heads import forward_keys, model_family
     from squad_ds.batching import BatchLoader, epoch_order, trim_policy
+    from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import load_features, train_step
 
     distributed.setup_env()
@@ -81,17 +82,18 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Median step time, not the mean: on a shared machine one descheduled step would decide the ranking.
     total, marks, step, loss = WARMUP_STEPS + spec["steps"], [], engine.global_steps, None
-    for batch in batches():
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = train_step(engine, batch, family, model.config)
-        if engine.global_steps == step:
-            continue  # inside an accumulation window
-        step = engine.global_steps
-        if step >= WARMUP_STEPS:
-            sync()
-            marks.append(time.perf_counter())
-        if step >= total:
-            break
+    with sdpa_preference(recipe.model.sdpa_backend):
+        for batch in batches():
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = train_step(engine, batch, family, model.config)
+            if engine.global_steps == step:
+                continue  # inside an accumulation window
+            step = engine.global_steps
+            if step >= WARMUP_STEPS:
+                sync()
+                marks.append(time.perf_counter())
+            if step >= total:
+                break
     durations = [b - a for a, b in itertools.pairwise(marks)]
     return {"status": "fits", "samples_per_s": plan.global_batch / statistics.median(durations),
             "peak_mem_gb": _peak_mem_gb(cuda), "step_seconds": durations, "loss": float(loss.detach().float().cpu()),

@@ -26,10 +26,16 @@ def test_loop_overhead_smoke(tmp_path):
 
 def test_train_throughput_smoke(tmp_path):
     res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "128", "--stride", "64", "--steps", "2",
-               "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline")
-    (row,) = res["results"]
-    assert row["impl"] == "squad-ds" and row["zero"] == 0 and row["micro"] == 2
+               "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline", "--variants", "full,trim64_efficient")
+    row, trimmed = res["results"]
+    assert row["impl"] == "squad-ds" and row["zero"] == 0 and row["micro"] == 2 and row["variant"] == "full"
     for key in ("samples_per_s", "tflops", "mfu", "peak_mem_bytes", "peak_mem_kind", "global_steps"):
         assert key in row, key
     assert row["global_steps"] == 3 and row["samples_per_s"] > 0 and row["mfu"] is None  # no peak on CPU
+    assert "cold_samples_per_s" not in row and row["sdpa"] == "auto"
     assert res["flops_per_sequence"] > 0 and res["ratios"] == {}
+    # A trimmed variant runs its timed batches twice (first pass, then every shape seen) and keeps both rates.
+    assert trimmed["variant"] == "trim64_efficient" and trimmed["sdpa"] == "efficient"
+    assert trimmed["global_steps"] == 1 + 2 * 2
+    assert trimmed["cold_samples_per_s"] > 0 and trimmed["samples_per_s"] > 0
+    assert trimmed["mean_seq_len"] in (64, 96, 128) and 1 <= trimmed["shapes_window"] <= 2

@@ -212,6 +212,15 @@ def test_compiled_model_matches(tmp_path, tiny_model, reference):
     _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
 
 
+def test_sdpa_backend_preference_trains_alike(tmp_path, tiny_model, reference):
+    """model.sdpa_backend=math: the run says the order torch tries and reproduces the fused kernel's losses."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", model={"sdpa_backend": "math"},
+                          train={"micro_batch_size": 12})
+    proc = run_train(recipe)
+    assert "SDPA backends in the order torch tries them: MATH" in proc.stderr + proc.stdout
+    _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
+
+
 def test_full_length_and_bucketed_batches_train_alike(tmp_path, tiny_model):
     """data.trim_padding=false (the CUDA default) and trimming to a multiple of 16 compute what trimmed batches do:
     same losses and the same evaluation, in the same (ungrouped) order."""
