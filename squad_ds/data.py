@@ -62,6 +62,11 @@ class SquadDataset:
     def by_id(self) -> dict[str, Example]:
         return {e.id: e for e in self.examples}
 
+    def unlabelled_ids(self) -> list[str]:
+        """Questions with no gold answer to score against: answerable (not is_impossible) and without answers.
+        Only a file read with `labelled=False` can have them."""
+        return [e.id for e in self.examples if not e.answers and not e.is_impossible]
+
 
 def read_json(path: str | Path) -> Any:
     """Load JSON, gzip-compressed or not (recognised by its magic bytes, not its name); a failure names the file."""
@@ -125,7 +130,7 @@ def _parse_answers(qa: dict, context: str, path: Path, where: Any) -> tuple[tupl
     return tuple(parsed), aligned
 
 
-def _fast_question(qa: Any, context: str, title: str, version: str) -> tuple[Example, bool] | None:
+def _fast_question(qa: Any, context: str, title: str, version: str, labelled: bool) -> tuple[Example, bool] | None:
     """The common, well-formed question without per-check overhead (88k of them in train); None when anything
     is irregular, so `_checked_question` can name the problem."""
     try:
@@ -134,7 +139,8 @@ def _fast_question(qa: Any, context: str, title: str, version: str) -> tuple[Exa
         raw_answers = qa.get("answers", [])
         if (type(qid) is not str or not qid or type(question) is not str or not question.strip()
                 or type(impossible) is not bool or type(raw_answers) is not list
-                or (impossible and (version == "1.1" or raw_answers)) or (not impossible and not raw_answers)):
+                or (impossible and (version == "1.1" or raw_answers))
+                or (labelled and not impossible and not raw_answers)):
             return None
         answers = tuple(Answer(a["text"], a["answer_start"]) for a in raw_answers)
         if not all(type(a.text) is str and type(a.start) is int for a in answers):
@@ -148,7 +154,7 @@ def _fast_question(qa: Any, context: str, title: str, version: str) -> tuple[Exa
 
 
 def _checked_question(qa: Any, qi: int, where_p: str, context: str, title: str, version: str, seen: set[str],
-                      path: Path) -> tuple[Example, bool]:
+                      path: Path, labelled: bool) -> tuple[Example, bool]:
     _expect(isinstance(qa, dict), path, f"{where_p}, question {qi}", "must be an object")
     qid = qa.get("id")
     _expect(isinstance(qid, str) and qid != "", path, f"{where_p}, question {qi}", "missing 'id' string")
@@ -166,13 +172,17 @@ def _checked_question(qa: Any, qi: int, where_p: str, context: str, title: str, 
         # The official v2.0 metric decides answerability by bool(answers): both flags must agree.
         _expect(not answers, path, where_q, "is_impossible question with non-empty 'answers'")
         aligned = True
-    else:
-        _expect(len(answers) > 0, path, where_q, "answerable question with no answers (set is_impossible for SQuAD v2.0)")
+    elif labelled:
+        _expect(len(answers) > 0, path, where_q,
+                "answerable question with no answers (set is_impossible for SQuAD v2.0; `squad-ds predict` reads "
+                "unlabelled files)")
     return Example(qid, title, context, question, answers, impossible), aligned
 
 
-def parse_squad(raw: Any, path: str | Path = "<memory>") -> SquadDataset:
-    """Validate a decoded SQuAD object and turn it into a :class:`SquadDataset`."""
+def parse_squad(raw: Any, path: str | Path = "<memory>", labelled: bool = True) -> SquadDataset:
+    """Validate a decoded SQuAD object and turn it into a :class:`SquadDataset`.
+
+    `labelled=False` accepts questions without answers (a test file to predict on); every other check stays."""
     path = Path(path)
     _expect(isinstance(raw, dict), path, "top level", "expected a JSON object with a 'data' list")
     _expect(isinstance(raw.get("data"), list), path, "top level", "missing 'data' list")
@@ -197,9 +207,9 @@ def parse_squad(raw: Any, path: str | Path = "<memory>") -> SquadDataset:
             qas = para.get("qas")
             _expect(isinstance(qas, list), path, where_p, "missing 'qas' list")
             for qi, qa in enumerate(qas):
-                parsed = _fast_question(qa, context, title, version)
+                parsed = _fast_question(qa, context, title, version, labelled)
                 if parsed is None or parsed[0].id in seen:  # something is off: find it and say where
-                    parsed = _checked_question(qa, qi, where_p, context, title, version, seen, path)
+                    parsed = _checked_question(qa, qi, where_p, context, title, version, seen, path, labelled)
                 example, aligned = parsed
                 seen.add(example.id)
                 if not aligned:
@@ -208,14 +218,15 @@ def parse_squad(raw: Any, path: str | Path = "<memory>") -> SquadDataset:
     return SquadDataset(str(path), version, examples, frozenset(misaligned))
 
 
-def load_squad(path: str | Path) -> SquadDataset:
-    """Read a SQuAD v1.1 or v2.0 file (`.json` or `.json.gz`)."""
+def load_squad(path: str | Path, labelled: bool = True) -> SquadDataset:
+    """Read a SQuAD v1.1 or v2.0 file (`.json` or `.json.gz`); `labelled=False` also reads questions without
+    answers (see parse_squad)."""
     # Hundreds of thousands of small acyclic objects: the cyclic collector would rescan them over and over
     # (measured: 0.6 s of a 0.8 s parse of train-v1.1). Nothing here creates cycles.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return parse_squad(read_json(path), path)
+        return parse_squad(read_json(path), path, labelled)
     finally:
         if was_enabled:
             gc.enable()

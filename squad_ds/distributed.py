@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 import numpy as np
 import torch
@@ -73,6 +76,34 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks (which reuse what rank 0 prepared, e.g. a feature cache).
+
+    If rank 0 fails, every rank raises its exception instead of waiting for it in a barrier (under srun nothing
+    else would stop them: each task is its own process tree)."""
+    if world_size() == 1:
+        return fn()
+    error: BaseException | None = None
+    result = None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have it
+            error = e
+    sent = error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+    sent = broadcast_object(sent)
+    if error is not None:
+        raise error
+    if sent is not None:
+        raise sent
+    return result if is_main() else fn()
 
 
 def _comm_device() -> torch.device:

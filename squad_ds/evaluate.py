@@ -111,9 +111,9 @@ def score_predictions(dataset, preds) -> dict[str, Any]:
 
 
 def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: torch.device,
-             out_dir: str | Path | None, has_answers: bool = True,
-             trim: TrimPolicy = TrimPolicy()) -> dict[str, Any] | None:
-    """Predict, post-process and (when the data has answers) score; every rank returns the same metrics."""
+             out_dir: str | Path | None, trim: TrimPolicy = TrimPolicy()) -> dict[str, Any] | None:
+    """Predict, post-process and score; every rank returns the same metrics. A file with questions that have no
+    gold answers (a test set) gets predictions only, and None."""
     from squad_ds.postprocess import write_predictions
 
     arrays = predict_arrays(model, features, family, cfg.batch_size, device, trim)
@@ -124,9 +124,13 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_predictions(preds, out_dir)
-        if has_answers:
+        unlabelled = dataset.unlabelled_ids()
+        if not unlabelled:
             metrics = score_predictions(dataset, preds)
             if out_dir is not None:
                 (Path(out_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
             log_main("eval: %s", json.dumps(metrics))
+        else:
+            log_main("%s: %d of %d questions have no gold answers (e.g. %s): predictions written, not scored",
+                     dataset.path, len(unlabelled), len(dataset.examples), unlabelled[0])
     return distributed.broadcast_object(metrics)

@@ -60,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
-    has_answers = any(e.answers for e in dataset.examples) or dataset.version == "2.0"
     trim = trim_policy(recipe.data, cuda)
     with sdpa_preference(recipe.model.sdpa_backend):
         metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir,
-                           has_answers, trim=trim)
+                           trim=trim)
     if distributed.is_main():
         print(json.dumps({**(metrics or {}), "predictions": str(out_dir / "predictions.json")}), flush=True)
     return 0

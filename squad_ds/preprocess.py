@@ -31,7 +31,8 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
         tokenizer = load_tokenizer(os.fspath(tokenizer))
     make_spec(tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
               split=split)  # bad parameters fail before any reading
-    dataset = load_squad(data_path)
+    # Eval features need no answers, so eval files may be unlabelled (a test set for `squad-ds predict`).
+    dataset = load_squad(data_path, labelled=split == "train")
     params = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
     key = cache.cache_key({"data_sha256": cache.file_sha256(data_path), "squad_version": dataset.version,
                            "split": split, **params, **cache.tokenizer_fingerprint(tokenizer)})

@@ -82,12 +82,9 @@ def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int |
     d = recipe.data
     kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,
                   split=split, cache_dir=d.cache_dir, num_workers=d.num_workers)
-    # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again.
-    if not distributed.is_main():
-        distributed.barrier()
-    features, dataset, info = load_or_build_features(path, tokenizer, **kwargs)
-    if distributed.is_main():
-        distributed.barrier()
+    # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again (and fail with
+    # rank 0's error if it could not).
+    features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))
     if limit is not None:
         features, dataset = _first_examples(features, dataset, split, limit)
     if recipe.data.version and dataset.version != recipe.data.version:

@@ -140,6 +140,23 @@ def test_format_errors(write_json, make_squad, case):
     assert str(err.value).startswith(str(path))
 
 
+def test_unlabelled_questions_read_only_when_asked(write_json, make_squad):
+    """A test file (questions, no answers) is readable for prediction; training reads stay strict."""
+    doc = make_squad([qa("gold"), qa("open", answers=())])
+    path = write_json("test.json", doc)
+    with pytest.raises(SquadFormatError, match="answerable question with no answers"):
+        load_squad(path)
+    ds = load_squad(path, labelled=False)
+    assert [e.id for e in ds.examples] == ["gold", "open"] and ds.examples[1].answers == ()
+    assert ds.unlabelled_ids() == ["open"] and not ds.misaligned_ids
+    assert load_squad(write_json("v2.json", make_squad([qa("no", answers=(), is_impossible=True)], version="v2.0")),
+                      labelled=False).unlabelled_ids() == []  # unanswerable is a label
+    # Everything else is still checked.
+    bad = _mutate(make_squad([qa(answers=())]), lambda d: _qa(d).update(answers=[], is_impossible=True))
+    with pytest.raises(SquadFormatError, match="in a SQuAD v1.1 file"):
+        load_squad(write_json("bad.json", bad), labelled=False)
+
+
 def test_parse_squad_in_memory_names_memory():
     with pytest.raises(SquadFormatError, match="<memory>: top level"):
         parse_squad([])

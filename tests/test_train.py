@@ -131,6 +131,61 @@ def test_export_round_trip(tmp_path, tiny_model, stage):
         json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
 
+def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
+    """Two tasks started as srun starts them (no launcher watching): rank 0 hits a bad train file while building
+    the cache the others wait for. Every rank must exit with rank 0's error; a barrier there left them to crash
+    on gloo ("connection closed by peer") or to wait for the collective timeout on NCCL."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": "not a list"}]}]}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", data={"train_file": str(bad)})
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        e = env(1)
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(train_cmd(recipe, ds_config="cpu_fp32"), env=e, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert "missing 'qas' list" in err, err[-3000:]
+
+
+def test_predict_on_an_unlabelled_file(tmp_path, tiny_model):
+    """`squad-ds predict` on a test file (v1.1 questions, no answers): the same predictions as on the labelled
+    file, written but not scored."""
+    import gzip
+
+    from squad_ds.sample_data import SAMPLE_DEV
+
+    doc = json.loads(gzip.decompress(SAMPLE_DEV.read_bytes()))
+    for article in doc["data"]:
+        for para in article["paragraphs"]:
+            for q in para["qas"]:
+                q.pop("answers")
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps(doc))
+    sets = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16",
+            "--set", "data.max_eval_examples=12", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    results = {}
+    for name, data in (("labelled", "sample:dev"), ("unlabelled", str(test_file))):
+        proc = subprocess.run(["python", "-m", "squad_ds.cli", "predict", data, "--model", str(tiny_model),
+                               "--out-dir", str(tmp_path / name), *sets], env=env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "f1" in results["labelled"] and (tmp_path / "labelled" / "eval_results.json").is_file()
+    assert set(results["unlabelled"]) == {"predictions"}
+    assert not (tmp_path / "unlabelled" / "eval_results.json").exists()
+    labelled = json.loads((tmp_path / "labelled" / "predictions.json").read_text())
+    assert json.loads((tmp_path / "unlabelled" / "predictions.json").read_text()) == labelled
+    assert len(labelled) == 12
+
+
 @pytest.mark.parametrize("overrides,ds_config,message", [
     (["train.learning_rate=1e-4"], "cpu_fp32", "unknown key train.learning_rate"),
     (["train.lr=1e-4"], "zero2_fp16", "fp16.enabled=true needs a CUDA GPU"),
