@@ -19,8 +19,8 @@
 #   env -> bf16 matmul peak -> SDPA probe (per-new-shape cost of cuDNN vs memory-efficient attention) -> BERT-large
 #   ZeRO-0 micro 64 (squad-ds variants: full / trim64 / trim, each with torch's SDPA order and with the efficient
 #   kernel first, vs HF Trainer) -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> torch.compile
-#   rows -> ZeRO-2/3 rows with the baseline -> largest micro-batches (squad-ds, HF, squad-ds + activation
-#   checkpointing) -> pytest -m gpu.
+#   rows -> ZeRO-2/3 rows with the baseline -> bert-base and MiniLM rows -> largest micro-batches (squad-ds, HF,
+#   squad-ds + activation checkpointing) -> pytest -m gpu.
 # If the FusedAdam build fails, the squad-ds rows and the fine-tune use torch's fused AdamW instead (said in summary).
 # $OUT: summary.txt env.txt throughput.log finetune.log finetune.json results.tar.gz (every JSON and log, remade
 # after each stage so a time-out keeps what finished).
@@ -223,6 +223,13 @@ tp tp-compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --varian
 # --- 4. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
 tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants full "${OPT_ARGS[@]}" \
   --worker-timeout 70
+
+# --- 4b. bert-base and all-MiniLM-L6-v2 rows (ZeRO-0, same micro-batch) with the baseline ----------------------
+for m in bert-base minilm; do
+  stage "tp-$m" 90 "$OUT/throughput.log" $PY bench/train_throughput.py --model "$([[ $MODE == gpu ]] && echo $m || echo tiny)" \
+    --cache-dir "$CACHE" "${PEAK_ARGS[@]}" --out "$WORK/tp_$m.json" --zero 0 --micro $MICRO "${STEPS[@]}" \
+    --variants full,trim64_efficient "${OPT_ARGS[@]}" --worker-timeout 80
+done
 
 # --- 5. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------
 if [[ $MODE == gpu ]]; then

@@ -13,7 +13,19 @@ USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError)
 
 def run_main(prog: str, run: Callable[[], int]) -> int:
     try:
-        return run()
+        status = run()
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
+    # A clean end or an input error: leave the process group explicitly. Left to the interpreter's exit, gloo's
+    # threads can be torn down under a peer that already left (seen: SIGABRT after the error message). A bug's
+    # traceback skips this and exits as Python does.
+    _leave_process_group()
+    return status
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

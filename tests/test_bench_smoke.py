@@ -39,3 +39,14 @@ def test_train_throughput_smoke(tmp_path):
     assert trimmed["global_steps"] == 1 + 2 * 2
     assert trimmed["cold_samples_per_s"] > 0 and trimmed["samples_per_s"] > 0
     assert trimmed["mean_seq_len"] in (64, 96, 128) and 1 <= trimmed["shapes_window"] <= 2
+
+
+def test_padding_smoke(tmp_path):
+    res = _run(tmp_path, "padding.py", "--seq", "128", "--stride", "64", "--micro", "8", "--epochs", "1")
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert rows["full"]["tokens_per_sequence"] == 128 and rows["full"]["distinct_shapes"] <= 2
+    # Grouping similar lengths is what makes trimming bite; bucketing bounds the shapes at a few tokens' cost.
+    assert rows["trim, grouped"]["tokens_per_sequence"] < rows["trim, random order"]["tokens_per_sequence"] <= 128
+    assert rows["trim, grouped"]["tokens_per_sequence"] <= rows["trim64, grouped"]["tokens_per_sequence"] <= 128
+    assert rows["trim64, grouped"]["distinct_shapes"] <= 2 * (128 // 64)
+    assert res["mean_real_length"] <= rows["trim, grouped"]["tokens_per_sequence"]

@@ -1,5 +1,5 @@
 """GPU-only checks (run by bench/gpu.sh with `-m gpu`): FusedAdam, bf16 and fp16 (dynamic loss scale) under
-ZeRO-2/3 and offload train a tiny model to losses close to the fp32 run's."""
+ZeRO-2/3 and offload train a tiny model to losses close to the fp32 run's; model.sdpa_backend picks its kernel."""
 from __future__ import annotations
 
 import math
@@ -33,3 +33,31 @@ def test_mixed_precision_tracks_fp32(tmp_path, setup, ds_config):
     # fp16 may skip its first steps while the loss scale settles; compare where both trained.
     assert got[20] < got[1]
     assert abs(got[20] - ref[20]) < 0.1 * abs(ref[20]) + 0.05
+
+
+@pytest.mark.parametrize("pref,kernel", [("efficient", "efficient_attention"), ("math", "attention_math"),
+                                         ("cudnn", "cudnn_attention")])
+def test_sdpa_preference_picks_the_kernel_on_cuda(pref, kernel):
+    """model.sdpa_backend on the card: a padded bf16 BERT-shaped call runs the preferred backend's aten op (cuDNN
+    only where this torch/cuDNN build can serve it, else the test says so)."""
+    import torch
+    import torch.nn.functional as F
+
+    from squad_ds.modeling.sdpa import sdpa_preference
+
+    q = torch.randn(4, 16, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(4, 1, 128, 128, dtype=torch.bool, device="cuda")
+    mask[1:, ..., 100:] = False
+    if pref == "cudnn":
+        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+
+        try:
+            params = SDPAParams(q, q, q, mask, 0.1, False, False)
+        except TypeError:  # the constructor's arity differs across torch versions
+            pytest.skip("cannot build SDPAParams on this torch to ask whether cuDNN serves the call")
+        if not can_use_cudnn_attention(params):
+            pytest.skip("this torch/cuDNN build cannot run cuDNN attention for a masked call")
+    with sdpa_preference(pref), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.1).float().sum().backward()
+    ops = [e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")]
+    assert any(kernel in op for op in ops), ops
