@@ -11,7 +11,6 @@ compilation) multiplies. Train file: $SQUAD_DIR's train-v1.1, else the shipped s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

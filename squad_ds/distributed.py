@@ -6,11 +6,11 @@ import pickle
 import socket
 from typing import Any, Callable, TypeVar
 
-T = TypeVar("T")
-
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:

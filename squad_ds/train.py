@@ -29,8 +29,7 @@ from squad_ds.flops import detect_peak_tflops, flops_per_sequence
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
-from squad_ds.modeling.sdpa import current_order as current_sdpa_order
-from squad_ds.modeling.sdpa import sdpa_preference
+from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
 
