@@ -191,9 +191,9 @@ grep -E "^sdpa-probe|attention kernels" "$WORK/sdpa_probe.log" | cut -c1-300 | t
 # --- 1. BERT-large, ZeRO-0 bf16, micro 64: squad-ds variants vs HF Trainer -------------------------------------
 OPT_ARGS=()
 [[ $FIRST == torch_adamw ]] && OPT_ARGS=(--optimizer torch_fused_adamw)
-tp tp-zero0 200 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
+tp tp-zero0 220 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
   --variants "${GPU_SH_TP_VARIANTS:-full,full_efficient,trim64,trim64_efficient,trim,trim_efficient}" "${OPT_ARGS[@]}" \
-  --worker-timeout 150
+  --worker-timeout 160
 
 # --- 2. all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 --
 FT_OUT=$REPO/runs/gpu_minilm_squad1_full
