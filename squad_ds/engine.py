@@ -132,7 +132,8 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
     """
     ds = copy.deepcopy(ds)
     micro, accum, total = _resolve_batch(ds, recipe, world_size)
-    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"] = micro, accum, total
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
+    ds["train_batch_size"] = total
 
     if recipe.train.optimizer == "apex_fused_adam":
         _apex_fused_adam_class()  # a missing apex is a configuration error, found before any work
@@ -185,8 +186,8 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
             p["total_num_steps"] = plan.total_steps
         if warmup_json not in (None, "auto"):
             if not isinstance(warmup_json, int) or warmup_json < 1:
-                raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json!r}: DeepSpeed needs "
-                                  "a positive integer (use \"auto\" to derive it from train.warmup_proportion)")
+                raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json!r}: DeepSpeed "
+                                  "needs a positive integer (use \"auto\" to derive it from train.warmup_proportion)")
             if recipe.train.warmup_proportion is not None and warmup_json != plan.warmup_steps:
                 raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json} contradicts "
                                   f"recipe train.warmup_proportion={recipe.train.warmup_proportion} "

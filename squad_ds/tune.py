@@ -4,15 +4,21 @@ For the machine it runs on, at the recipe's global batch (micro × accumulation 
 largest micro-batch per device that fits for each (stage, offload, checkpointing) combination and the combination
 with the best measured samples/s, and writes that as a DeepSpeed config `squad-ds train --deepspeed_config` takes.
 
-Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA
-OOM, a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what
-`squad-ds train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the
-trainer's `load_features` / `train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup + N` times on
-real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on GPU and,
-on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner every
-0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
+Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
+a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what `squad-ds
+train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the trainer's
+`load_features` / `train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
+N` times on real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on
+GPU and, on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner
+every 0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
 combination using them is not run when the same stage without them already fitted every micro-batch. Trials stop
 being launched once --budget-s is spent (so the whole run can overshoot by at most one --trial-timeout-s).
+
+Then, at the winner's combination and micro-batch, `--variants` tries recipe settings whose speed depends on the
+card rather than on memory: on CUDA by default bucketed trimming (`data.trim_padding` with
+`data.pad_to_multiple_of=64`), the memory-efficient SDPA kernel first (`model.sdpa_backend=efficient`), and both.
+Trimmed trials time batches whose shapes they have already run once, as most of a long run does; a variant that
+wins goes into the printed command as `--set`s.
 
 Why not DeepSpeed's autotuner (`deepspeed --autotuning tune --num_gpus N train.py --deepspeed ds.json`)?
 It launches every experiment through DeepSpeed's multi-node runner, which needs pdsh and password-less ssh even to
@@ -38,11 +44,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from squad_ds import tune_report
 from squad_ds.config import ConfigError, Recipe, load_recipe
 from squad_ds.tune_trial import WARMUP_STEPS
 
 POLL_S = 0.2
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
+
+# Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel
+# plans, attention kernels), so they are measured here rather than guessed.
+_TRIM64 = ["data.trim_padding=true", "data.pad_to_multiple_of=64"]
+VARIANTS = {
+    "trim64": _TRIM64,
+    "efficient": ["model.sdpa_backend=efficient"],
+    "trim64+efficient": [*_TRIM64, "model.sdpa_backend=efficient"],
+}
+DEFAULT_CUDA_VARIANTS = ("trim64", "efficient", "trim64+efficient")
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class Trial:
     seconds: float | None = None
     note: str = ""
     dir: str = ""
+    variant: str = ""  # a name in VARIANTS: the base trial's combination and micro-batch with its recipe settings
 
 
 # ---------------------------------------------------------------- search space (pure)
@@ -115,8 +133,20 @@ def trial_overrides(ckpt: bool) -> list[str]:
             f"train.activation_checkpointing={str(ckpt).lower()}"]
 
 
+def parse_variants(text: str, cuda: bool) -> list[str]:
+    """--variants: "auto" (the CUDA defaults on a GPU, none on CPU, which trims already), "none", or names."""
+    if text == "auto":
+        return list(DEFAULT_CUDA_VARIANTS) if cuda else []
+    names = [] if text == "none" else [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from auto, none, {', '.join(VARIANTS)}")
+    return names
+
+
 def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
-    """`--set`s the original recipe needs to accept the tuned JSON (only where its own values would contradict)."""
+    """`--set`s the original recipe needs to accept the tuned JSON (only where its own values would contradict),
+    then the winning variant's settings."""
     out = []
     if recipe.train.micro_batch_size not in (None, winner.micro):
         out.append("train.micro_batch_size=null")
@@ -124,7 +154,7 @@ def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
         out.append("train.gradient_accumulation_steps=null")
     if recipe.train.activation_checkpointing != winner.ckpt:
         out.append(f"train.activation_checkpointing={str(winner.ckpt).lower()}")
-    return out
+    return out + VARIANTS.get(winner.variant, [])
 
 
 # ---------------------------------------------------------------- the search (tuner process)
@@ -246,6 +276,7 @@ def prepare(args: argparse.Namespace) -> Search:
         raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
     if args.trial_steps < 1 or args.nproc < 1 or args.budget_s <= 0:
         raise ConfigError("--trial-steps, --nproc and --budget-s must be positive")
+    parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
     count_train_features(recipe)  # build the cache once here, not inside the first timed trial
@@ -280,76 +311,50 @@ def search(s: Search, args: argparse.Namespace, say=print) -> list[Trial]:
                 t.note = "budget spent"
                 fitted_all[combo] = False
                 continue
-            t.dir = str(s.out_dir / "trials" / f"{len(s.trials):02d}-{combo.label}-m{m}")
-            Path(t.dir).mkdir(parents=True, exist_ok=True)
-            ds = candidate_ds_config(s.base_ds, combo.stage, combo.offload, m, t.accum, s.world, s.cuda)
-            (Path(t.dir) / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
-            spec = {"recipe": s.recipe_name, "overrides": s.overrides + trial_overrides(combo.ckpt),
-                    "deepspeed_config": str(Path(t.dir) / "ds_config.json"), "steps": args.trial_steps,
-                    "result_dir": t.dir}
-            launch(t, spec, s.world, args.trial_timeout_s, max_mem)
-            say(f"tune: {combo.label} micro {m} × accum {t.accum}: {t.status}"
-                + (f", {t.samples_per_s} samples/s" if t.samples_per_s else "")
-                + (f", peak {t.peak_mem_gb} GB" if t.peak_mem_gb is not None else "")
-                + (f" ({t.note})" if t.note and t.status != "fits" else ""))
+            run_trial(s, args, t, max_mem, say)
             if t.status != "fits":
                 fitted_all[combo] = False
                 break  # larger micro-batches won't fit either (or fail the same way)
+    try_variants(s, args, start, max_mem, say)
     return s.trials
+
+
+def run_trial(s: Search, args: argparse.Namespace, t: Trial, max_mem: int | None, say=print) -> Trial:
+    """Write the trial's JSON and spec, run it, report one line."""
+    combo = Combo(t.stage, t.offload, t.ckpt)
+    t.dir = str(s.out_dir / "trials" / f"{len(s.trials):02d}-{combo.label}-m{t.micro}"
+                f"{'-' + t.variant.replace('+', '-') if t.variant else ''}")
+    Path(t.dir).mkdir(parents=True, exist_ok=True)
+    ds = candidate_ds_config(s.base_ds, t.stage, t.offload, t.micro, t.accum, s.world, s.cuda)
+    (Path(t.dir) / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    spec = {"recipe": s.recipe_name,
+            "overrides": s.overrides + trial_overrides(t.ckpt) + VARIANTS.get(t.variant, []),
+            "deepspeed_config": str(Path(t.dir) / "ds_config.json"), "steps": args.trial_steps, "result_dir": t.dir}
+    launch(t, spec, s.world, args.trial_timeout_s, max_mem)
+    say(f"tune: {combo.label} micro {t.micro} × accum {t.accum}{' ' + t.variant if t.variant else ''}: {t.status}"
+        + (f", {t.samples_per_s} samples/s" if t.samples_per_s else "")
+        + (f", peak {t.peak_mem_gb} GB" if t.peak_mem_gb is not None else "")
+        + (f" ({t.note})" if t.note and t.status != "fits" else ""))
+    return t
+
+
+def try_variants(s: Search, args: argparse.Namespace, start: float, max_mem: int | None, say=print) -> None:
+    """The --variants at the base winner's combination and micro-batch, while the budget lasts."""
+    base = best(s.trials)
+    if base is None:
+        return
+    for name in parse_variants(args.variants, s.cuda):
+        t = Trial(base.stage, base.offload, base.ckpt, base.micro, base.accum, variant=name)
+        s.trials.append(t)
+        if time.monotonic() - start >= args.budget_s:
+            t.note = "budget spent"
+            continue
+        run_trial(s, args, t, max_mem, say)
 
 
 def best(trials: list[Trial]) -> Trial | None:
     fits = [t for t in trials if t.status == "fits"]
     return max(fits, key=lambda t: t.samples_per_s) if fits else None
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "–"
-    return ("yes" if v else "no") if isinstance(v, bool) else str(v)
-
-
-def _by_combo(trials: list[Trial]) -> dict[str, list[Trial]]:
-    out: dict[str, list[Trial]] = {}
-    for t in trials:
-        out.setdefault(Combo(t.stage, t.offload, t.ckpt).label, []).append(t)
-    return out
-
-
-def trials_markdown(s: Search, winner: Trial | None, command: str | None) -> str:
-    dev = "CUDA" if s.cuda else "CPU"
-    mem = "torch.cuda.max_memory_allocated" if s.cuda else "ru_maxrss"
-    head = (f"Device: {dev} × {s.world}; global batch {s.global_batch} kept; base DeepSpeed config "
-            f"`{s.base_ds_name}`; samples/s from the median optimizer step; peak memory: {mem}, max over ranks.")
-    lines = [f"# squad-ds tune: {s.recipe_name or 'demo'}", "", head, ""]
-    cols = ["stage", "offload", "ckpt", "micro", "accum", "samples/s", "peak mem GB", "status", "s", "note"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for t in s.trials:
-        mark = " **(best)**" if t is winner else ""
-        row = [t.stage, t.offload, t.ckpt, t.micro, t.accum, t.samples_per_s, t.peak_mem_gb, t.status + mark,
-               t.seconds, t.note.replace("|", "/")]
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    lines += ["", "Largest micro-batch that fits, per combination:", ""]
-    per_rank = s.global_batch // s.world
-    for label, rows in _by_combo(s.trials).items():
-        fit = [t.micro for t in rows if t.status == "fits"]
-        stop = next((t for t in rows if t.status != "fits"), None)
-        if stop is None:
-            why = f"every candidate fits (the global batch allows micro ≤ {per_rank} per rank)"
-        elif stop.status == "skipped":
-            why = stop.note
-        else:
-            why = f"micro {stop.micro}: {stop.status}"
-        lines.append(f"- {label}: {max(fit) if fit else 'none'} — {why}")
-    lines.append("")
-    if winner:
-        best_line = (f"Best: ZeRO {winner.stage}, offload {_cell(winner.offload)}, activation checkpointing "
-                     f"{_cell(winner.ckpt)}, micro {winner.micro} × accum {winner.accum} × world {s.world}: "
-                     f"{winner.samples_per_s} samples/s (median step).")
-        lines += [best_line, "", "Train with it:", "", f"    {command}", ""]
-    else:
-        lines += ["No trial fitted: nothing written to ds_config.tuned.json.", ""]
-    return "\n".join(lines)
 
 
 def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
@@ -377,7 +382,7 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
          "device": "cuda" if s.cuda else "cpu", "world_size": s.world, "global_batch": s.global_batch,
          "best": asdict(winner) if winner else None, "train_command": command,
          "trials": [asdict(t) for t in s.trials]}, indent=2) + "\n")
-    (s.out_dir / "trials.md").write_text(trials_markdown(s, winner, command))
+    (s.out_dir / "trials.md").write_text(tune_report.trials_markdown(s, winner, command))
     return summary
 
 
@@ -397,6 +402,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "offload ran out of memory")
     p.add_argument("--activation-checkpointing", choices=["both", "on", "off"], default="both",
                    help="'both': checkpointed combos only where the plain one ran out of memory (default)")
+    p.add_argument("--variants", default="auto",
+                   help="recipe settings tried at the winner: auto (on CUDA: " + ",".join(DEFAULT_CUDA_VARIANTS)
+                   + "; none on CPU), none, or a comma list of " + ", ".join(VARIANTS))
     p.add_argument("--trial-steps", type=int, default=5, help=f"timed optimizer steps per trial, after "
                    f"{WARMUP_STEPS} warmup steps (default 5)")
     p.add_argument("--max-mem-gb", type=float, default=None,

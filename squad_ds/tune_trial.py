@@ -1,6 +1,7 @@
 """One `squad-ds tune` trial, run in its own process (`python -m squad_ds.tune_trial SPEC`): build the engine as
-`squad-ds train` would for the recipe and a candidate DeepSpeed JSON, time WARMUP_STEPS + N optimizer steps, write
-the result as JSON for the tuner. A crash, a CUDA OOM or a hang stays inside this process.
+`squad-ds train` would for the recipe and a candidate DeepSpeed JSON, run WARMUP_STEPS optimizer steps, time the
+next N (when batches are trimmed, after running those N once untimed), write the result as JSON for the tuner.
+A crash, a CUDA OOM or a hang stays inside this process.
 """
 from __future__ import annotations
 
@@ -80,20 +81,32 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    # Median step time, not the mean: on a shared machine one descheduled step would decide the ranking.
-    total, marks, step, loss = WARMUP_STEPS + spec["steps"], [], engine.global_steps, None
-    with sdpa_preference(recipe.model.sdpa_backend):
-        for batch in batches():
+    def run(micro_batches, timed: bool):
+        """Step through micro-batches; with `timed`, the clock at the start and after each optimizer step."""
+        marks, step, loss = [], engine.global_steps, None
+        if timed:
+            sync()
+            marks.append(time.perf_counter())
+        for batch in micro_batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = train_step(engine, batch, family, model.config)
-            if engine.global_steps == step:
-                continue  # inside an accumulation window
-            step = engine.global_steps
-            if step >= WARMUP_STEPS:
+            if timed and engine.global_steps != step:
+                step = engine.global_steps
                 sync()
                 marks.append(time.perf_counter())
-            if step >= total:
-                break
+        return marks, loss
+
+    accum = engine.gradient_accumulation_steps()
+    stream = batches()
+    # Median step time, not the mean: on a shared machine one descheduled step would decide the ranking.
+    with sdpa_preference(recipe.model.sdpa_backend):
+        run(itertools.islice(stream, WARMUP_STEPS * accum), timed=False)
+        window = list(itertools.islice(stream, spec["steps"] * accum))
+        if trim.trim:
+            # Trimmed batches have many shapes and a card may pay per new shape (kernel plans): run the window once
+            # untimed so the timing sees shapes already met, as most steps of a long run do.
+            run(window, timed=False)
+        marks, loss = run(window, timed=True)
     durations = [b - a for a, b in itertools.pairwise(marks)]
     return {"status": "fits", "samples_per_s": plan.global_batch / statistics.median(durations),
             "peak_mem_gb": _peak_mem_gb(cuda), "step_seconds": durations, "loss": float(loss.detach().float().cpu()),

@@ -10,7 +10,7 @@ import pytest
 from trainer_util import REPO, env, make_tiny_model, run_train
 
 from squad_ds import tune
-from squad_ds.config import load_recipe
+from squad_ds.config import ConfigError, load_recipe
 from squad_ds.engine import load_ds_config, resolve_ds_config
 
 
@@ -71,6 +71,20 @@ def test_train_overrides_only_where_the_recipe_contradicts():
                                                    "train.activation_checkpointing=true"]
 
 
+def test_variants_by_device_and_in_the_winners_command():
+    assert tune.parse_variants("auto", cuda=True) == ["trim64", "efficient", "trim64+efficient"]
+    assert tune.parse_variants("auto", cuda=False) == []  # CPU trims by default already
+    assert tune.parse_variants("none", cuda=True) == []
+    assert tune.parse_variants("efficient, trim64", cuda=False) == ["efficient", "trim64"]
+    with pytest.raises(ConfigError, match="--variants: unknown"):
+        tune.parse_variants("trim128", cuda=True)
+    recipe = load_recipe("tiny")
+    won = tune.Trial(0, False, False, micro=4, accum=1, variant="trim64+efficient")
+    sets = tune.train_overrides(recipe, won)
+    assert sets == ["data.trim_padding=true", "data.pad_to_multiple_of=64", "model.sdpa_backend=efficient"]
+    assert load_recipe("tiny", sets).data.pad_to_multiple_of == 64  # the printed --sets are valid recipe keys
+
+
 def test_trial_reports_errors(tmp_path, tiny_model):
     """A trial that cannot start is an error with the reason, not a crash of the tuner."""
     d = tmp_path / "t"
@@ -105,7 +119,8 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     """Stages 0 and 2 on the tiny recipe (global batch 4; --max-micro 2 → micro 1 × 4 and 2 × 2, both of which
     contradict the recipe's micro-batch 4, so the printed command must override it); the tuned JSON trains."""
     sets = _tiny_sets(tiny_model, tmp_path)
-    proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "75", "--trial-steps", "3", "--max-micro", "2")
+    proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "75", "--trial-steps", "3", "--max-micro", "2",
+                 "--variants", "trim64,efficient")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     out = tmp_path / "tune"
@@ -113,18 +128,26 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     assert report["global_batch"] == 4 and report["device"] == "cpu"
     trials = report["trials"]
     assert {t["status"] for t in trials} <= set(tune.STATUSES)
-    run = [t for t in trials if t["status"] != "skipped"]
+    run = [t for t in trials if t["status"] != "skipped" and not t["variant"]]
     assert run and all(t["micro"] * t["accum"] == 4 for t in run)
     assert [(t["stage"], t["micro"]) for t in run] == [(0, 1), (0, 2), (2, 1), (2, 2)][:len(run)]
+    # The variants re-run the base winner's combination and micro-batch with their recipe settings.
+    base = max((t for t in run if t["status"] == "fits"), key=lambda t: t["samples_per_s"])
+    variants = [t for t in trials if t["variant"]]
+    assert [t["variant"] for t in variants] == ["trim64", "efficient"]
+    assert all((t["stage"], t["micro"], t["accum"], t["status"]) == (base["stage"], base["micro"], base["accum"],
+                                                                      "fits") for t in variants)
+    spec = json.loads((tmp_path / "tune" / "trials" / variants[0]["dir"].split("/")[-1] / "spec.json").read_text())
+    assert spec["overrides"][-2:] == tune.VARIANTS["trim64"]
     # Nothing ran out of memory, so the checkpointed combos had nothing to buy and were not run.
     assert [t["note"] for t in trials if t["ckpt"]] == ["not run: z0 fits every micro-batch",
                                                         "not run: z2 fits every micro-batch"]
-    fits = [t for t in run if t["status"] == "fits"]
+    fits = [t for t in trials if t["status"] == "fits"]
     assert fits and all(t["samples_per_s"] > 0 and t["peak_mem_gb"] > 0 for t in fits)
     best = summary["best"]
     assert best["samples_per_s"] == max(t["samples_per_s"] for t in fits) == report["best"]["samples_per_s"]
     md = (out / "trials.md").read_text()
-    assert "**(best)**" in md and "| stage | offload | ckpt | micro | accum |" in md
+    assert "**(best)**" in md and "| stage | offload | ckpt | micro | accum | variant |" in md
 
     tuned = json.loads((out / "ds_config.tuned.json").read_text())
     assert tuned["zero_optimization"]["stage"] == best["stage"]
@@ -133,6 +156,8 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
 
     # The printed command, as given (plus a 2-step cap), trains with the tuned config.
     argv = shlex.split(summary["train_command"])
+    for setting in tune.VARIANTS.get(best["variant"], []):  # a winning variant's settings travel with it
+        assert setting in argv
     assert "train.micro_batch_size=null" in argv and "train.gradient_accumulation_steps=null" in argv
     assert argv[:2] == ["squad-ds", "train"] and argv[-2:] == ["--deepspeed_config", str(out / "ds_config.tuned.json")]
     recipe_args = argv[2:-2] + ["--set", "train.max_steps=2"]
