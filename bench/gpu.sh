@@ -217,8 +217,8 @@ cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
 grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
 
 # --- 3. torch.compile (engine.compile) ------------------------------------------------------------------------
-tp tp-compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim_compile \
-  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 140
+tp tp-compile 210 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim64_compile \
+  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 200
 
 # --- 4. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
 tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants full "${OPT_ARGS[@]}" \

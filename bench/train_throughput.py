@@ -49,6 +49,8 @@ VARIANTS = {
     "torch_adamw": dict(optimizer="torch_fused_adamw", help="full + torch.optim.AdamW(fused=True)"),
     "compile": dict(compile=True, help="full + engine.compile() (torch.compile, inductor)"),
     "trim_compile": dict(trim=True, group=True, compile=True, help="trim + engine.compile()"),
+    "trim64_compile": dict(trim=True, group=True, multiple=64, compile=True,
+                           help="trim64 + engine.compile() (7 shapes in a whole run: few recompiles)"),
     "ckpt": dict(activation_checkpointing=True, help="full + activation checkpointing"),
 }
 # Trimmed variants time their window twice, the same batches: "cold" (first time each shape is seen after the
