@@ -18,9 +18,9 @@
 #   install wheels; in the background: DeepSpeed's FusedAdam + CPUAdam JIT builds and the feature caches
 #   env -> bf16 matmul peak -> SDPA probe (per-new-shape cost of cuDNN vs memory-efficient attention) -> BERT-large
 #   ZeRO-0 micro 64 (squad-ds variants: full / trim64 / trim, each with torch's SDPA order and with the efficient
-#   kernel first, vs HF Trainer) -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> torch.compile
-#   rows -> ZeRO-2/3 rows with the baseline -> bert-base and MiniLM rows -> largest micro-batches (squad-ds, HF,
-#   squad-ds + activation checkpointing) -> pytest -m gpu.
+#   kernel first, vs HF Trainer) -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> profile of a
+#   BERT-large step (kernel time by category) -> torch.compile rows -> ZeRO-2/3 rows with the baseline -> bert-base
+#   and MiniLM rows -> largest micro-batches (squad-ds, HF, squad-ds + activation checkpointing) -> pytest -m gpu.
 # If the FusedAdam build fails, the squad-ds rows and the fine-tune use torch's fused AdamW instead (said in summary).
 # $OUT: summary.txt env.txt throughput.log finetune.log finetune.json results.tar.gz (every JSON and log, remade
 # after each stage so a time-out keeps what finished).
@@ -215,6 +215,11 @@ stage finetune 240 "$OUT/finetune.log" $PY -m squad_ds.train --recipe minilm_squ
 $PY bench/gpu_steps.py finetune-summary "$FT_OUT" "$WORK/finetune.json" $((SECONDS - FT_T0)) >> "$SUMMARY" 2>&1
 cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
 grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
+
+# --- 2b. where a BERT-large step's kernel time goes (full-length and trim64 batches) ----------------------------
+stage profile 120 "$WORK/profile.log" $PY bench/profile_step.py --cache-dir "$CACHE" --out "$WORK/profile.json" \
+  "${OPT_ARGS[@]}"
+grep -E "^(bert-large|tiny) " "$WORK/profile.log" | cut -c1-300 | tee -a "$SUMMARY"
 
 # --- 3. torch.compile (engine.compile) ------------------------------------------------------------------------
 tp tp-compile 210 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim64_compile \

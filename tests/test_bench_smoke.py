@@ -50,3 +50,11 @@ def test_padding_smoke(tmp_path):
     assert rows["trim, grouped"]["tokens_per_sequence"] <= rows["trim64, grouped"]["tokens_per_sequence"] <= 128
     assert rows["trim64, grouped"]["distinct_shapes"] <= 2 * (128 // 64)
     assert res["mean_real_length"] <= rows["trim, grouped"]["tokens_per_sequence"]
+
+
+def test_profile_step_smoke(tmp_path):
+    res = _run(tmp_path, "profile_step.py", "--seq", "64", "--micro", "2", "--warmup", "1", "--steps", "1")
+    assert [r["variant"] for r in res["results"]] == ["full", "trim64"] and not res["cuda"]
+    for r in res["results"]:
+        assert r["device_ms_per_step"] > 0 and abs(sum(r["share"].values()) - 1) < 1e-3
+        assert r["share"].get("matmul", 0) > 0 and r["top"] and r["top"][0]["ms_per_step"] > 0
