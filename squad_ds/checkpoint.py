@@ -58,10 +58,12 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     # DeepSpeed keeps rank 0's client state only; dropout RNG differs per rank, so each rank saves its own.
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
-    if distributed.is_main():
+
+    def mark_complete():
         _atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size()})
         prune(ckpt_dir, keep_last)
-    distributed.barrier()
+
+    distributed.on_main(mark_complete)
     log_main("saved checkpoint %s", ckpt_dir / tag)
     return tag
 
@@ -155,8 +157,9 @@ def consolidated_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch
 def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, extra: dict[str, Any]) -> Path | None:
     """A standard HF model directory (config, safetensors, tokenizer) from checkpoint `tag`; rank 0 writes."""
     out_dir = Path(out_dir)
-    sd = consolidated_state_dict(engine, ckpt_dir, tag)
-    if distributed.is_main():
+
+    def write():
+        sd = consolidated_state_dict(engine, ckpt_dir, tag)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
@@ -165,5 +168,6 @@ def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, 
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
         log_main("exported model to %s", out_dir)
-    distributed.barrier()
-    return out_dir if distributed.is_main() else None
+        return out_dir
+
+    return distributed.on_main(write)  # a failed write stops every rank, not only rank 0

@@ -78,11 +78,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then on the other ranks (which reuse what rank 0 prepared, e.g. a feature cache).
-
-    If rank 0 fails, every rank raises its exception instead of waiting for it in a barrier (under srun nothing
-    else would stop them: each task is its own process tree)."""
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only; the other ranks wait for it and get None. If it fails, every rank raises its
+    exception instead of waiting in a barrier (under srun nothing else would stop them: each task is its own
+    process tree, and NCCL waits for a collective until its timeout)."""
     if world_size() == 1:
         return fn()
     error: BaseException | None = None
@@ -103,6 +102,13 @@ def main_first(fn: Callable[[], T]) -> T:
         raise error
     if sent is not None:
         raise sent
+    return result
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks (which reuse what rank 0 prepared, e.g. a feature cache);
+    a failure on rank 0 stops every rank (see on_main)."""
+    result = on_main(fn)
     return result if is_main() else fn()
 
 

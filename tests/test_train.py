@@ -131,13 +131,8 @@ def test_export_round_trip(tmp_path, tiny_model, stage):
         json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
 
-def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
-    """Two tasks started as srun starts them (no launcher watching): rank 0 hits a bad train file while building
-    the cache the others wait for. Every rank must exit with rank 0's error; a barrier there left them to crash
-    on gloo ("connection closed by peer") or to wait for the collective timeout on NCCL."""
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": "not a list"}]}]}))
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", data={"train_file": str(bad)})
+def _srun_style(recipe, timeout=240):
+    """Two ranks started as srun starts them: separate processes, no launcher to kill one when the other dies."""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -146,13 +141,38 @@ def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
         procs.append(subprocess.Popen(train_cmd(recipe, ds_config="cpu_fp32"), env=e, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
-        outs = [p.communicate(timeout=240) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 2, err[-3000:]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
+    """Two tasks started as srun starts them (no launcher watching): rank 0 hits a bad train file while building
+    the cache the others wait for. Every rank must exit with rank 0's error; a barrier there left them to crash
+    on gloo ("connection closed by peer") or to wait for the collective timeout on NCCL."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": "not a list"}]}]}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", data={"train_file": str(bad)})
+    for rc, err in _srun_style(recipe):
+        assert rc == 2, err[-3000:]
         assert "missing 'qas' list" in err, err[-3000:]
+
+
+def test_rank0_failure_while_exporting_stops_every_rank(tmp_path, tiny_model):
+    """Only rank 0 writes the exported model; when that fails, rank 1 must fail with rank 0's error rather than
+    wait for it (NCCL) or die of a closed connection (gloo)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.tmp").write_text("a file where the export's staging directory goes")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, out, output={"export": True},
+                          train={"max_steps": 2, "micro_batch_size": 2}, data={"eval_file": None})
+    results = _srun_style(recipe)
+    for rc, err in results:
+        assert rc != 0 and "NotADirectoryError" in err, err[-3000:]
+        assert "Connection closed" not in err, err[-3000:]
+    assert (out / "checkpoints").is_dir() and not (out / "model").exists()
 
 
 def test_predict_on_an_unlabelled_file(tmp_path, tiny_model):
