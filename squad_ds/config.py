@@ -55,6 +55,9 @@ class ModelConfig:
                f"must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
         _check(self.sdpa_backend in SDPA_BACKENDS, "model.sdpa_backend",
                f"must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        _check(self.sdpa_backend == "auto" or self.attn_implementation == "sdpa", "model.sdpa_backend",
+               f"{self.sdpa_backend!r} chooses an SDPA kernel, but model.attn_implementation is "
+               f"{self.attn_implementation!r}")
 
 
 @dataclass

@@ -54,4 +54,6 @@ def test_unknown_backend_is_a_config_error():
     with pytest.raises(ValueError, match="unknown SDPA backend"):
         backend_order("xformers")
     assert load_recipe(None, ["model.sdpa_backend=efficient"]).model.sdpa_backend == "efficient"
+    with pytest.raises(ConfigError, match="model.sdpa_backend: 'efficient' chooses an SDPA kernel"):
+        load_recipe(None, ["model.sdpa_backend=efficient", "model.attn_implementation=eager"])
     assert "auto" in SDPA_BACKENDS and load_recipe(None).model.sdpa_backend == "auto"
