@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from squad_ds.packing import pack_batch
+
 GROUP_WINDOW = 64  # global batches sorted together: wide enough to group lengths, narrow enough to stay random
 
 
@@ -72,10 +74,17 @@ _POSITIONS = ("start_positions", "end_positions", "cls_index")
 
 
 class TrimPolicy(NamedTuple):
-    """Whether batches are cut to their longest sequence, and the multiple that length is rounded up to (a bound
-    on how many distinct batch shapes a run sees: 6 at 384 with 64)."""
+    """Whether batches are cut to their longest sequence, the multiple that length is rounded up to (a bound
+    on how many distinct batch shapes a run sees: 6 at 384 with 64), and whether they are packed instead
+    (squad_ds/packing.py: real tokens only, attention padded to that same length)."""
     trim: bool = True
     multiple: int = 1
+    unpad: bool = False
+
+    @property
+    def shortens(self) -> bool:
+        """Whether batches get shorter than full length (then grouping similar lengths pays)."""
+        return self.trim or self.unpad
 
 
 def trim_policy(data, cuda: bool) -> TrimPolicy:
@@ -85,7 +94,7 @@ def trim_policy(data, cuda: bool) -> TrimPolicy:
     than full-length ones on an H100 (bench/RESULTS.md) — a one-off cost per new shape that bounded shapes
     (`pad_to_multiple_of`) should amortise, not yet measured there."""
     trim = (not cuda) if data.trim_padding is None else data.trim_padding
-    return TrimPolicy(trim=trim, multiple=data.pad_to_multiple_of)
+    return TrimPolicy(trim=trim, multiple=data.pad_to_multiple_of, unpad=data.unpad)
 
 
 def trim_padding(batch: dict[str, torch.Tensor], left: bool, multiple: int = 1) -> tuple[dict[str, torch.Tensor], int]:
@@ -121,5 +130,12 @@ class BatchLoader(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i):
-        batch = to_batch(self.features, self.batches[i], self.keys, torch.device("cpu"))
-        return trim_padding(batch, self.left, self.policy.multiple)[0] if self.policy.trim else batch
+        return shape_batch(to_batch(self.features, self.batches[i], self.keys, torch.device("cpu")), self.left,
+                           self.policy)[0]
+
+
+def shape_batch(batch: dict[str, torch.Tensor], left: bool, policy: TrimPolicy) -> tuple[dict[str, torch.Tensor], int]:
+    """A CPU batch as `policy` says: packed, trimmed or as it is; returns it and the columns cut on the left."""
+    if policy.unpad:
+        return pack_batch(batch, policy.multiple), 0
+    return trim_padding(batch, left, policy.multiple) if policy.trim else (batch, 0)

@@ -281,6 +281,10 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe):
 
     _sanitize_arch_list()
 
+    if recipe.data.unpad:
+        from squad_ds.modeling import unpadded
+
+        unpadded.enable(model)
     if recipe.train.activation_checkpointing:
         from squad_ds.modeling.heads import supports_activation_checkpointing
 

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from squad_ds import distributed
-from squad_ds.batching import TrimPolicy, is_left_padded, to_batch, trim_padding
+from squad_ds.batching import TrimPolicy, is_left_padded, shape_batch, to_batch
 from squad_ds.config import EvalConfig
 from squad_ds.logs import log_main, progress
+from squad_ds.modeling import unpadded
 from squad_ds.modeling.heads import eval_outputs, forward_keys, model_inputs
+from squad_ds.packing import PAD_LOGIT, is_packed
 
 
 def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: int) -> dict[str, np.ndarray]:
@@ -28,7 +30,7 @@ def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: in
     for name, t in outputs.items():
         a = t.float().cpu().numpy()
         if family == "bert" and a.ndim == 2 and a.shape[1] != full:
-            pad = np.full((a.shape[0], full - a.shape[1]), -1e4, dtype=a.dtype)
+            pad = np.full((a.shape[0], full - a.shape[1]), PAD_LOGIT, dtype=a.dtype)
             a = np.concatenate([pad, a] if offset else [a, pad], axis=1)
         elif name.endswith("_index") and offset:
             a = a + offset
@@ -41,8 +43,8 @@ def predict_arrays(model, features, family: str, batch_size: int, device: torch.
                    trim: TrimPolicy = TrimPolicy()) -> dict[str, np.ndarray]:
     """Model outputs for all features, in feature order, on every rank.
 
-    Each rank takes its contiguous slice, runs it longest-first so batches hold similar lengths, trims their
-    padding (as `trim` says), and puts the outputs back in feature order."""
+    Each rank takes its contiguous slice, runs it longest-first so batches hold similar lengths, trims or packs
+    them (as `trim` says), and puts the outputs back in feature order."""
     world, rank = distributed.world_size(), distributed.rank()
     start, stop = distributed.shard_range(len(features), world, rank)
     n_batches = distributed.all_reduce_max(math.ceil((stop - start) / batch_size))
@@ -58,11 +60,15 @@ def predict_arrays(model, features, family: str, batch_size: int, device: torch.
     for b in range(n_batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         dummy = len(idx) == 0  # this rank's slice is used up; still join the collective forward
-        batch = to_batch(features, np.array([0]) if dummy else idx, keys, device)
-        batch, offset = trim_padding(batch, left, trim.multiple) if trim.trim else (batch, 0)
-        out = model(**model_inputs(family, batch, train=False, config=config))
+        batch, offset = shape_batch(to_batch(features, np.array([0]) if dummy else idx, keys, torch.device("cpu")),
+                                    left, trim)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if is_packed(batch):
+            outputs = unpadded.per_sequence_logits(model(**unpadded.model_inputs(batch)), batch)
+        else:
+            outputs = eval_outputs(family, model(**model_inputs(family, batch, train=False, config=config)))
         if not dummy:
-            for name, a in _untrim(family, eval_outputs(family, out), full, offset).items():
+            for name, a in _untrim(family, outputs, full, offset).items():
                 chunks.setdefault(name, []).append(a)
         bar.update(1)
     bar.close()

@@ -28,6 +28,19 @@ def flops_per_sequence(config, seq_len: int) -> float:
     return total + extra_terms * 6.0 * layers * seq_len * seq_len * h
 
 
+def batch_flops(config, batch: dict) -> tuple[int, float]:
+    """(sequences, FLOPs) of a training micro-batch, from shapes alone (no device sync): a padded batch costs
+    flops_per_sequence at its (trimmed) length per sequence; a packed one (squad_ds/packing.py) costs the
+    weights' 6·N per real token plus attention at the length it was padded to."""
+    if "packed_index" in batch:
+        n_seq, attn_len = batch["packed_mask"].shape
+        tokens = batch["packed_index"].shape[0]
+        attention = flops_per_sequence(config, attn_len) - 6.0 * non_embedding_params(config) * attn_len
+        return n_seq, 6.0 * non_embedding_params(config) * tokens + n_seq * attention
+    n_seq, seq_len = batch["input_ids"].shape
+    return n_seq, n_seq * flops_per_sequence(config, seq_len)
+
+
 def detect_peak_tflops() -> float | None:
     import torch
 

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
                                    recipe.data.max_eval_examples)
     torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
+    if recipe.data.unpad:
+        from squad_ds.modeling import unpadded
+
+        unpadded.enable(model)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     trim = trim_policy(recipe.data, cuda)
     with sdpa_preference(recipe.model.sdpa_backend):

@@ -25,11 +25,13 @@ from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config
 from squad_ds.effective import effective_document
 from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate
-from squad_ds.flops import detect_peak_tflops, flops_per_sequence
+from squad_ds.flops import batch_flops, detect_peak_tflops
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
+from squad_ds.modeling import unpadded
 from squad_ds.modeling.factory import load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
+from squad_ds.packing import is_packed
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
 
@@ -69,7 +71,10 @@ class Preemption:
 def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> torch.Tensor:
     """One micro-batch: forward, engine.backward, engine.step (DeepSpeed decides whether the step is an optimizer
     step). Returns the loss, detached and left on the device (no host sync)."""
-    loss = engine(**model_inputs(family, batch, train=True, config=config)).loss
+    if is_packed(batch):
+        loss = unpadded.qa_loss(engine(**unpadded.model_inputs(batch)), batch)
+    else:
+        loss = engine(**model_inputs(family, batch, train=True, config=config)).loss
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -177,7 +182,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     rates = Throughput(tr.peak_tflops or detect_peak_tflops(), world)
     trim = trim_policy(recipe.data, device.type == "cuda")
     # Grouping lengths only pays when batches are trimmed; full-length batches keep the plain shuffle.
-    lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.trim else None
+    lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.shortens else None
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
@@ -195,8 +200,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             pending.append(train_step(engine, batch, family, cfg))
             position += 1
-            ids = batch["input_ids"]
-            rates.add(len(ids), len(ids) * flops_per_sequence(cfg, ids.shape[1]))
+            rates.add(*batch_flops(cfg, batch))
             if engine.global_steps == step_before:
                 continue  # inside an accumulation window
             step = step_before = engine.global_steps

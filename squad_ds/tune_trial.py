@@ -65,7 +65,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     world, rank = distributed.world_size(), distributed.rank()
 
     trim = trim_policy(recipe.data, cuda)
-    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length and trim.trim else None
+    lengths = feats.attention_mask.sum(1) if recipe.train.group_by_length and trim.shortens else None
 
     def batches():
         epoch = 0
@@ -102,9 +102,9 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     with sdpa_preference(recipe.model.sdpa_backend):
         run(itertools.islice(stream, WARMUP_STEPS * accum), timed=False)
         window = list(itertools.islice(stream, spec["steps"] * accum))
-        if trim.trim:
-            # Trimmed batches have many shapes and a card may pay per new shape (kernel plans): run the window once
-            # untimed so the timing sees shapes already met, as most steps of a long run do.
+        if trim.shortens:
+            # Trimmed or packed batches have many shapes and a card may pay per new shape (kernel plans): run the
+            # window once untimed so the timing sees shapes already met, as most steps of a long run do.
             run(window, timed=False)
         marks, loss = run(window, timed=True)
     durations = [b - a for a, b in itertools.pairwise(marks)]

@@ -310,3 +310,37 @@ def test_full_length_and_bucketed_batches_train_alike(tmp_path, tiny_model):
         _assert_same(runs["trim"][0], runs[name][0])
         assert runs[name][1]["f1"] == pytest.approx(runs["trim"][1]["f1"], abs=1e-6)
         assert runs[name][1]["exact_match"] == pytest.approx(runs["trim"][1]["exact_match"], abs=1e-6)
+
+
+def test_unpadded_batches_train_like_sequences_alone(tmp_path, tiny_model):
+    """data.unpad=true: micro-batches of 12 packed sequences compute what micro-batches of one sequence (no
+    padding at all) compute over 12 accumulation steps — same losses, same evaluation — on one process and on two
+    under ZeRO-3, where the packed forward runs through DeepSpeed's parameter hooks."""
+    # Ungrouped order: length grouping would put the few short windows of this tiny run in one late batch.
+    alone = write_recipe(tmp_path / "alone.yaml", tiny_model, tmp_path / "alone", data={"trim_padding": True},
+                         train={"micro_batch_size": 1, "gradient_accumulation_steps": 12, "group_by_length": False})
+    ref = final_json(run_train(alone))
+    runs = {"packed": ({"micro_batch_size": 12, "group_by_length": False}, 1, "cpu_fp32"),
+            "packed_zero3_2proc": ({"micro_batch_size": 6, "group_by_length": False}, 2, "cpu_fp32_zero3")}
+    for name, (train, nproc, ds_config) in runs.items():
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name, train=train,
+                              data={"unpad": True, "pad_to_multiple_of": 16})
+        metrics = final_json(run_train(recipe, launcher="torchrun" if nproc > 1 else "python", nproc=nproc,
+                                       ds_config=ds_config))
+        _assert_same(losses(tmp_path / "alone"), losses(tmp_path / name))
+        assert metrics["f1"] == pytest.approx(ref["f1"], abs=1e-6), name
+        assert metrics["exact_match"] == pytest.approx(ref["exact_match"], abs=1e-6), name
+
+
+def test_unpad_refuses_a_model_it_cannot_pack(tmp_path):
+    """A RoBERTa checkpoint with data.unpad=true: one clear line naming the setting, exit status 2."""
+    from tiny_models import save_tiny_checkpoint, tiny_config
+
+    from squad_ds.modeling.factory import load_tokenizer
+
+    tok = load_tokenizer("all-MiniLM-L6-v2")
+    model_dir = save_tiny_checkpoint(tmp_path / "roberta", tiny_config("roberta", tokenizer=tok), tok)
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, tmp_path / "out", data={"unpad": True})
+    proc = run_train(recipe, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.unpad: RobertaForQuestionAnswering (roberta) is not transformers' BERT" in proc.stderr

@@ -21,8 +21,10 @@ def _predict_matches_training(tmp_path, out_dir, data="sample:dev"):
     assert trained == exported
 
 
-@pytest.mark.parametrize("kind", ["relative_key", "relative_key_query"])
-def test_relative_bert_checkpoint_trains_under_zero3_and_exports(tmp_path, kind):
+@pytest.mark.parametrize("kind,unpad", [("relative_key", False), ("relative_key_query", True)])
+def test_relative_bert_checkpoint_trains_under_zero3_and_exports(tmp_path, kind, unpad):
+    """Both relative types; relative_key_query on packed batches (data.unpad), which the exported model's
+    predictions (packed again, from the saved recipe) must reproduce."""
     from tiny_models import relative_bert_state_dict, save_state_dict_checkpoint, tiny_bert_config
 
     from squad_ds.modeling.factory import load_qa_model, load_tokenizer
@@ -33,7 +35,7 @@ def test_relative_bert_checkpoint_trains_under_zero3_and_exports(tmp_path, kind)
     ckpt = save_state_dict_checkpoint(tmp_path / "ckpt", cfg, relative_bert_state_dict(cfg, with_qa_head=False))
     tok.save_pretrained(ckpt)
     recipe = write_recipe(tmp_path / "r.yaml", ckpt, tmp_path / "out", output={"export": True},
-                          train={"max_steps": 3, "activation_checkpointing": True})
+                          train={"max_steps": 3, "activation_checkpointing": True}, data={"unpad": unpad})
     proc = run_train(recipe, ds_config="cpu_fp32_zero3")
     assert "f1" in final_json(proc)
     model = load_qa_model(str(tmp_path / "out" / "model"))  # strict: unused/missing weights would raise

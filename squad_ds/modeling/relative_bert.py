@@ -32,6 +32,8 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
+from squad_ds.packing import pad_heads, unpad_heads
+
 from .factory import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,17 @@ class RelativeBertSelfAttention(nn.Module):
             scores = scores + torch.einsum("bhrd,lrd->bhlr", key, table)
         return scores
 
-    def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """keep: bool [B, L], True for tokens that may be attended to (None: all)."""
+    def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None,
+                packed_index: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: bool [B, L], True for tokens that may be attended to (None: all). With `packed_index`, a packed
+        batch (squad_ds/packing.py): hidden_states [1, T, hidden] and `keep` its packed_mask; Q, K and V are
+        re-padded to [B, heads, L, d] for attention, so distances are within each sequence, and the output is
+        packed again."""
         q = self._heads(self.query(hidden_states))
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
+        if packed_index is not None:
+            q, k, v = (pad_heads(x, packed_index, keep) for x in (q, k, v))
         rel = self.relative_scores(q, k)
         scale = 1.0 / math.sqrt(self.head_dim)
         dropout_p = self.dropout_p if self.training else 0.0
@@ -136,6 +144,8 @@ class RelativeBertSelfAttention(nn.Module):
         else:
             raise ValueError(f"relative-position BERT supports attn_implementation {ATTN_IMPLEMENTATIONS}, "
                              f"not {impl!r}")
+        if packed_index is not None:
+            return unpad_heads(out, packed_index).flatten(2)
         b, _, length, _ = out.shape
         return out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)
 
@@ -146,8 +156,8 @@ class RelativeBertAttention(nn.Module):
         self.self = RelativeBertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, keep):
-        return self.output(self.self(hidden_states, keep), hidden_states)
+    def forward(self, hidden_states, keep, packed_index=None):
+        return self.output(self.self(hidden_states, keep, packed_index), hidden_states)
 
 
 class RelativeBertLayer(GradientCheckpointingLayer):
@@ -157,9 +167,9 @@ class RelativeBertLayer(GradientCheckpointingLayer):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, keep=None):
+    def forward(self, hidden_states, keep=None, packed_index=None):
         # Positional arguments: GradientCheckpointingLayer checkpoints over *args.
-        attention_output = self.attention(hidden_states, keep)
+        attention_output = self.attention(hidden_states, keep, packed_index)
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -168,9 +178,9 @@ class RelativeBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([RelativeBertLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states, keep):
+    def forward(self, hidden_states, keep, packed_index=None):
         for layer in self.layer:
-            hidden_states = layer(hidden_states, keep)
+            hidden_states = layer(hidden_states, keep, packed_index)
         return hidden_states
 
 
@@ -228,11 +238,18 @@ class RelativeBertModel(RelativeBertPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
+                packed_index=None, packed_mask=None):
+        """A padded batch (attention_mask), or a packed one (packed_index and packed_mask; [1, T] inputs)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        keep = None if attention_mask is None else attention_mask.bool()
-        return self.encoder(self.embeddings(input_ids, token_type_ids, inputs_embeds), keep)
+        if (packed_index is None) != (packed_mask is None):
+            raise ValueError("a packed batch needs both packed_index and packed_mask")
+        if packed_index is not None:
+            keep = packed_mask
+        else:
+            keep = None if attention_mask is None else attention_mask.bool()
+        return self.encoder(self.embeddings(input_ids, token_type_ids, inputs_embeds), keep, packed_index)
 
 
 class RelativeBertForQuestionAnswering(RelativeBertPreTrainedModel):
@@ -246,10 +263,14 @@ class RelativeBertForQuestionAnswering(RelativeBertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, start_positions=None, end_positions=None, return_dict=None):
-        if position_ids is not None:
+                inputs_embeds=None, start_positions=None, end_positions=None, return_dict=None,
+                packed_index=None, packed_mask=None):
+        """As BertForQuestionAnswering; a packed batch (squad_ds/packing.py) gives [1, T] logits (its position_ids
+        are implied by the packing and not used)."""
+        if position_ids is not None and packed_index is None:
             raise ValueError("relative-position BERT derives positions from token order; position_ids unsupported")
-        sequence_output = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        sequence_output = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds, packed_index,
+                                    packed_mask)
         start_logits, end_logits = self.qa_outputs(sequence_output).split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()
         end_logits = end_logits.squeeze(-1).contiguous()
