@@ -96,7 +96,7 @@ def load_features(tokenizer, seq: int, stride: int, query: int = 64, path: str |
 
 def make_recipe(micro: int, steps: int, *, lr: float = 1e-4, seed: int = 42, log_steps: int = 10,
                 activation_checkpointing: bool = False, optimizer: str = "auto", compile: bool = False,
-                out_dir: str = "runs/bench"):
+                unpad: bool = False, out_dir: str = "runs/bench"):
     from squad_ds.config import recipe_from_dict
 
     return recipe_from_dict({
@@ -105,7 +105,7 @@ def make_recipe(micro: int, steps: int, *, lr: float = 1e-4, seed: int = 42, log
                   "activation_checkpointing": activation_checkpointing, "optimizer": optimizer, "compile": compile,
                   # benches pin the batches: the same features in the same order for every loop they compare
                   "group_by_length": False},
-        "data": {"eval_file": None},
+        "data": {"eval_file": None, "unpad": unpad},
         "output": {"dir": out_dir, "export": False},
     }, "bench")
 

@@ -17,9 +17,10 @@
 # hang costs its own box, a spent budget skips what is left, never what is done.
 #   install wheels; in the background: DeepSpeed's FusedAdam + CPUAdam JIT builds and the feature caches
 #   env -> bf16 matmul peak -> SDPA probe (per-new-shape cost of cuDNN vs memory-efficient attention) -> BERT-large
-#   ZeRO-0 micro 64 (squad-ds variants: full / trim64 / trim, each with torch's SDPA order and with the efficient
-#   kernel first, vs HF Trainer) -> MiniLM fine-tune (2 epochs, full train-v1.1, dev-v1.1 scored) -> profile of a
-#   BERT-large step (kernel time by category) -> torch.compile rows -> ZeRO-2/3 rows with the baseline -> bert-base
+#   ZeRO-0 micro 64 (squad-ds variants: full / trim64 / unpad64 (packed batches), each with torch's SDPA order and
+#   with the efficient kernel first, and exact trim with the efficient kernel, vs HF Trainer) -> MiniLM fine-tune
+#   (2 epochs, full train-v1.1, dev-v1.1 scored) -> profile of a BERT-large step (kernel time by category, full /
+#   trim64 / unpad64) -> torch.compile rows -> ZeRO-2/3 rows with the baseline -> bert-base
 #   and MiniLM rows -> largest micro-batches (squad-ds, HF, squad-ds + activation checkpointing) -> pytest -m gpu.
 # If the FusedAdam build fails, the squad-ds rows and the fine-tune use torch's fused AdamW instead (said in summary).
 # $OUT: summary.txt env.txt throughput.log finetune.log finetune.json results.tar.gz (every JSON and log, remade
@@ -191,9 +192,9 @@ grep -E "^sdpa-probe|attention kernels" "$WORK/sdpa_probe.log" | cut -c1-300 | t
 # --- 1. BERT-large, ZeRO-0 bf16, micro 64: squad-ds variants vs HF Trainer -------------------------------------
 OPT_ARGS=()
 [[ $FIRST == torch_adamw ]] && OPT_ARGS=(--optimizer torch_fused_adamw)
-tp tp-zero0 220 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" \
-  --variants "${GPU_SH_TP_VARIANTS:-full,full_efficient,trim64,trim64_efficient,trim,trim_efficient}" "${OPT_ARGS[@]}" \
-  --worker-timeout 160
+TP_VARIANTS=full,full_efficient,trim64,trim64_efficient,unpad64,unpad64_efficient,trim_efficient
+tp tp-zero0 240 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants "${GPU_SH_TP_VARIANTS:-$TP_VARIANTS}" \
+  "${OPT_ARGS[@]}" --worker-timeout 180
 
 # --- 2. all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 --
 FT_OUT=$REPO/runs/gpu_minilm_squad1_full
@@ -216,9 +217,9 @@ $PY bench/gpu_steps.py finetune-summary "$FT_OUT" "$WORK/finetune.json" $((SECON
 cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
 grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
 
-# --- 2b. where a BERT-large step's kernel time goes (full-length and trim64 batches) ----------------------------
-stage profile 120 "$WORK/profile.log" $PY bench/profile_step.py --cache-dir "$CACHE" --out "$WORK/profile.json" \
-  "${OPT_ARGS[@]}"
+# --- 2b. where a BERT-large step's kernel time goes (full-length, trim64 and packed unpad64 batches) --------------
+stage profile 150 "$WORK/profile.log" $PY bench/profile_step.py --cache-dir "$CACHE" --out "$WORK/profile.json" \
+  --variants full,trim64,unpad64 "${OPT_ARGS[@]}"
 grep -E "^(bert-large|tiny) " "$WORK/profile.log" | cut -c1-300 | tee -a "$SUMMARY"
 
 # --- 3. torch.compile (engine.compile) ------------------------------------------------------------------------
@@ -233,7 +234,7 @@ tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --varian
 for m in bert-base minilm; do
   stage "tp-$m" 90 "$OUT/throughput.log" $PY bench/train_throughput.py --model "$([[ $MODE == gpu ]] && echo $m || echo tiny)" \
     --cache-dir "$CACHE" "${PEAK_ARGS[@]}" --out "$WORK/tp_$m.json" --zero 0 --micro $MICRO "${STEPS[@]}" \
-    --variants full,trim64_efficient "${OPT_ARGS[@]}" --worker-timeout 80
+    --variants full,trim64_efficient,unpad64_efficient "${OPT_ARGS[@]}" --worker-timeout 80
 done
 
 # --- 5. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------

@@ -5,8 +5,9 @@
 For every policy it iterates the trainer's own BatchLoader over the trainer's epoch order (`batching.epoch_order`,
 length-grouped where the policy groups) and reports the mean length a sequence is computed at (tokens per
 sequence, against the full --seq), and how many distinct batch shapes (rows x length) the run would feed the
-model. Tokens bound the speed-up of cutting padding; shapes are what a per-new-shape cost (kernel plans,
-compilation) multiplies. Train file: $SQUAD_DIR's train-v1.1, else the shipped sample.
+model (for packed batches: rows x attention length; their token count changes every batch). Tokens bound the
+speed-up of cutting padding; shapes are what a per-new-shape cost (kernel plans, compilation) multiplies.
+Train file: $SQUAD_DIR's train-v1.1, else the shipped sample.
 """
 from __future__ import annotations
 
@@ -18,31 +19,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-# name: (trim, group by length, pad_to_multiple_of)
+# name: (trim, group by length, pad_to_multiple_of, unpad)
 POLICIES = {
-    "full": (False, False, 1),
-    "trim, random order": (True, False, 1),
-    "trim, grouped": (True, True, 1),
-    "trim32, grouped": (True, True, 32),
-    "trim64, grouped": (True, True, 64),
+    "full": (False, False, 1, False),
+    "trim, random order": (True, False, 1, False),
+    "trim, grouped": (True, True, 1, False),
+    "trim32, grouped": (True, True, 32, False),
+    "trim64, grouped": (True, True, 64, False),
+    "unpad64, grouped": (False, True, 64, True),
 }
 
 
-def measure(feats, micro: int, epochs: int, trim: bool, group: bool, multiple: int, seed: int = 42) -> dict:
+def measure(feats, micro: int, epochs: int, trim: bool, group: bool, multiple: int, unpad: bool = False,
+            seed: int = 42) -> dict:
+    """tokens_per_sequence: what the projections and feed-forward layers process per sequence; attention_length:
+    the length attention runs at (the same unless packed); distinct_shapes: distinct (rows, attention length)."""
     from squad_ds.batching import BatchLoader, TrimPolicy, epoch_order
 
     lengths = feats.attention_mask.sum(1) if group else None
-    tokens, sequences, shapes = 0, 0, set()
+    tokens, attended, sequences, shapes = 0, 0, 0, set()
     for epoch in range(epochs):
         order = epoch_order(len(feats), 1, 0, seed, epoch, lengths=lengths, global_batch=micro if group else None)
         for batch in BatchLoader(feats, order, micro, ("input_ids", "attention_mask"),
-                                 trim=TrimPolicy(trim, multiple)):
-            rows, length = batch["input_ids"].shape
-            tokens += rows * length
+                                 trim=TrimPolicy(trim, multiple, unpad)):
+            rows, length = (batch["packed_mask"] if unpad else batch["input_ids"]).shape
+            tokens += batch["input_ids"].numel()
+            attended += rows * length
             sequences += rows
             shapes.add((rows, length))
-    return {"micro": micro, "tokens_per_sequence": tokens / sequences, "distinct_shapes": len(shapes),
-            "batches": -(-len(feats) // micro) * epochs}
+    return {"micro": micro, "tokens_per_sequence": tokens / sequences, "attention_length": attended / sequences,
+            "distinct_shapes": len(shapes), "batches": -(-len(feats) // micro) * epochs}
 
 
 def main(argv=None) -> int:
@@ -59,15 +65,15 @@ def main(argv=None) -> int:
                                        cache_dir=args.cache_dir)
     real = float(feats.attention_mask.sum(1).mean())
     print(f"{len(feats)} features at {args.seq}/{args.stride}; mean real length {real:.1f}")
-    print(f"{'micro':>5} {'policy':<20} {'tokens/seq':>10} {'vs full':>8} {'shapes':>7}")
+    print(f"{'micro':>5} {'policy':<20} {'tokens/seq':>10} {'vs full':>8} {'attn len':>8} {'shapes':>7}")
     rows = []
     for micro in (int(m) for m in args.micro.split(",")):
-        for name, (trim, group, multiple) in POLICIES.items():
-            r = {"policy": name, **measure(feats, micro, args.epochs, trim, group, multiple)}
+        for name, (trim, group, multiple, unpad) in POLICIES.items():
+            r = {"policy": name, **measure(feats, micro, args.epochs, trim, group, multiple, unpad)}
             r["vs_full"] = r["tokens_per_sequence"] / args.seq
             rows.append(r)
             print(f"{micro:>5} {name:<20} {r['tokens_per_sequence']:>10.1f} {r['vs_full']:>8.3f} "
-                  f"{r['distinct_shapes']:>7}", flush=True)
+                  f"{r['attention_length']:>8.1f} {r['distinct_shapes']:>7}", flush=True)
     common.write_json(args.out, {"bench": "padding", "args": vars(args), "features": len(feats),
                                  "mean_real_length": real, "rows": rows})
     return 0

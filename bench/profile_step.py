@@ -36,7 +36,8 @@ CATEGORIES = (
     ("elementwise", r"elementwise|vectorized|reduce|aten::(add|mul|div|sum|sub)"),
 )
 
-VARIANTS = {"full": dict(trim=False, multiple=1), "trim64": dict(trim=True, multiple=64)}
+VARIANTS = {"full": dict(trim=False, multiple=1), "trim64": dict(trim=True, multiple=64),
+            "unpad64": dict(trim=False, multiple=64, unpad=True)}
 
 
 def category(name: str) -> str:
@@ -80,17 +81,19 @@ def profile_variant(template, feats, variant: str, micro: int, warmup: int, step
     v = VARIANTS[variant]
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     model = copy.deepcopy(template)
-    recipe = common.make_recipe(micro, warmup + 2 * steps, optimizer=optimizer)
+    unpad = v.get("unpad", False)
+    recipe = common.make_recipe(micro, warmup + 2 * steps, optimizer=optimizer, unpad=unpad)
     engine, _, _ = common.engine_for(model, common.ds_config_name(0, cuda), recipe, len(feats), cuda)
     cfg = engine.module.config
     family = model_family(cfg)
     keys = forward_keys(family, train=True, config=cfg)
-    lengths = feats.attention_mask.sum(1) if v["trim"] else None
-    order = epoch_order(len(feats), 1, 0, 42, 0, lengths=lengths, global_batch=micro if v["trim"] else None)
+    group = v["trim"] or unpad
+    lengths = feats.attention_mask.sum(1) if group else None
+    order = epoch_order(len(feats), 1, 0, 42, 0, lengths=lengths, global_batch=micro if group else None)
     order = np.resize(order, micro * (warmup + steps))
     window = order[warmup * micro:]
     order = np.concatenate([order, window])  # warm-up, the window once untimed, then the window profiled
-    batches = list(BatchLoader(feats, order, micro, keys, trim=TrimPolicy(v["trim"], v["multiple"])))
+    batches = list(BatchLoader(feats, order, micro, keys, trim=TrimPolicy(v["trim"], v["multiple"], unpad)))
 
     def run(part):
         for batch in part:
@@ -103,7 +106,7 @@ def profile_variant(template, feats, variant: str, micro: int, warmup: int, step
         run(batches[warmup + steps:])
     per_cat, rows = breakdown(prof.key_averages(), cuda)
     total = sum(per_cat.values())
-    seq = [b["input_ids"].shape[1] for b in batches[warmup + steps:]]
+    seq = [b["packed_mask" if unpad else "input_ids"].shape[1] for b in batches[warmup + steps:]]
     return {"variant": variant, "micro": micro, "steps": steps, "mean_seq_len": sum(seq) / len(seq),
             "device_ms_per_step": total / steps,
             "share": {k: round(v_ / total, 4) for k, v_ in sorted(per_cat.items(), key=lambda kv: -kv[1])},

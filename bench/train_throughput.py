@@ -52,8 +52,13 @@ VARIANTS = {
     "trim64_compile": dict(trim=True, group=True, multiple=64, compile=True,
                            help="trim64 + engine.compile() (7 shapes in a whole run: few recompiles)"),
     "ckpt": dict(activation_checkpointing=True, help="full + activation checkpointing"),
+    "unpad": dict(unpad=True, group=True, help="packed batches (data.unpad): real tokens only outside attention, "
+                                                "attention padded to the batch's longest; length-grouped steps"),
+    "unpad64": dict(unpad=True, group=True, multiple=64, help="unpad, attention length rounded up to a multiple of 64"),
+    "unpad64_efficient": dict(unpad=True, group=True, multiple=64, sdpa="efficient",
+                              help="unpad64, memory-efficient SDPA kernel first"),
 }
-# Trimmed variants time their window twice, the same batches: "cold" (first time each shape is seen after the
+# Trimmed and packed variants time their window twice, the same batches: "cold" (first time each shape is seen after the
 # warm-up, which is what a short bench sees) and "warm" (every shape seen before, which is what most of a long run
 # sees once the shapes have repeated). samples/s is the warm pass; cold_samples_per_s is kept beside it.
 
@@ -152,7 +157,7 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
     import torch
 
     from squad_ds.batching import BatchLoader, TrimPolicy
-    from squad_ds.flops import flops_per_sequence
+    from squad_ds.flops import batch_flops
     from squad_ds.modeling.heads import forward_keys, model_family
     from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import train_step
@@ -161,14 +166,14 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
     cuda = spec["cuda"]
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     w, steps = spec["warmup"], spec["steps"]
-    replay = bool(v.get("trim"))
+    replay = bool(v.get("trim") or v.get("unpad"))
     n = w + steps * (2 if replay else 1)
     model = copy.deepcopy(template)
     common.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"]
                                 or v.get("activation_checkpointing", False),
                                 optimizer=v.get("optimizer", spec.get("optimizer") or "auto"),
-                                compile=v.get("compile", False))
+                                compile=v.get("compile", False), unpad=v.get("unpad", False))
     t_init = time.perf_counter()
     engine, ds_cfg, plan = common.engine_for(model, spec["ds_config"], recipe, len(feats), cuda)
     try:
@@ -180,18 +185,19 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
         if replay:
             order = np.concatenate([order, order[w * micro:]])
         loader = torch.utils.data.DataLoader(BatchLoader(feats, order, micro, keys,
-                                                         trim=TrimPolicy(v.get("trim", False), v.get("multiple", 1))),
+                                                         trim=TrimPolicy(v.get("trim", False), v.get("multiple", 1),
+                                                                         v.get("unpad", False))),
                                              batch_size=None, shuffle=False, pin_memory=cuda,
                                              num_workers=2 if cuda else 0)
         edges = {w, w + steps, n}
-        pending, stamps, flops, seq_lens = [], {}, [], []
+        pending, stamps, flops, seq_lens, tokens = [], {}, [], [], []
         with sdpa_preference(v.get("sdpa", "auto")):
             for i, batch in enumerate(loader):
                 batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
                 pending.append(train_step(engine, batch, family, cfg))
-                ids = batch["input_ids"]
-                flops.append(len(ids) * flops_per_sequence(cfg, ids.shape[1]))
-                seq_lens.append(ids.shape[1])
+                flops.append(batch_flops(cfg, batch)[1])
+                seq_lens.append((batch["packed_mask"] if "packed_mask" in batch else batch["input_ids"]).shape[1])
+                tokens.append(batch["input_ids"].numel())  # what the projections and feed-forward layers process
                 if i == 0:
                     common.sync(cuda)
                     first_step_s = time.perf_counter() - t_init  # engine build + first step (compilation shows here)
@@ -201,6 +207,7 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
         rates["flops_window"] = sum(flops[n - steps:n])
         rates["mean_seq_len"] = statistics.fmean(seq_lens[n - steps:n])
         rates["shapes_window"] = len(set(seq_lens[n - steps:n]))
+        rates["tokens_per_seq"] = sum(tokens[n - steps:n]) / (micro * steps)
         if replay:
             cold = _rates(stamps, w, w + steps, micro, cuda)
             rates["cold_samples_per_s"] = cold["samples_per_s"]
@@ -426,7 +433,8 @@ def _name(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':<30} {'micro':>5} {'samples/s':>10} {'seq':>5} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10}"]
+    lines = [f"{'config':<30} {'micro':>5} {'samples/s':>10} {'seq':>5} {'tok/seq':>7} {'TFLOP/s':>9} {'MFU':>7} "
+             f"{'peak mem':>10}"]
     for r in rows:
         name = _name(r)
         if "samples_per_s" not in r:
@@ -435,10 +443,11 @@ def table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2 ** 30:.2f} GiB"
         seq = f"{r['mean_seq_len']:.0f}" if r.get("mean_seq_len") else "full"
+        tok = f"{r['tokens_per_seq']:.0f}" if r.get("tokens_per_seq") else seq  # real tokens when packed
         cold = (f"  (first pass {r['cold_samples_per_s']:.2f} samples/s, {r['new_shapes_cold']} new shapes)"
                 if r.get("cold_samples_per_s") else "")
-        lines.append(f"{name:<30} {r['micro']:>5} {r['samples_per_s']:>10.2f} {seq:>5} {r['tflops']:>9.3f} {mfu:>7}"
-                     f" {mem:>10}{cold}")
+        lines.append(f"{name:<30} {r['micro']:>5} {r['samples_per_s']:>10.2f} {seq:>5} {tok:>7} {r['tflops']:>9.3f} "
+                     f"{mfu:>7} {mem:>10}{cold}")
     return "\n".join(lines)
 
 

@@ -16,9 +16,10 @@ being launched once --budget-s is spent (so the whole run can overshoot by at mo
 
 Then, at the winner's combination and micro-batch, `--variants` tries recipe settings whose speed depends on the
 card rather than on memory: on CUDA by default bucketed trimming (`data.trim_padding` with
-`data.pad_to_multiple_of=64`), the memory-efficient SDPA kernel first (`model.sdpa_backend=efficient`), and both.
-Trimmed trials time batches whose shapes they have already run once, as most of a long run does; a variant that
-wins goes into the printed command as `--set`s.
+`data.pad_to_multiple_of=64`), the memory-efficient SDPA kernel first (`model.sdpa_backend=efficient`), both, and
+packed batches (`data.unpad`, BERT only: other models' unpad trials end in "error") with and without that kernel.
+Trimmed and packed trials time batches whose shapes they have already run once, as most of a long run does; a
+variant that wins goes into the printed command as `--set`s.
 
 Why not DeepSpeed's autotuner (`deepspeed --autotuning tune --num_gpus N train.py --deepspeed ds.json`)?
 It launches every experiment through DeepSpeed's multi-node runner, which needs pdsh and password-less ssh even to
@@ -54,12 +55,15 @@ STATUSES = ("fits", "oom", "timeout", "error", "skipped")
 # Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel
 # plans, attention kernels), so they are measured here rather than guessed.
 _TRIM64 = ["data.trim_padding=true", "data.pad_to_multiple_of=64"]
+_UNPAD64 = ["data.unpad=true", "data.pad_to_multiple_of=64"]
 VARIANTS = {
     "trim64": _TRIM64,
     "efficient": ["model.sdpa_backend=efficient"],
     "trim64+efficient": [*_TRIM64, "model.sdpa_backend=efficient"],
+    "unpad64": _UNPAD64,
+    "unpad64+efficient": [*_UNPAD64, "model.sdpa_backend=efficient"],
 }
-DEFAULT_CUDA_VARIANTS = ("trim64", "efficient", "trim64+efficient")
+DEFAULT_CUDA_VARIANTS = ("trim64", "efficient", "trim64+efficient", "unpad64", "unpad64+efficient")
 
 
 @dataclass(frozen=True)

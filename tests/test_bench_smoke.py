@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from trainer_util import REPO, env
 
 
@@ -26,8 +28,8 @@ def test_loop_overhead_smoke(tmp_path):
 
 def test_train_throughput_smoke(tmp_path):
     res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "128", "--stride", "64", "--steps", "2",
-               "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline", "--variants", "full,trim64_efficient")
-    row, trimmed = res["results"]
+               "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline", "--variants", "full,trim64_efficient,unpad64")
+    row, trimmed, packed = res["results"]
     assert row["impl"] == "squad-ds" and row["zero"] == 0 and row["micro"] == 2 and row["variant"] == "full"
     for key in ("samples_per_s", "tflops", "mfu", "peak_mem_bytes", "peak_mem_kind", "global_steps"):
         assert key in row, key
@@ -39,6 +41,11 @@ def test_train_throughput_smoke(tmp_path):
     assert trimmed["global_steps"] == 1 + 2 * 2
     assert trimmed["cold_samples_per_s"] > 0 and trimmed["samples_per_s"] > 0
     assert trimmed["mean_seq_len"] in (64, 96, 128) and 1 <= trimmed["shapes_window"] <= 2
+    # A packed variant: projections see real tokens only, attention the batch's length rounded up to 64.
+    assert packed["variant"] == "unpad64" and packed["cold_samples_per_s"] > 0 and packed["samples_per_s"] > 0
+    assert packed["tokens_per_seq"] <= packed["mean_seq_len"] in (64, 96, 128)
+    # The same batches (possibly all full windows at this length): never more tokens through the weights.
+    assert packed["flops_window"] <= trimmed["flops_window"]
 
 
 def test_padding_smoke(tmp_path):
@@ -50,6 +57,9 @@ def test_padding_smoke(tmp_path):
     assert rows["trim, grouped"]["tokens_per_sequence"] <= rows["trim64, grouped"]["tokens_per_sequence"] <= 128
     assert rows["trim64, grouped"]["distinct_shapes"] <= 2 * (128 // 64)
     assert res["mean_real_length"] <= rows["trim, grouped"]["tokens_per_sequence"]
+    # Packing leaves exactly the real tokens outside attention; attention keeps trim64's lengths.
+    assert rows["unpad64, grouped"]["tokens_per_sequence"] == pytest.approx(res["mean_real_length"])
+    assert rows["unpad64, grouped"]["attention_length"] == rows["trim64, grouped"]["tokens_per_sequence"]
 
 
 def test_profile_step_smoke(tmp_path):

@@ -72,7 +72,8 @@ def test_train_overrides_only_where_the_recipe_contradicts():
 
 
 def test_variants_by_device_and_in_the_winners_command():
-    assert tune.parse_variants("auto", cuda=True) == ["trim64", "efficient", "trim64+efficient"]
+    assert tune.parse_variants("auto", cuda=True) == ["trim64", "efficient", "trim64+efficient", "unpad64",
+                                                      "unpad64+efficient"]
     assert tune.parse_variants("auto", cuda=False) == []  # CPU trims by default already
     assert tune.parse_variants("none", cuda=True) == []
     assert tune.parse_variants("efficient, trim64", cuda=False) == ["efficient", "trim64"]
@@ -120,7 +121,7 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     contradict the recipe's micro-batch 4, so the printed command must override it); the tuned JSON trains."""
     sets = _tiny_sets(tiny_model, tmp_path)
     proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "75", "--trial-steps", "3", "--max-micro", "2",
-                 "--variants", "trim64,efficient")
+                 "--variants", "trim64,unpad64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     out = tmp_path / "tune"
@@ -134,7 +135,7 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     # The variants re-run the base winner's combination and micro-batch with their recipe settings.
     base = max((t for t in run if t["status"] == "fits"), key=lambda t: t["samples_per_s"])
     variants = [t for t in trials if t["variant"]]
-    assert [t["variant"] for t in variants] == ["trim64", "efficient"]
+    assert [t["variant"] for t in variants] == ["trim64", "unpad64"]  # unpad64: packed batches in a trial
     assert all((t["stage"], t["micro"], t["accum"], t["status"]) == (base["stage"], base["micro"], base["accum"],
                                                                       "fits") for t in variants)
     spec = json.loads((tmp_path / "tune" / "trials" / variants[0]["dir"].split("/")[-1] / "spec.json").read_text())
