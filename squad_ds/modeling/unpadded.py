@@ -72,9 +72,10 @@ def enable(model) -> None:
     reason = unsupported_reason(model)
     if reason:
         raise ConfigError(f"data.unpad: {reason}; set data.unpad=false for this model")
-    if getattr(model.config, "position_embedding_type", "absolute") == "absolute":
-        register()
-        model.set_attn_implementation(ATTN_NAME)  # relative-position BERT's own attention takes packed batches
+    if getattr(model.config, "position_embedding_type", "absolute") != "absolute":
+        return  # squad-ds's relative-position BERT: its own attention takes packed batches
+    register()
+    model.set_attn_implementation(ATTN_NAME)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
