@@ -15,17 +15,17 @@ def non_embedding_params(config) -> int:
     return layers * per_layer + 2 * h
 
 
-def flops_per_sequence(config, seq_len: int) -> float:
-    """6·N·S for the weights (2 forward, 4 backward) plus 12·L·S²·H for QKᵀ and A·V.
-
-    Relative-position attention adds one more S²·d product per head for relative_key (q·r) and two for
-    relative_key_query (q·r and k·r), each costing 6·L·S²·H over forward and backward.
+def attention_flops(config, seq_len: int) -> float:
+    """Forward + backward FLOPs of one sequence's attention products at `seq_len`: 12·L·S²·H for QKᵀ and A·V,
+    plus 6·L·S²·H per relative-position product (one for relative_key: q·r; two for relative_key_query: q·r, k·r).
     """
-    layers = config.num_hidden_layers
-    h = config.hidden_size
-    total = 6.0 * non_embedding_params(config) * seq_len + 12.0 * layers * seq_len * seq_len * h
     extra_terms = {"relative_key": 1, "relative_key_query": 2}.get(getattr(config, "position_embedding_type", ""), 0)
-    return total + extra_terms * 6.0 * layers * seq_len * seq_len * h
+    return (12.0 + 6.0 * extra_terms) * config.num_hidden_layers * seq_len * seq_len * config.hidden_size
+
+
+def flops_per_sequence(config, seq_len: int) -> float:
+    """6·N·S for the weights (2 forward, 4 backward) plus attention_flops."""
+    return 6.0 * non_embedding_params(config) * seq_len + attention_flops(config, seq_len)
 
 
 def batch_flops(config, batch: dict) -> tuple[int, float]:
@@ -35,8 +35,7 @@ def batch_flops(config, batch: dict) -> tuple[int, float]:
     if "packed_index" in batch:
         n_seq, attn_len = batch["packed_mask"].shape
         tokens = batch["packed_index"].shape[0]
-        attention = flops_per_sequence(config, attn_len) - 6.0 * non_embedding_params(config) * attn_len
-        return n_seq, 6.0 * non_embedding_params(config) * tokens + n_seq * attention
+        return n_seq, 6.0 * non_embedding_params(config) * tokens + n_seq * attention_flops(config, attn_len)
     n_seq, seq_len = batch["input_ids"].shape
     return n_seq, n_seq * flops_per_sequence(config, seq_len)
 

@@ -181,7 +181,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     keys = forward_keys(family, train=True, config=cfg)
     rates = Throughput(tr.peak_tflops or detect_peak_tflops(), world)
     trim = trim_policy(recipe.data, device.type == "cuda")
-    # Grouping lengths only pays when batches are trimmed; full-length batches keep the plain shuffle.
+    # Grouping lengths only pays when batches are trimmed or packed; full-length batches keep the plain shuffle.
     lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.shortens else None
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)

@@ -1,6 +1,6 @@
 """One `squad-ds tune` trial, run in its own process (`python -m squad_ds.tune_trial SPEC`): build the engine as
 `squad-ds train` would for the recipe and a candidate DeepSpeed JSON, run WARMUP_STEPS optimizer steps, time the
-next N (when batches are trimmed, after running those N once untimed), write the result as JSON for the tuner.
+next N (when batches are trimmed or packed, after running those N once untimed), write the result as JSON for the tuner.
 A crash, a CUDA OOM or a hang stays inside this process.
 """
 from __future__ import annotations
