@@ -183,6 +183,9 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     trim = trim_policy(recipe.data, device.type == "cuda")
     # Grouping lengths only pays when batches are trimmed or packed; full-length batches keep the plain shuffle.
     lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.shortens else None
+    # from_pretrained returns the model in eval mode: dropout must be on for every training micro-batch, from the
+    # first (evaluation puts back the mode it found).
+    engine.train()
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
@@ -194,7 +197,10 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
         order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths, global_batch=plan.global_batch)
         loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position, trim),
                                              batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
-                                             num_workers=2 if device.type == "cuda" else 0)
+                                             num_workers=2 if device.type == "cuda" else 0,
+                                             # its own generator: a DataLoader iterator draws a seed when it starts,
+                                             # which from the global RNG would shift dropout after a resume
+                                             generator=torch.Generator())
         batches_per_epoch = -(-len(order) // plan.micro_batch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

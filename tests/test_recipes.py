@@ -22,7 +22,7 @@ from test_ds_configs import build_scheduler, deepspeed_parse, is_cpu_config
 RECIPES = list_recipes()
 # Train features of SQuAD v1.1 at 384/128 with bert-base-uncased: a realistic size for the step arithmetic.
 SQUAD11_TRAIN_FEATURES = 88641
-UNPUBLISHED = {"demo", "tiny", "minilm_squad1_full"}
+UNPUBLISHED = {"demo", "tiny", "minilm_squad1_full", "minilm_squad1_full_cpu"}
 LARGE = "_large_batch"
 WORLD_RE = re.compile(r"^#\s*world_size:\s*(\S+)", re.MULTILINE)
 
@@ -80,7 +80,7 @@ def published_base(name: str) -> str | None:
 def test_every_published_row_and_its_variant_ships():
     for name in PUBLISHED:
         assert name in RECIPES
-    for name in ("tiny", "minilm_squad1_full", "demo"):
+    for name in ("tiny", "minilm_squad1_full", "minilm_squad1_full_cpu", "demo"):
         assert name in RECIPES
     for name in RECIPES:
         assert name in UNPUBLISHED or published_base(name), f"{name}: not a known published row or its variant"
@@ -256,6 +256,20 @@ def test_minilm_full_recipe():
     assert recipe.data.eval_file == "${SQUAD_DIR}/dev-v1.1.json"
     assert recipe.train.epochs == 2 and recipe.train.max_steps is None
     assert not is_cpu_config(ds_name(recipe))
+
+
+def test_minilm_full_cpu_recipe_is_the_gpu_run_laid_out_for_a_cpu():
+    """The CPU full run differs from the GPU one only in precision/optimizer config, the micro-batch layout of the
+    same global batch, and its checkpoint/eval intervals."""
+    gpu, cpu = load_recipe("minilm_squad1_full"), load_recipe("minilm_squad1_full_cpu")
+    assert cpu.model == gpu.model and cpu.data == gpu.data and cpu.eval == gpu.eval
+    same = ("epochs", "max_steps", "seed", "train_batch_size", "lr", "warmup_proportion", "weight_decay",
+            "group_by_length", "optimizer", "activation_checkpointing")
+    assert {k: getattr(cpu.train, k) for k in same} == {k: getattr(gpu.train, k) for k in same}
+    assert cpu.train.micro_batch_size * cpu.train.gradient_accumulation_steps == gpu.train.train_batch_size == 64
+    assert is_cpu_config(ds_name(cpu)) and 0 < cpu.train.save_steps <= 100 and cpu.train.eval_steps > 0
+    _, plan = resolve_ds_config(load_ds_config(ds_name(cpu)), cpu, world_size=1, num_features=88524, cuda=False)
+    assert (plan.micro_batch, plan.accumulation, plan.global_batch, plan.total_steps) == (16, 4, 64, 2767)
 
 
 def test_tiny_recipe_is_small_cpu_and_overridable(tmp_path):

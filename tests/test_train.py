@@ -3,8 +3,10 @@ round-trips; bad configuration fails before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -64,7 +66,9 @@ def test_two_processes_match(tmp_path, tiny_model, reference, launcher, stage):
 def test_resume_after_preemption_is_exact(tmp_path):
     """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit."""
     model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: RNG state must be restored too
-    common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100}, data={"max_eval_examples": 4})
+    # Evaluations mid-run: train mode must come back after each one, and after the resume.
+    common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100, "eval_steps": 2},
+                  data={"max_eval_examples": 4})
     full = write_recipe(tmp_path / "full.yaml", model, tmp_path / "full", **common)
     run_train(full)
     uninterrupted = losses(tmp_path / "full")
@@ -88,6 +92,61 @@ def test_resume_after_preemption_is_exact(tmp_path):
     run_train(cut, "--resume", "auto")
     resumed = losses(tmp_path / "cut")
     assert resumed == uninterrupted  # bit-exact in fp32
+
+
+_RECORD_DROPOUT = """
+import json, sys
+import torch
+from squad_ds import train
+
+calls = []  # per training micro-batch: the step, and whether every dropout ran in training mode
+seen = []
+orig = train.train_step
+
+def recording(engine, batch, family, config):
+    if not calls:
+        for m in engine.module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+    seen.clear()
+    loss = orig(engine, batch, family, config)
+    calls.append([engine.global_steps, len(seen), all(seen), engine.module.training])
+    return loss
+
+train.train_step = recording
+rc = train.main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump(calls, f)
+sys.exit(rc)
+"""
+
+
+def test_dropout_is_on_in_every_training_forward(tmp_path):
+    """From the first micro-batch, after every evaluation and after a resume: every dropout layer of the model
+    runs in training mode (from_pretrained returns a model in eval mode)."""
+    model = make_tiny_model(tmp_path / "model", dropout=0.1)
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+                                 "eval_steps": 2, "save_steps": 3})
+    script = tmp_path / "record.py"
+    script.write_text(_RECORD_DROPOUT)
+
+    def record(name, *args):
+        cmd = [sys.executable, str(script), str(tmp_path / name), *train_cmd(recipe, *args)[3:]]
+        proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name).read_text())
+
+    calls = record("first.json")
+    assert len(calls) == 12  # 6 steps × 2 micro-batches
+    assert all(n > 0 and on and training for _, n, on, training in calls), calls
+    # Resume from step 3 (between evaluations): still training mode from the first micro-batch on.
+    for tag in ("step00000006",):
+        shutil.rmtree(tmp_path / "out" / "checkpoints" / tag)
+    (tmp_path / "out" / "train_log.jsonl").unlink()
+    calls = record("resumed.json", "--resume", "auto")
+    assert len(calls) == 6 and calls[0][0] == 3
+    assert all(n > 0 and on and training for _, n, on, training in calls), calls
 
 
 def test_keep_last_and_incomplete_checkpoints(tmp_path, tiny_model):

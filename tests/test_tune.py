@@ -1,6 +1,7 @@
 """`squad-ds tune`: the search space, the trial runner's guards, and a real CPU tune whose winner trains."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -99,7 +100,7 @@ def test_trial_reports_errors(tmp_path, tiny_model):
 
 def test_memory_cap_is_oom_and_nothing_is_written(tmp_path, tiny_model):
     proc = _tune(tmp_path, _tiny_sets(tiny_model, tmp_path), "--stages", "0", "--activation-checkpointing", "off",
-                 "--max-mem-gb", "0.05", "--budget-s", "60")
+                 "--max-mem-gb", "0.05", "--budget-s", "1e6")
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["oom"]  # micro 1 did not fit, so 2 and 4 were not tried
@@ -110,7 +111,7 @@ def test_memory_cap_is_oom_and_nothing_is_written(tmp_path, tiny_model):
 
 def test_trial_timeout(tmp_path, tiny_model):
     proc = _tune(tmp_path, _tiny_sets(tiny_model, tmp_path), "--stages", "0", "--activation-checkpointing", "off",
-                 "--trial-timeout-s", "1", "--budget-s", "60")
+                 "--trial-timeout-s", "1", "--budget-s", "1e6")
     assert proc.returncode == 1
     report = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["timeout"]
@@ -120,8 +121,10 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     """Stages 0 and 2 on the tiny recipe (global batch 4; --max-micro 2 → micro 1 × 4 and 2 × 2, both of which
     contradict the recipe's micro-batch 4, so the printed command must override it); the tuned JSON trains."""
     sets = _tiny_sets(tiny_model, tmp_path)
-    proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "75", "--trial-steps", "3", "--max-micro", "2",
-                 "--variants", "trim64,unpad64")
+    # Budgets that never bind: what runs must not depend on how loaded the machine is (the budget itself is tested
+    # with an injected clock below).
+    proc = _tune(tmp_path, sets, "--stages", "0,2", "--budget-s", "1e6", "--trial-timeout-s", "3600",
+                 "--trial-steps", "3", "--max-micro", "2", "--variants", "trim64,unpad64", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     out = tmp_path / "tune"
@@ -131,7 +134,7 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     assert {t["status"] for t in trials} <= set(tune.STATUSES)
     run = [t for t in trials if t["status"] != "skipped" and not t["variant"]]
     assert run and all(t["micro"] * t["accum"] == 4 for t in run)
-    assert [(t["stage"], t["micro"]) for t in run] == [(0, 1), (0, 2), (2, 1), (2, 2)][:len(run)]
+    assert [(t["stage"], t["micro"]) for t in run] == [(0, 1), (0, 2), (2, 1), (2, 2)]
     # The variants re-run the base winner's combination and micro-batch with their recipe settings.
     base = max((t for t in run if t["status"] == "fits"), key=lambda t: t["samples_per_s"])
     variants = [t for t in trials if t["variant"]]
@@ -168,3 +171,26 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     assert eff["deepspeed"]["zero_optimization"]["stage"] == best["stage"]
     assert eff["deepspeed"]["train_micro_batch_size_per_gpu"] == best["micro"]
     assert '"global_step": 2' in proc.stdout
+
+
+def test_budget_stops_launching_trials(tmp_path, monkeypatch):
+    """--budget-s on an injected clock: trials are launched until the budget is spent, then recorded as not run."""
+    clock = [0.0]
+    launched = []
+
+    def fake_trial(s, args, t, max_mem, say=print):
+        launched.append((t.stage, t.micro, t.variant))
+        t.status, t.samples_per_s = "fits", 10.0 + len(launched)
+        clock[0] += 40.0  # each trial takes 40 s of the budget
+        return t
+
+    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    s = tune.Search(None, [], None, {}, "cpu_fp32", 4, 1, False, tmp_path)
+    args = argparse.Namespace(max_micro=4, max_mem_gb=1.0, stages=[0, 2], offload=False, activation_checkpointing="off",
+                              budget_s=100.0, variants="trim64")
+    trials = tune.search(s, args, say=lambda *_: None)
+    assert launched == [(0, 1, ""), (0, 2, ""), (0, 4, "")]  # 0 s, 40 s, 80 s: launched; 120 s: spent
+    spent = [t for t in trials if t.note == "budget spent"]
+    assert [(t.stage, t.micro, t.variant) for t in spent] == [(2, 1, ""), (2, 2, ""), (2, 4, ""), (0, 4, "trim64")]
+    assert all(t.status == "skipped" for t in spent)
