@@ -1,20 +1,27 @@
 """Checkpoints: DeepSpeed save/load with client state, completeness markers, keep-last-K, HF export.
 
 DeepSpeed writes a tag directory per save; squad-ds adds a marker file once every rank has finished writing, so a
-save interrupted half-way is never chosen by `--resume auto` (and is cleaned up by the next prune).
+save interrupted half-way is never chosen by `--resume auto` (and is cleaned up by the next prune). The marker
+records the sha256 of every file of the tag, and a tag is used only when its files still match them and load as
+plain data (weights-only unpickling, allow-listed DeepSpeed types): a damaged newest checkpoint falls back to the
+one before it (`--resume auto`), and a checkpoint that would run code when loaded is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from squad_ds import distributed
+from squad_ds.errors import CheckpointError
 from squad_ds.logs import log_main
 
 MARKER = "squad_ds_complete.json"
@@ -60,7 +67,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     distributed.barrier()
 
     def mark_complete():
-        _atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size()})
+        _atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
+                                                     "sha256": file_digests(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last)
 
     distributed.on_main(mark_complete)
@@ -80,40 +88,133 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def find_resume(resume: str | None, ckpt_dir: str | Path) -> tuple[Path, str] | None:
-    """`auto`: the newest complete tag under ckpt_dir, or None. A path: a tag directory or a checkpoints dir."""
+    """`auto`: the newest usable complete tag under ckpt_dir (a damaged one is moved aside and the one before it
+    taken), or None when there is none. A path: that tag directory, or the newest complete tag of that checkpoints
+    directory, which must be usable. Rank 0 checks; every rank gets its answer."""
     if not resume:
         return None
+    found = distributed.on_main(lambda: _choose(resume, Path(ckpt_dir)))
+    return distributed.broadcast_object(found)
+
+
+def _choose(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if resume == "auto":
         tags = complete_tags(ckpt_dir)
-        return (Path(ckpt_dir), tags[-1]) if tags else None
+        for tag in reversed(tags):
+            problem = check(ckpt_dir / tag)
+            if problem is None:
+                return ckpt_dir, tag
+            aside = ckpt_dir / f"damaged-{tag}-{int(time.time())}"
+            os.replace(ckpt_dir / tag, aside)  # out of the way of prune and of the next save of that step
+            log_main("checkpoint %s is not usable: %s; moved to %s, trying the one before it", ckpt_dir / tag,
+                     problem, aside.name)
+        if tags:
+            raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: every complete one is damaged (moved "
+                                  "aside as damaged-*); start afresh with --overwrite")
+        return None
     p = Path(resume)
     if (p / MARKER).is_file():
-        return p.parent, p.name
-    tags = complete_tags(p)
-    if tags:
-        return p, tags[-1]
-    raise FileNotFoundError(f"--resume {resume}: no complete squad-ds checkpoint there "
-                            f"(a tag directory with {MARKER}, or a directory of them)")
+        found = p.parent, p.name
+    elif tags := complete_tags(p):
+        found = p, tags[-1]
+    else:
+        raise FileNotFoundError(f"--resume {resume}: no complete squad-ds checkpoint there "
+                                f"(a tag directory with {MARKER}, or a directory of them)")
+    problem = check(found[0] / found[1])
+    if problem is not None:
+        raise CheckpointError(f"--resume {resume}: {problem}")
+    return found
+
+
+def check(tag_dir: Path) -> str | None:
+    """What makes a complete tag unusable (a file missing, changed since it was saved, or not plain data), or
+    None. Tags saved before squad-ds recorded checksums are only checked for plain data."""
+    try:
+        digests = json.loads((tag_dir / MARKER).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its marker {tag_dir / MARKER} is unreadable ({e})"
+    for name, digest in (digests or {}).items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if _sha256(f) != digest:
+            return f"{f} does not match the checksum recorded when it was saved (damaged or changed)"
+    for f in sorted(tag_dir.glob("*.pt")):
+        problem = _unsafe(f)
+        if problem:
+            return problem
+    return None
+
+
+def file_digests(tag_dir: Path) -> dict[str, str]:
+    return {f.name: _sha256(f) for f in sorted(tag_dir.iterdir()) if f.is_file() and f.name != MARKER}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_globals() -> list:
+    """The only classes a checkpoint file may ask to build: DeepSpeed's optimizer-state types, and numpy arrays
+    (RNG files of squad-ds before weights-only RNG files)."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype,
+            np.zeros(1).__reduce__()[0], type(np.dtype("uint32"))]
+
+
+def safe_load(path: Path, mmap: bool = False) -> Any:
+    """torch.load that builds tensors and plain data only: a file whose unpickling would call anything else (code
+    execution) is an error."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _unsafe(path: Path) -> str | None:
+    try:
+        try:
+            safe_load(path, mmap=True)  # reads the pickle, maps the tensors: cheap for large shards
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            safe_load(path)  # a legacy (non-zip) file cannot be mapped
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"{path} does not load as plain data ({first[:200]}); refusing it, since loading it could run "
+                "code. Load it only if you trust who made it")
+    return None
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Every rank loads a tag that find_resume has checked (DeepSpeed's own loader unpickles in full)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rng_file = ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: fresh streams, still correct
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load(rng_file))
     log_main("resumed from %s", ckpt_dir / tag)
     return client_state or {}
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG stream the run draws from, as plain data (lists, ints, tensors) so the file loads weights-only."""
     import random
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -124,8 +225,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -160,6 +263,10 @@ def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, 
 
     def write():
         sd = consolidated_state_dict(engine, ckpt_dir, tag)
+        bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"not exporting {ckpt_dir / tag}: weight {bad} holds NaN or infinite values "
+                                  "(training diverged, or the checkpoint is damaged)")
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)

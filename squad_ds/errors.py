@@ -8,7 +8,13 @@ from squad_ds.config import ConfigError
 from squad_ds.data import SquadFormatError
 from squad_ds.modeling.factory import ModelLoadError
 
-USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used as it is: damaged, unsafe, or from a run that differs in what it means."""
+
+
+USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError, CheckpointError)
 
 
 def run_main(prog: str, run: Callable[[], int]) -> int:
