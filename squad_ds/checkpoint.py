@@ -67,7 +67,11 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     distributed.barrier()
 
     def mark_complete():
+        # The settings that give the saved position its meaning travel in the marker too, so that a resume can
+        # check them before DeepSpeed loads anything.
         _atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
+                                                     "recipe": client_state.get("recipe"),
+                                                     "layout": client_state.get("layout", {}),
                                                      "sha256": file_digests(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last)
 
@@ -124,6 +128,10 @@ def _choose(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if problem is not None:
         raise CheckpointError(f"--resume {resume}: {problem}")
     return found
+
+
+def marker(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    return json.loads((ckpt_dir / tag / MARKER).read_text(encoding="utf-8"))
 
 
 def check(tag_dir: Path) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from squad_ds import checkpoint, distributed
+from squad_ds import checkpoint, distributed, resume, run_dir
 from squad_ds.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
@@ -43,7 +43,10 @@ def build_arg_parser(prog: str = "squad-ds train") -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="named recipe or YAML file (default: the embedded demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of this run) or a path")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of this run) or a path; "
+                   "without it a run continues from output.dir's checkpoints when there are any")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output.dir that holds an earlier run (its checkpoints are removed)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     deepspeed.add_config_arguments(p)
     return p
@@ -93,6 +96,9 @@ def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int |
         features, dataset = _first_examples(features, dataset, split, limit)
     if recipe.data.version and dataset.version != recipe.data.version:
         raise ConfigError(f"data.version={recipe.data.version} but {path} is SQuAD v{dataset.version}")
+    if split == "train" and len(features) == 0:
+        raise ConfigError(f"data.train_file {path}: nothing to train on: {len(dataset.examples)} questions gave no "
+                          f"training window ({len(dataset.misaligned_ids)} answers do not match their context)")
     log_main("%s features: %s", split, json.dumps(info))
     return features, dataset
 
@@ -120,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     out = Path(recipe.output.dir)
+    held = distributed.on_main(lambda: run_dir.lock(out))  # noqa: F841 - held open until the process ends
+    resume_from = run_dir.resume_mode(args.resume, args.overwrite, out)
+    if args.overwrite:
+        distributed.on_main(lambda: run_dir.clear(out))
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
 
@@ -144,23 +154,32 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt_dir = out / "checkpoints"
     epoch, position = 0, 0
-    found = checkpoint.find_resume(args.resume, ckpt_dir)
+    found = checkpoint.find_resume(resume_from, ckpt_dir)
+    layout = resume.layout(plan, len(train_feats))
     if found:
+        where = found[0] / found[1]
+        marker = checkpoint.marker(*found)
+        if "recipe" in marker:  # checked before DeepSpeed loads anything (another world size would fail there)
+            _log_changes(resume.check(marker["recipe"], marker["layout"], recipe.to_dict(), layout, where))
         state = checkpoint.load(engine, *found)
+        if "recipe" not in marker:  # saved by a squad-ds that kept the settings in the client state only
+            saved = {"world_size": marker.get("world_size"), **state.get("layout", {})}
+            _log_changes(resume.check(state.get("recipe"), saved, recipe.to_dict(), layout, where))
         epoch, position = state["epoch"], state["position"]
-    elif args.resume and args.resume != "auto":
-        raise FileNotFoundError(f"--resume {args.resume}: nothing to resume")
+    else:
+        distributed.on_main(lambda: (out / "train_log.jsonl").unlink(missing_ok=True))  # a log of this run only
 
     with sdpa_preference(recipe.model.sdpa_backend):
         if cuda or recipe.model.sdpa_backend != "auto":
             log_main("SDPA backends in the order torch tries them: %s", ", ".join(current_sdpa_order()))
-        metrics, preempted = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch,
-                                        position, eval_feats, eval_set, out, preempt)
+        metrics, preempted, saved = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch,
+                                               position, eval_feats, eval_set, out, preempt, layout)
     if preempted:
         return EXIT_REQUEUE
     if recipe.output.export:
-        tag = checkpoint.complete_tags(ckpt_dir)[-1]
-        checkpoint.export_hf(engine, tokenizer, ckpt_dir, tag, out / "model",
+        # The final checkpoint: saved by this run, or the one it resumed from when that was already the last step.
+        src_dir, tag = (ckpt_dir, saved) if saved else found
+        checkpoint.export_hf(engine, tokenizer, src_dir, tag, out / "model",
                              {"recipe": recipe.to_dict(), "step": engine.global_steps, "metrics": metrics})
     if distributed.is_main():
         final = {**(metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
@@ -168,13 +187,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_state(recipe: Recipe, epoch: int, position: int) -> dict:
-    return {"epoch": epoch, "position": position, "seed": recipe.train.seed, "recipe": recipe.to_dict()}
+def _client_state(recipe: Recipe, epoch: int, position: int, layout: dict) -> dict:
+    return {"epoch": epoch, "position": position, "seed": recipe.train.seed, "recipe": recipe.to_dict(),
+            "layout": layout}
+
+
+def _log_changes(changes: list[str]) -> None:
+    if changes:
+        log_main("resuming with changed settings: %s", "; ".join(changes))
 
 
 def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, epoch, position, eval_feats,
-               eval_set, out, preempt: Preemption):
-    """Train to plan.total_steps from (epoch, position); returns (final metrics, whether preempted)."""
+               eval_set, out, preempt: Preemption, layout: dict):
+    """Train to plan.total_steps from (epoch, position); returns (final metrics, whether preempted, the tag of
+    the last checkpoint saved or None)."""
     tr = recipe.train
     world, rank = distributed.world_size(), distributed.rank()
     cfg = engine.module.config
@@ -189,7 +215,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     bar = progress(plan.total_steps, initial=engine.global_steps)
     pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
     log_file = out / "train_log.jsonl"
-    metrics = None
+    metrics = saved = None
     t0 = time.perf_counter()
     step_before = engine.global_steps
     done = step_before >= plan.total_steps
@@ -223,11 +249,12 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
             if stop or last or (tr.save_steps and step % tr.save_steps == 0):
                 epoch_done = position >= batches_per_epoch
                 epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)
-                checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now), tr.keep_last)
+                saved = checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now, layout),
+                                        tr.keep_last)
             if stop:
                 log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
                 bar.close()
-                return None, True
+                return None, True, saved
             if last:
                 done = True
                 break
@@ -240,7 +267,7 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     if eval_feats is not None:
         metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out, trim=trim)
         _monitor_eval(engine, metrics)
-    return metrics, False
+    return metrics, False, saved
 
 
 def _monitor_eval(engine, metrics: dict | None) -> None:

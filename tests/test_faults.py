@@ -130,3 +130,98 @@ def test_nan_weights_are_not_exported(tmp_path, model):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "NaN or infinite" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- resume rules
+
+def _last_error(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_settings_that_change_the_data_order(tmp_path, model, finished):
+    """Another micro-batch, seed or window would silently reinterpret the saved position: refused, naming each key
+    with both values. Intervals and a longer run are allowed, and logged."""
+    _, ckpts = _copy_run(finished, tmp_path, model)
+    shutil.rmtree(ckpts / "step00000006")
+    changed = write_recipe(tmp_path / "changed.yaml", model, tmp_path / "out", data={"max_eval_examples": 4,
+                                                                                    "doc_stride": 24},
+                           train={"max_steps": 6, "save_steps": 2, "keep_last": 3, "micro_batch_size": 2,
+                                  "seed": 8})
+    proc = run_train(changed, "--resume", "auto", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = _last_error(proc)
+    assert "cannot resume" in err and "step00000004" in err
+    for part in ("data.doc_stride: saved 32, now 24", "train.micro_batch_size: saved 4, now 2",
+                 "train.seed: saved 7, now 8", "micro_batch: saved 4, now 2", "--overwrite"):
+        assert part in err, (part, err)
+    longer = write_recipe(tmp_path / "longer.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 8, "save_steps": 3, "keep_last": 3, "log_steps": 2})
+    proc = run_train(longer, "--resume", "auto")
+    assert "resuming with changed settings: " in proc.stderr
+    assert "train.max_steps: 6 → 8" in proc.stderr and "train.save_steps: 2 → 3" in proc.stderr
+    assert final_json(proc)["global_step"] == 8
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, model, finished):
+    recipe, ckpts = _copy_run(finished, tmp_path, model)
+    proc = run_train(recipe, "--resume", "auto", launcher="torchrun", nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "world size: saved 1, now 2" in proc.stderr and "1 process(es)" in proc.stderr
+
+
+@pytest.mark.parametrize("data", [{"data": []}, "misaligned"])
+def test_nothing_to_train_on_is_an_error(tmp_path, model, data):
+    if data == "misaligned":
+        qa = {"id": "q1", "question": "Who?", "answers": [{"text": "dog", "answer_start": 4}]}
+        data = {"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": "The cat sat.", "qas": [qa]}]}]}
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out",
+                          data={"train_file": str(tmp_path / "train.json"), "max_train_examples": None})
+    proc = run_train(recipe, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "nothing to train on" in _last_error(proc)
+
+
+# ----------------------------------------------------------------------------------------------- the output dir
+
+def test_a_new_run_in_a_finished_run_dir_continues_it_and_overwrite_starts_afresh(tmp_path, model, finished):
+    recipe, ckpts = _copy_run(finished, tmp_path, model)
+    shutil.rmtree(ckpts / "step00000006")  # an interrupted run: its newest checkpoint is step 4
+    proc = run_train(recipe)  # the same command again, without --resume
+    assert "already holds checkpoints: continuing" in proc.stderr
+    assert losses(tmp_path / "out") == finished[1]
+    assert complete_tags(ckpts) == ["step00000002", "step00000004", "step00000006"]
+
+    fresh = write_recipe(tmp_path / "fresh.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                         train={"max_steps": 3, "save_steps": 2, "keep_last": 3})
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    proc = run_train(fresh, "--overwrite")
+    assert "--overwrite: removed checkpoints" in proc.stderr
+    assert complete_tags(ckpts) == ["step00000002", "step00000003"]  # none of the old run's steps survive
+    assert sorted(losses(tmp_path / "out")) == [1, 2, 3]  # the log holds this run only
+    assert losses(tmp_path / "out")[1] == finished[1][1]  # same seed and data: a fresh start
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not squad-ds's: left alone
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, model):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", model, out)
+    with open(out / ".squad_ds.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("pid 12345 on elsewhere since now\n")
+        f.flush()
+        proc = run_train(recipe, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"output.dir {out} is in use by another run (pid 12345 on elsewhere" in _last_error(proc)
+    run_train(recipe)  # released: the next run goes ahead
+
+
+def test_resume_from_another_runs_final_checkpoint_exports(tmp_path, model, finished):
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "save_steps": 2, "keep_last": 3}, output={"export": True})
+    proc = run_train(recipe, "--resume", str(finished[0] / "checkpoints" / "step00000006"))
+    assert final_json(proc)["global_step"] == 6
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

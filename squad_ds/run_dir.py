@@ -1,0 +1,73 @@
+"""A run's output directory: one run at a time (a lock held for the run's life), and what a new run does with a
+directory that already holds one.
+
+As with HF Trainer's run_qa.py, a run started where complete checkpoints exist continues from the newest (saying
+so) instead of overwriting them; `--overwrite` starts afresh, removing what an earlier run wrote first.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+from squad_ds.checkpoint import complete_tags
+from squad_ds.config import ConfigError
+from squad_ds.logs import log_main
+
+LOCK = ".squad_ds.lock"
+# Everything a run writes into output.dir (nothing else there is touched by --overwrite).
+ARTEFACTS = ("checkpoints", "model", "model.tmp", "train_log.jsonl", "effective_config.json", "predictions.json",
+             "nbest_predictions.json", "null_odds.json", "eval_results.json")
+
+
+def lock(out: Path) -> IO[str]:
+    """Take output.dir for this run; the lock goes with the process (any exit, kill -9 included). Keep the
+    returned file open for the run's life."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"output.dir {out} is in use by another run ({holder}): wait for it to end, or choose "
+                          "another output.dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def resume_mode(resume: str | None, overwrite: bool, out: Path) -> str | None:
+    """The --resume the run acts on: as given; 'auto' where output.dir already holds complete checkpoints and
+    neither flag was given; None (start afresh) otherwise."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues a run: give one of them")
+    if resume or overwrite:
+        return resume
+    if complete_tags(out / "checkpoints"):
+        log_main("%s already holds checkpoints: continuing from the newest complete one, as --resume auto does "
+                 "(--overwrite starts afresh, removing them)", out)
+        return "auto"
+    return None
+
+
+def clear(out: Path) -> None:
+    """Remove what an earlier run wrote into output.dir (--overwrite)."""
+    removed = []
+    for p in [*(out / name for name in ARTEFACTS), *sorted(out.glob("eval-*"))]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(p.name)
+    if removed:
+        log_main("--overwrite: removed %s from %s", ", ".join(removed), out)
