@@ -13,12 +13,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from squad_ds import atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,41 +70,14 @@ def entry_path(cache_dir: str | os.PathLike | None, key: str, prefix: str = "fea
     return base / f"{prefix}-{key[:40]}.npz"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory fds: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(file object) into a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save(path: str | os.PathLike, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Write arrays + meta atomically: a crash at any point leaves either the old entry or none, never a torn one."""
     path = Path(path)
     meta = {**meta, "key": key, "format_version": FORMAT_VERSION,
             "arrays": {k: [list(v.shape), v.dtype.str] for k, v in arrays.items()}}
     text = json.dumps(meta, sort_keys=True)
-    _atomic_write(path, lambda f: np.savez(f, **arrays, **{_META: np.array(text)}))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write((text + "\n").encode()))
+    atomic.write(path, lambda f: np.savez(f, **arrays, **{_META: np.array(text)}))
+    atomic.write_text(path.with_suffix(".json"), text + "\n")
     return path
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from squad_ds import distributed
-from squad_ds.errors import CheckpointError
+from squad_ds import atomic, distributed
+from squad_ds.errors import CheckpointError, disk_error
 from squad_ds.logs import log_main
 
 MARKER = "squad_ds_complete.json"
@@ -30,15 +30,6 @@ _TAG_RE = re.compile(r"^step(\d+)$")
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _tags(ckpt_dir: Path) -> list[tuple[int, str, bool]]:
@@ -61,15 +52,22 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     """Every rank calls this (ZeRO shards are written by their owners)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    # DeepSpeed keeps rank 0's client state only; dropout RNG differs per rank, so each rank saves its own.
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        # DeepSpeed keeps rank 0's client state only; dropout RNG differs per rank, so each rank saves its own.
+        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt")
+    except (OSError, RuntimeError) as e:
+        disk = disk_error(e, ckpt_dir / tag)
+        if disk is None:
+            raise
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # half a checkpoint: room back for whatever comes next
+        raise disk from e
     distributed.barrier()
 
     def mark_complete():
         # The settings that give the saved position its meaning travel in the marker too, so that a resume can
         # check them before DeepSpeed loads anything.
-        _atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
+        atomic.write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
                                                      "recipe": client_state.get("recipe"),
                                                      "layout": client_state.get("layout", {}),
                                                      "sha256": file_digests(ckpt_dir / tag)})
@@ -277,9 +275,16 @@ def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, 
                                   "(training diverged, or the checkpoint is damaged)")
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        _atomic_write_json(tmp / "squad_ds.json", extra)
+        try:
+            engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            atomic.write_json(tmp / "squad_ds.json", extra)
+        except Exception as e:  # safetensors reports a full disk in its own exception type
+            disk = disk_error(e, tmp)
+            if disk is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk from e
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
         log_main("exported model to %s", out_dir)

@@ -1,7 +1,10 @@
 """The errors that mean "your input is wrong" (as opposed to a bug): one clear line and exit status 2."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from squad_ds.config import ConfigError
@@ -14,7 +17,33 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used as it is: damaged, unsafe, or from a run that differs in what it means."""
 
 
-USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError, CheckpointError)
+class DiskError(Exception):
+    """Nothing more can be written where the run writes: a full, over-quota or read-only file system."""
+
+
+USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError, CheckpointError, DiskError)
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system"}
+
+
+def disk_problem(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written under `path` (a read-only or full file system), or None. For writers that do
+    not say (torch.save reports only "file write failed")."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    if st.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return "no space left on the device"
+    return None
+
+
+def disk_error(e: BaseException, path: str | os.PathLike) -> DiskError | None:
+    """A DiskError naming `path` when `e` came from a full or read-only file system, else None."""
+    reason = _DISK_ERRNOS.get(getattr(e, "errno", None)) or disk_problem(path)
+    return DiskError(f"cannot write {path}: {reason}") if reason else None
 
 
 def run_main(prog: str, run: Callable[[], int]) -> int:
@@ -22,6 +51,11 @@ def run_main(prog: str, run: Callable[[], int]) -> int:
         status = run()
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        status = 2
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"{prog}: error: cannot write {e.filename or ''}: {_DISK_ERRNOS[e.errno]}", file=sys.stderr)
         status = 2
     # A clean end or an input error: leave the process group explicitly. Left to the interpreter's exit, gloo's
     # threads can be torn down under a peer that already left (seen: SIGABRT after the error message). A bug's

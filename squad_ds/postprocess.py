@@ -23,15 +23,14 @@ module's contract): `example_index` int [N] indexes `examples`;
 from __future__ import annotations
 
 import gc
-import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from squad_ds import atomic
 
 # v2.0 null odds of an example with no valid span at all: it is predicted "", so it must rank as the most
 # confident no-answer for any threshold search (finite, to keep the JSON strict).
@@ -321,18 +320,6 @@ def postprocess_xlnet(examples: Sequence[Any], example_index: np.ndarray, offset
     return QAPredictions(predictions, _nbest(examples, cand, n_best_size, None), null_odds)
 
 
-def _write_json_atomic(path: Path, obj: Any, indent: int | None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_predictions(preds: QAPredictions, out_dir: str | Path) -> dict[str, Path]:
     """Write predictions.json, nbest_predictions.json and (v2.0) null_odds.json; each file appears whole or not
     at all (temporary file + os.replace). Returns {"predictions" | "nbest" | "null_odds": path}.
@@ -344,5 +331,5 @@ def write_predictions(preds: QAPredictions, out_dir: str | Path) -> dict[str, Pa
     if preds.null_odds is not None:
         files["null_odds"] = (out_dir / "null_odds.json", preds.null_odds, 2)
     for path, obj, indent in files.values():
-        _write_json_atomic(path, obj, indent)
+        atomic.write_json(path, obj, indent)
     return {name: path for name, (path, _, _) in files.items()}

@@ -5,6 +5,7 @@ them: read the file, key it, load or build, summarise.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from squad_ds import cache
 from squad_ds.data import SquadDataset, load_squad
 from squad_ds.features import Features, featurize, make_spec
+
+log = logging.getLogger(__name__)
 
 
 def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_seq_length: int = 384,
@@ -43,8 +46,12 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     else:
         examples = dataset.train_examples() if split == "train" else dataset.examples
         features = featurize(examples, tokenizer, split=split, num_workers=num_workers, progress=progress, **params)
-        cache.save(path, key, features.arrays(), {"data": os.fspath(data_path), "split": split,
-                                                   "squad_version": dataset.version, **params})
+        try:
+            cache.save(path, key, features.arrays(), {"data": os.fspath(data_path), "split": split,
+                                                       "squad_version": dataset.version, **params})
+        except OSError as e:  # a read-only or full cache directory costs the cache, not the run
+            log.warning("feature cache not written (%s: %s): continuing without it", path.parent,
+                        e.strerror or e)
     n_examples = len(dataset.examples) - (len(dataset.misaligned_ids) if split == "train" else 0)
     info: dict[str, Any] = {"examples": n_examples, "features": len(features), "in_span": None, "at_cls": None,
                             "seconds": round(time.perf_counter() - t0, 3), "cached": hit is not None,

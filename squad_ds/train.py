@@ -219,47 +219,52 @@ def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, ep
     t0 = time.perf_counter()
     step_before = engine.global_steps
     done = step_before >= plan.total_steps
-    while not done:
-        order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths, global_batch=plan.global_batch)
-        loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position, trim),
-                                             batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
-                                             num_workers=2 if device.type == "cuda" else 0,
-                                             # its own generator: a DataLoader iterator draws a seed when it starts,
-                                             # which from the global RNG would shift dropout after a resume
-                                             generator=torch.Generator())
-        batches_per_epoch = -(-len(order) // plan.micro_batch)
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            pending.append(train_step(engine, batch, family, cfg))
-            position += 1
-            rates.add(*batch_flops(cfg, batch))
-            if engine.global_steps == step_before:
-                continue  # inside an accumulation window
-            step = step_before = engine.global_steps
-            bar.update(1)
-            last = step >= plan.total_steps
-            if tr.log_steps and (step % tr.log_steps == 0 or last):
-                _log_losses(pending, step, plan, engine, rates, log_file, bar)
-                pending = []
-            if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
-                metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}",
-                                   trim=trim)
-                _monitor_eval(engine, metrics)
-            stop = preempt.agreed(step, tr.log_steps)
-            if stop or last or (tr.save_steps and step % tr.save_steps == 0):
-                epoch_done = position >= batches_per_epoch
-                epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)
-                saved = checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now, layout),
-                                        tr.keep_last)
-            if stop:
-                log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
-                bar.close()
-                return None, True, saved
-            if last:
-                done = True
-                break
-        else:  # the epoch ran out before the planned steps did
-            epoch, position = epoch + 1, 0
+    try:
+        while not done:
+            order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths,
+                                global_batch=plan.global_batch)
+            loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position, trim),
+                                                 batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
+                                                 num_workers=2 if device.type == "cuda" else 0,
+                                                 # its own generator: a DataLoader iterator draws a seed when it starts,
+                                                 # which from the global RNG would shift dropout after a resume
+                                                 generator=torch.Generator())
+            batches_per_epoch = -(-len(order) // plan.micro_batch)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                pending.append(train_step(engine, batch, family, cfg))
+                position += 1
+                rates.add(*batch_flops(cfg, batch))
+                if engine.global_steps == step_before:
+                    continue  # inside an accumulation window
+                step = step_before = engine.global_steps
+                bar.update(1)
+                last = step >= plan.total_steps
+                if tr.log_steps and (step % tr.log_steps == 0 or last):
+                    _log_losses(pending, step, plan, engine, rates, log_file, bar)
+                    pending = []
+                if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
+                    metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}",
+                                       trim=trim)
+                    _monitor_eval(engine, metrics)
+                stop = preempt.agreed(step, tr.log_steps)
+                if stop or last or (tr.save_steps and step % tr.save_steps == 0):
+                    epoch_done = position >= batches_per_epoch
+                    epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)
+                    saved = checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now, layout),
+                                            tr.keep_last)
+                if stop:
+                    log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
+                    bar.close()
+                    return None, True, saved
+                if last:
+                    done = True
+                    break
+            else:  # the epoch ran out before the planned steps did
+                epoch, position = epoch + 1, 0
+    except BaseException:
+        bar.close()  # its last line before the error's, not after it
+        raise
     bar.close()
     if pending:
         _log_losses(pending, engine.global_steps, plan, engine, rates, log_file, bar)

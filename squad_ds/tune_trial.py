@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from squad_ds import atomic
 from squad_ds.config import ConfigError, load_recipe
 
 WARMUP_STEPS = 2  # optimizer steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
@@ -127,9 +128,7 @@ def trial_main(spec_path: str) -> int:
             import torch
 
             result["peak_mem_gb"] = _peak_mem_gb(torch.cuda.is_available())
-    tmp = out.with_suffix(".tmp")  # the tuner may kill this process group at any moment: never a torn file
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, out)
+    atomic.write_text(out, json.dumps(result) + "\n")  # the tuner may kill this process group at any moment
     # Other ranks may be stuck in a collective after an OOM here: leave without waiting for them.
     sys.stdout.flush()
     os._exit(0 if result["status"] == "fits" else 3)

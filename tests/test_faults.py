@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 
 import pytest
@@ -225,3 +224,92 @@ def test_resume_from_another_runs_final_checkpoint_exports(tmp_path, model, fini
     proc = run_train(recipe, "--resume", str(finished[0] / "checkpoints" / "step00000006"))
     assert final_json(proc)["global_step"] == 6
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------- disks
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(dir, *options): a tmpfs or read-only bind mount at dir for the test (root only, as in CI)."""
+    import subprocess
+
+    mounted = []
+
+    def do(target, *args):
+        target.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount here (needs root): {proc.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield do
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_disk_full_mid_save_is_one_line_and_the_run_resumes_exactly(tmp_path, model, finished, mount):
+    """Each checkpoint of the tiny model is ~12 MB: a 30 MB disk takes steps 2 and 4, and fills during step 6."""
+    import subprocess
+
+    disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=30m", "tmpfs")
+    recipe = write_recipe(tmp_path / "r.yaml", model, disk / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "save_steps": 2, "keep_last": 3})
+    proc = run_train(recipe, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = _last_error(proc)
+    assert err == f"squad-ds train: error: cannot write {disk / 'out' / 'checkpoints' / 'step00000006'}: " \
+                  "no space left on the device", err
+    assert complete_tags(disk / "out" / "checkpoints") == ["step00000002", "step00000004"]
+    assert not (disk / "out" / "checkpoints" / "step00000006").exists()  # the half-written save is gone
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    run_train(recipe, "--resume", "auto")
+    assert losses(disk / "out") == finished[1]
+
+
+def test_read_only_output_dir_is_one_line(tmp_path, model, mount):
+    ro = tmp_path / "ro"
+    (ro / "out").mkdir(parents=True)
+    mount(ro, "--bind", str(ro))
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+    recipe = write_recipe(tmp_path / "r.yaml", model, ro / "out")
+    proc = run_train(recipe, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _last_error(proc) == f"squad-ds train: error: cannot write {ro / 'out' / '.squad_ds.lock'}: " \
+                                "read-only file system"
+
+
+def test_read_only_cache_dir_trains_without_caching(tmp_path, model, mount):
+    import subprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mount(cache, "--bind", str(cache))
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(cache)], check=True)
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", train={"max_steps": 2},
+                          data={"max_eval_examples": 4, "cache_dir": str(cache)})
+    proc = run_train(recipe)
+    assert "feature cache not written" in proc.stderr and "continuing without it" in proc.stderr
+    assert final_json(proc)["global_step"] == 2
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Predictions and cache entries are ordinary files for whoever shares the run directory (not 0600)."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from squad_ds import cache
+    from squad_ds.postprocess import QAPredictions, write_predictions
+
+    old = os.umask(0o022)
+    try:
+        paths = write_predictions(QAPredictions({"q": "a"}, {"q": []}, None), tmp_path / "pred")
+        entry = cache.save(tmp_path / "cache" / "e.npz", "k", {"x": np.zeros(2)}, {})
+    finally:
+        os.umask(old)
+    for p in [*paths.values(), entry, entry.with_suffix(".json")]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
