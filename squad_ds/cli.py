@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from squad_ds.data_files import resolve_data_path
+    from squad_ds.errors import ConfigError
     from squad_ds.metrics import evaluate_files
 
-    result = evaluate_files(args.data, args.predictions, na_prob_file=args.na_prob_file,
+    if args.out_file and Path(args.out_file).is_dir():
+        raise ConfigError(f"--out-file {args.out_file}: a directory; give the path of the file to write")
+    result = evaluate_files(resolve_data_path(args.data), args.predictions, na_prob_file=args.na_prob_file,
                             na_prob_thresh=args.na_prob_thresh, allow_missing=args.allow_missing)
     text = json.dumps(result)
     print(text)
@@ -20,9 +25,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from squad_ds.data_files import resolve_data_path
     from squad_ds.preprocess import preprocess_command
 
-    summary = preprocess_command(args.data, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
+    summary = preprocess_command(resolve_data_path(args.data), tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
                                  doc_stride=args.doc_stride, max_query_length=args.max_query_length,
                                  split=args.split, cache_dir=args.cache_dir, num_workers=args.num_workers)
     print(json.dumps(summary))
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("predict", help="predict (and score) with a trained model directory", add_help=False)
 
     ev = sub.add_parser("evaluate", help="score predictions with the official SQuAD v1.1/v2.0 EM/F1")
-    ev.add_argument("data", help="SQuAD JSON (.json or .json.gz) with gold answers")
+    ev.add_argument("data", help="SQuAD JSON (.json or .json.gz) with gold answers, or sample:NAME")
     ev.add_argument("predictions", help="JSON object: question id -> answer text")
     ev.add_argument("--na-prob-file", help="JSON object: question id -> probability of no answer (v2.0)")
     ev.add_argument("--na-prob-thresh", type=float, default=1.0, help="predict no-answer above this (default 1.0)")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     pp = sub.add_parser("preprocess", help="tokenize a SQuAD file into (cached) features")
-    pp.add_argument("data")
+    pp.add_argument("data", help="SQuAD JSON (.json or .json.gz), or sample:NAME")
     pp.add_argument("--tokenizer", required=True, help="local directory or hub name of a fast tokenizer")
     pp.add_argument("--max-seq-length", type=int, default=384)
     pp.add_argument("--doc-stride", type=int, default=128)
@@ -112,11 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # our input errors: one clear line, non-zero exit
-        print(f"squad-ds {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    from squad_ds.errors import run_main
+
+    return run_main(f"squad-ds {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

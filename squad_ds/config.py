@@ -7,6 +7,7 @@ warmup, weight decay) are `None` here unless the recipe sets them, and `engine.r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from squad_ds.errors import ConfigError
 from squad_ds.modeling.sdpa import SDPA_BACKENDS
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -31,10 +33,6 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-class ConfigError(ValueError):
-    """A recipe, override or DeepSpeed config that cannot be used; the message names the key."""
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -92,6 +90,7 @@ class DataConfig:
         for k in ("max_train_examples", "max_eval_examples"):
             v = getattr(self, k)
             _check(v is None or v > 0, f"data.{k}", "must be positive or null")
+        _check(self.num_workers is None or self.num_workers >= 1, "data.num_workers", "must be >= 1 or null")
 
 
 @dataclass
@@ -198,6 +197,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
+        _check(math.isfinite(value), key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
@@ -256,7 +256,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), _yaml_load(value) if value.strip() else None
+    try:
+        return key.strip().split("."), _yaml_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -285,6 +288,8 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         raw = _yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     return recipe_from_dict(apply_overrides(raw, overrides or []), str(path))

@@ -9,15 +9,14 @@ import gc
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from squad_ds.errors import SquadFormatError
+
 log = logging.getLogger(__name__)
-
-
-class SquadFormatError(ValueError):
-    """A SQuAD file that cannot be read as SQuAD."""
 
 
 # NamedTuples, not frozen dataclasses: a frozen dataclass's __init__ (object.__setattr__ per field) took
@@ -71,6 +70,8 @@ class SquadDataset:
 def read_json(path: str | Path) -> Any:
     """Load JSON, gzip-compressed or not (recognised by its magic bytes, not its name); a failure names the file."""
     path = Path(path)
+    if path.is_dir():
+        raise SquadFormatError(f"{path}: a directory, not a SQuAD JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -80,8 +81,10 @@ def read_json(path: str | Path) -> Any:
         # utf-8-sig: tolerate a byte-order mark, which json.load rejects.
         with opener(path, "rt", encoding="utf-8-sig") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
         raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if is_gzip else ''}: {e}") from e
+    except RecursionError:
+        raise SquadFormatError(f"{path}: not SQuAD JSON: nested too deeply to read") from None
 
 
 def _expect(cond: bool, path: Path, where: str, what: str) -> None:

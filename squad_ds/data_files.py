@@ -4,13 +4,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from squad_ds.config import ConfigError
+from squad_ds.errors import ConfigError
 from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2, SAMPLE_TRAIN
 
 SAMPLES = {"train": SAMPLE_TRAIN, "dev": SAMPLE_DEV, "dev-v2": SAMPLE_DEV_V2}
 
 
-def resolve_data_path(name: str) -> str:
+def resolve_data_path(name: str | None, key: str = "data file") -> str:
+    if not name:
+        raise ConfigError(f"{key}: no file given (a path, or sample:{'|'.join(SAMPLES)})")
     if name.startswith("sample:"):
         key = name.split(":", 1)[1]
         if key not in SAMPLES:
@@ -19,6 +21,8 @@ def resolve_data_path(name: str) -> str:
     expanded = os.path.expandvars(os.path.expanduser(name))
     if "$" in expanded:
         raise ConfigError(f"data file {name!r}: an environment variable in it is not set (e.g. SQUAD_DIR)")
+    if Path(expanded).is_dir():
+        raise ConfigError(f"data file {expanded}: a directory, not a SQuAD JSON file")
     if not Path(expanded).is_file():
         raise FileNotFoundError(f"data file {expanded}: no such file")
     return expanded

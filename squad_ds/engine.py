@@ -56,9 +56,24 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    for section in _OBJECT_SECTIONS:
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise ConfigError(f"{path}: \"{section}\" must be a JSON object, got {json.dumps(cfg[section])}")
+    for section in ("optimizer", "scheduler"):
+        if section in cfg and not isinstance(cfg[section].get("type"), str):
+            raise ConfigError(f"{path}: \"{section}\" needs a \"type\" (e.g. \"AdamW\", \"WarmupDecayLR\")")
+        if section in cfg and not isinstance(cfg[section].get("params", {}), dict):
+            raise ConfigError(f"{path}: \"{section}.params\" must be a JSON object")
     return cfg
+
+
+# Sections squad-ds reads or fills in: anything but an object there is an error before DeepSpeed sees it.
+_OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "activation_checkpointing",
+                    "tensorboard", "csv_monitor", "wandb", "comms_logger", "flops_profiler")
 
 
 def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:

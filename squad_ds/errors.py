@@ -1,4 +1,5 @@
-"""The errors that mean "your input is wrong" (as opposed to a bug): one clear line and exit status 2."""
+"""The errors that mean "your input is wrong" (as opposed to a bug), and the one boundary that turns them into one
+clear line and exit status 2. Every layer raises these; this module imports nothing of the package."""
 from __future__ import annotations
 
 import errno
@@ -7,10 +8,30 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from squad_ds.config import ConfigError
-from squad_ds.data import SquadFormatError
-from squad_ds.modeling.factory import ModelLoadError
 
+class ConfigError(ValueError):
+    """A recipe, override or DeepSpeed config that cannot be used; the message names the key."""
+
+
+class SquadFormatError(ValueError):
+    """A SQuAD file that cannot be read as SQuAD."""
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded (missing directory, offline hub, unusable checkpoint)."""
+
+
+class PredictionsFormatError(ValueError):
+    """A predictions or no-answer-probability file that is not the expected JSON object."""
+
+
+class MissingPredictionsError(ValueError):
+    """SQuAD v2.0 questions without a prediction (pass allow_missing to score the predicted ids only)."""
+
+    def __init__(self, missing: list[str], total: int):
+        self.missing = missing
+        super().__init__(f"{len(missing)} of {total} questions have no prediction (first: {', '.join(missing[:5])}); "
+                         "pass allow_missing (--allow-missing) to score only the predicted ids")
 
 
 class CheckpointError(Exception):
@@ -21,7 +42,8 @@ class DiskError(Exception):
     """Nothing more can be written where the run writes: a full, over-quota or read-only file system."""
 
 
-USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, FileNotFoundError, CheckpointError, DiskError)
+USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, PredictionsFormatError, MissingPredictionsError,
+               FileNotFoundError, CheckpointError, DiskError)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}
 

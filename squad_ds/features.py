@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from squad_ds.errors import ConfigError, ModelLoadError
+
 from squad_ds.data import Example
 
 log = logging.getLogger(__name__)
@@ -111,26 +113,27 @@ def _runs(seq_ids: Sequence[int | None]) -> list[tuple[int | None, int, int]]:
 
 
 def make_spec(tokenizer: Any, *, max_seq_length: int, doc_stride: int, max_query_length: int, split: str) -> _Spec:
-    """Validate the parameters against the tokenizer and read its pair layout; raises ValueError with the reason."""
+    """Validate the parameters against the tokenizer and read its pair layout; raises ConfigError (parameters) or
+    ModelLoadError (a tokenizer it cannot use) with the reason."""
     if not (getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer")):
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer: features need "
+        raise ModelLoadError(f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer: features need "
                          "offset mappings; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     for name, value, low in (("max_seq_length", max_seq_length, 8), ("max_query_length", max_query_length, 1),
                              ("doc_stride", doc_stride, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     if max_seq_length > tokenizer.model_max_length:
-        raise ValueError(f"max_seq_length={max_seq_length} exceeds the tokenizer's model_max_length="
+        raise ConfigError(f"max_seq_length={max_seq_length} exceeds the tokenizer's model_max_length="
                          f"{tokenizer.model_max_length}")
     if getattr(tokenizer, "truncation_side", "right") != "right":
-        raise ValueError("tokenizers with truncation_side='left' are not supported")
+        raise ModelLoadError("tokenizers with truncation_side='left' are not supported")
     if tokenizer.padding_side not in ("left", "right"):
-        raise ValueError(f"unknown padding_side {tokenizer.padding_side!r}")
+        raise ModelLoadError(f"unknown padding_side {tokenizer.padding_side!r}")
     pad_left = tokenizer.padding_side == "left"
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no pad token; padding to max_seq_length needs one")
+        raise ModelLoadError(f"{type(tokenizer).__name__} has no pad token; padding to max_seq_length needs one")
 
     backend = _backend_copy(tokenizer)
     pair = backend.encode("hello", "world", add_special_tokens=True)
@@ -144,10 +147,10 @@ def make_spec(tokenizer: Any, *, max_seq_length: int, doc_stride: int, max_query
             segments.append(("special", pair.ids[start], pair.type_ids[start]))
         else:
             if len(set(pair.type_ids[start:stop])) != 1:
-                raise ValueError("unsupported post-processor: mixed token types inside one sequence")
+                raise ModelLoadError("unsupported post-processor: mixed token types inside one sequence")
             segments.append((first if seq == 0 else second, -1, pair.type_ids[start]))
     if [k for k, _, _ in segments if k != "special"] != [first, second]:
-        raise ValueError(f"unsupported post-processor layout {segments}: expected each sequence once, in order")
+        raise ModelLoadError(f"unsupported post-processor layout {segments}: expected each sequence once, in order")
     if cls_segment is None and len(cls_ids) > 1:
         cls_segment = next((i for i, (k, t, _) in enumerate(segments) if k == "special" and t == cls_ids[1]), None)
     single = backend.encode("hello", add_special_tokens=True).sequence_ids
@@ -157,7 +160,7 @@ def make_spec(tokenizer: Any, *, max_seq_length: int, doc_stride: int, max_query
     n_special = sum(k == "special" for k, _, _ in segments)
     budget = max_seq_length - n_special - max_query_length
     if doc_stride >= budget:
-        raise ValueError(f"doc_stride={doc_stride} must be smaller than max_seq_length - max_query_length - "
+        raise ConfigError(f"doc_stride={doc_stride} must be smaller than max_seq_length - max_query_length - "
                          f"{n_special} special tokens = {budget}, or a window with a full-length question could not "
                          "advance through its context")
     return _Spec(max_seq_length, doc_stride, max_query_length, split, tuple(segments), cls_segment, single_strip,
@@ -356,7 +359,7 @@ def featurize(examples: Sequence[Example], tokenizer: Any, *, max_seq_length: in
                      max_query_length=max_query_length, split=split)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     if workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
     chunk = CHUNK_EXAMPLES if workers == 1 else max(256, min(CHUNK_EXAMPLES, -(-len(examples) // (4 * workers))))
     tasks = list(_tasks(examples, chunk))
     parts: list[dict[str, np.ndarray]] = []

@@ -21,24 +21,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from squad_ds.data import SquadDataset, load_squad, read_json
+from squad_ds.errors import MissingPredictionsError, PredictionsFormatError, SquadFormatError
 
 log = logging.getLogger(__name__)
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII only: “ ” — ’ are kept, as officially
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-class PredictionsFormatError(ValueError):
-    """A predictions or no-answer-probability file that is not the expected JSON object."""
-
-
-class MissingPredictionsError(ValueError):
-    """SQuAD v2.0 questions without a prediction (pass allow_missing to score the predicted ids only)."""
-
-    def __init__(self, missing: list[str], total: int):
-        self.missing = missing
-        super().__init__(f"{len(missing)} of {total} questions have no prediction (first: {', '.join(missing[:5])}); "
-                         "pass allow_missing (--allow-missing) to score only the predicted ids")
 
 
 def normalize_answer(s: str) -> str:
@@ -191,9 +179,11 @@ def score(dataset: SquadDataset, predictions: Mapping[str, str], na_probs: Mappi
     probability is above `na_prob_thresh` (without `na_probs`, every probability is 0).
     """
     _check_mapping(predictions, "predictions", "text")
+    if not dataset.examples:
+        raise SquadFormatError(f"{dataset.path}: holds no questions: nothing to score")
     if na_probs is not None:
         if dataset.version != "2.0":
-            raise ValueError(f"{dataset.path}: no-answer probabilities apply to SQuAD v2.0 only "
+            raise PredictionsFormatError(f"{dataset.path}: no-answer probabilities apply to SQuAD v2.0 only "
                              f"(this file is v{dataset.version})")
         _check_mapping(na_probs, "no-answer probabilities", "number")
     _warn_unknown_ids(dataset, predictions, {ex.id for ex in dataset.examples})

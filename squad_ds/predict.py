@@ -15,10 +15,10 @@ import torch
 from squad_ds import distributed
 from squad_ds.config import apply_overrides, load_recipe, recipe_from_dict
 from squad_ds.data_files import resolve_data_path
-from squad_ds.errors import run_main
+from squad_ds.errors import ConfigError, run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.logs import setup_logging
-from squad_ds.modeling.factory import load_qa_model, load_tokenizer
+from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.modeling.sdpa import sdpa_preference
 
@@ -40,7 +40,11 @@ def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
         return load_recipe(recipe_name, overrides)
     saved = Path(model_dir) / "squad_ds.json"
     if saved.is_file():
-        raw = json.loads(saved.read_text(encoding="utf-8"))["recipe"]
+        try:
+            raw = json.loads(saved.read_text(encoding="utf-8"))["recipe"]
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, or no recipe in it
+            raise ConfigError(f"{saved}: not a squad-ds model record with its recipe ({type(e).__name__}: {e}); "
+                              "give --recipe, or remove the file to predict with default settings") from None
         return recipe_from_dict(apply_overrides(raw, overrides), str(saved))
     return load_recipe(None, overrides)
 
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.init(cuda)
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    check_max_seq_length(args.model, recipe.data.max_seq_length)
     tokenizer = load_tokenizer(args.model)
     feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe, "eval",
                                    recipe.data.max_eval_examples)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from squad_ds.checkpoint import complete_tags
-from squad_ds.config import ConfigError
+from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
 
 LOCK = ".squad_ds.lock"

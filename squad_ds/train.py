@@ -23,12 +23,12 @@ from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
 from squad_ds.effective import effective_document
-from squad_ds.errors import run_main
+from squad_ds.errors import SquadFormatError, run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.flops import batch_flops, detect_peak_tflops
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling import unpadded
-from squad_ds.modeling.factory import load_qa_model, load_tokenizer
+from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
 from squad_ds.packing import is_packed
@@ -92,6 +92,8 @@ def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int |
     # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again (and fail with
     # rank 0's error if it could not).
     features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))
+    if not dataset.examples:
+        raise SquadFormatError(f"{path}: holds no questions: nothing to {'train on' if split == 'train' else 'predict'}")
     if limit is not None:
         features, dataset = _first_examples(features, dataset, split, limit)
     if recipe.data.version and dataset.version != recipe.data.version:
@@ -133,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
 
+    check_max_seq_length(recipe.model.name_or_path, recipe.data.max_seq_length)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    train_path = resolve_data_path(recipe.data.train_file)
+    train_path = resolve_data_path(recipe.data.train_file, "data.train_file")
     train_feats, _ = load_features(train_path, tokenizer, recipe, "train", recipe.data.max_train_examples)
     eval_feats = eval_set = None
     if recipe.data.eval_file:

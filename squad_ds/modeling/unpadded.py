@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from squad_ds.errors import ConfigError
 from squad_ds.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
 
 ATTN_NAME = "squad_ds_unpadded"
@@ -67,8 +68,6 @@ def unsupported_reason(model) -> str | None:
 def enable(model) -> None:
     """Switch `model` (before DeepSpeed wraps it) to the attention that takes packed batches; padded batches keep
     working. Raises ConfigError naming the reason for models it does not fit."""
-    from squad_ds.config import ConfigError
-
     reason = unsupported_reason(model)
     if reason:
         raise ConfigError(f"data.unpad: {reason}; set data.unpad=false for this model")

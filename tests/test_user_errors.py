@@ -1,0 +1,123 @@
+"""Bad input to every sub-command ends in one line naming the place, and exit status 2 — never a traceback."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trainer_util import REPO, env, make_tiny_model, write_recipe
+
+
+def _cli(*args, cwd=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "squad_ds.cli", *map(str, args)], env=env(), cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(proc, prog: str, *parts: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"squad-ds {prog}: error: "), last
+    for part in parts:
+        assert part in last, (part, last)
+    return last
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps({"version": "1.1", "data": []}))
+    (tmp_path / "preds.json").write_text("{}")
+    blob = bytearray(gzip.compress(json.dumps({"version": "1.1", "data": []}).encode() * 200))
+    blob[10] = 0x07  # the first deflate block (after the 10-byte header): type 3, which does not exist
+    (tmp_path / "bad.json.gz").write_bytes(bytes(blob))
+    (tmp_path / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "latin1.json").write_bytes('{"version": "1.1", "data": [], "x": "caf\xe9"}'.encode("latin-1"))
+    (tmp_path / "adir").mkdir()
+    return tmp_path
+
+
+def test_evaluate_errors(files):
+    d = files
+    _one_line(_cli("evaluate", d / "empty.json", d / "preds.json"), "evaluate", "empty.json", "no questions")
+    _one_line(_cli("evaluate", d / "bad.json.gz", d / "preds.json"), "evaluate", "bad.json.gz", "not valid JSON")
+    _one_line(_cli("evaluate", d / "nested.json", d / "preds.json"), "evaluate", "nested.json", "nested too deeply")
+    _one_line(_cli("evaluate", d / "latin1.json", d / "preds.json"), "evaluate", "latin1.json", "utf-8")
+    _one_line(_cli("evaluate", d / "adir", d / "preds.json"), "evaluate", "adir", "a directory")
+    _one_line(_cli("evaluate", "sample:dev", d / "preds.json", "--out-file", d / "adir"), "evaluate",
+              "--out-file", "a directory")
+
+
+def test_sample_names_work_in_evaluate_and_preprocess(tmp_path):
+    from squad_ds.data import load_squad
+    from squad_ds.sample_data import SAMPLE_DEV
+
+    preds = {e.id: e.answers[0].text for e in load_squad(SAMPLE_DEV).examples}
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    proc = _cli("evaluate", "sample:dev", tmp_path / "p.json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"exact_match": 100.0, "f1": 100.0}, proc.stderr
+    proc = _cli("preprocess", "sample:dev", "--tokenizer", "all-MiniLM-L6-v2", "--split", "eval",
+                "--max-seq-length", "128", "--doc-stride", "32", "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["features"] > 0, proc.stderr[-2000:]
+
+
+def test_config_and_recipe_errors(tmp_path):
+    _one_line(_cli("config", "tiny", "--set", "train.epochs=[1", "--num-features", "10"), "config",
+              "train.epochs=[1", "not valid YAML")
+    _one_line(_cli("config", "tiny", "--set", "train.epochs=1e400", "--num-features", "10"), "config",
+              "train.epochs", "finite")
+    _one_line(_cli("config", "tiny", "--set", "data.num_workers=0", "--num-features", "10"), "config",
+              "data.num_workers")
+    (tmp_path / "latin1.yaml").write_bytes('description: "caf\xe9"\n'.encode("latin-1"))
+    _one_line(_cli("config", tmp_path / "latin1.yaml", "--num-features", "10"), "config", "latin1.yaml", "UTF-8")
+    for name, ds in [("str_opt", {"optimizer": "adam"}), ("no_type", {"optimizer": {"params": {"lr": 1e-3}}}),
+                     ("zero_list", {"zero_optimization": [2]})]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", **ds}))
+        _one_line(_cli("config", "tiny", "--deepspeed_config", tmp_path / f"{name}.json", "--num-features", "10"),
+                  "config", f"{name}.json")
+    (tmp_path / "latin1.json").write_bytes('{"x": "caf\xe9"}'.encode("latin-1"))
+    _one_line(_cli("config", "tiny", "--deepspeed_config", tmp_path / "latin1.json", "--num-features", "10"),
+              "config", "latin1.json", "UTF-8")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")  # 64 positions
+
+
+def _train(recipe, *args):
+    return subprocess.run([sys.executable, "-m", "squad_ds.train", "--recipe", str(recipe),
+                           "--deepspeed_config", "cpu_fp32", *args], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"train_file": None}, ("data.train_file", "no file given")),
+    ({"max_seq_length": 128, "doc_stride": 64}, ("data.max_seq_length=128", "64 positions")),
+    ({"doc_stride": 50}, ("doc_stride=50", "must be smaller")),
+])
+def test_train_errors_before_training(tmp_path, tiny, data, expected):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out", data=data)
+    last = _one_line(_train(recipe), "train", *expected)
+    assert not (tmp_path / "out" / "checkpoints").exists(), last
+
+
+def test_predict_errors(tmp_path, tiny):
+    import shutil
+
+    (tmp_path / "empty.json").write_text(json.dumps({"version": "1.1", "data": []}))
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    _one_line(_cli("predict", tmp_path / "empty.json", "--model", tiny, "--out-dir", tmp_path / "p", *windows),
+              "predict", "empty.json", "no questions")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "squad_ds.json").write_text("{not json")
+    _one_line(_cli("predict", "sample:dev", "--model", bad), "predict", "squad_ds.json", "--recipe")
+    (bad / "squad_ds.json").write_text(json.dumps({"step": 3}))
+    _one_line(_cli("predict", "sample:dev", "--model", bad), "predict", "squad_ds.json", "KeyError")
+    (bad / "squad_ds.json").unlink()
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _one_line(_cli("predict", "sample:dev", "--model", bad, *windows), "predict", "cannot load the model")
