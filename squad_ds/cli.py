@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         import importlib
 
+        if argv[0] == "train":
+            from squad_ds import preempt
+
+            preempt.install()  # before the trainer's heavy imports
+
         return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

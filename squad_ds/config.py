@@ -150,6 +150,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Seconds a collective may wait for the other ranks before the run fails (torch's default for gloo: 1800).
+    timeout_s: float = 1800.0
+    # Seconds to wait for every rank to join at start-up: a rank that died before joining fails the others after
+    # this, not after timeout_s.
+    rendezvous_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        for k in ("timeout_s", "rendezvous_timeout_s"):
+            _check(getattr(self, k) > 0, f"distributed.{k}", "must be positive")
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/default"
     export: bool = True  # write an HF model directory at the end
@@ -162,6 +175,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     deepspeed_config: str | None = None  # path or name in ds_configs/; None: chosen for the hardware
     description: str = ""
     expected: dict[str, float] = field(default_factory=dict)  # published dev scores, for the record
@@ -218,7 +232,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown key {name!r} (known: {', '.join(_SECTIONS)})")
         section_cls = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig,
-                       "output": OutputConfig}.get(name)
+                       "output": OutputConfig, "distributed": DistributedConfig}.get(name)
         if section_cls is None:
             kwargs[name] = _coerce(value, _SECTIONS[name], name)
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -39,14 +40,34 @@ def setup_env() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
 
 
-def init(cuda: bool) -> None:
+def init(cuda: bool, timeout_s: float = 1800.0, rendezvous_timeout_s: float = 600.0) -> None:
+    """Join the process group: every rank must join within rendezvous_timeout_s (a rank that died before joining
+    fails the others then, with a clear error), and collectives then wait up to timeout_s."""
     import deepspeed
+
+    from squad_ds.errors import RendezvousError
 
     setup_env()
     if cuda:
         torch.cuda.set_device(local_rank())
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    collective = timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and world_size() > 1:
+        # torch has no public way to change a group's timeout once it exists: join with the rendezvous bound,
+        # then give the group its collective timeout (private API; without it both are timeout_s).
+        settable = hasattr(dist.distributed_c10d, "_set_pg_timeout")
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=rendezvous_timeout_s) if settable
+                                    else collective)
+        except (RuntimeError, dist.DistError) as e:
+            raise RendezvousError(
+                f"rank {rank()} of {world_size()}: the other ranks did not all join at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} within distributed.rendezvous_timeout_s={rendezvous_timeout_s:g} s "
+                f"(did one fail to start? see its log) [{str(e).strip().splitlines()[0][:200]}]") from None
+        if settable:
+            dist.distributed_c10d._set_pg_timeout(collective)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=collective)
 
 
 def rank() -> int:

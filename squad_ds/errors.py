@@ -38,12 +38,16 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used as it is: damaged, unsafe, or from a run that differs in what it means."""
 
 
+class RendezvousError(Exception):
+    """The ranks of a run did not all join its process group in time."""
+
+
 class DiskError(Exception):
     """Nothing more can be written where the run writes: a full, over-quota or read-only file system."""
 
 
 USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, PredictionsFormatError, MissingPredictionsError,
-               FileNotFoundError, CheckpointError, DiskError)
+               FileNotFoundError, CheckpointError, DiskError, RendezvousError)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}
 

@@ -10,7 +10,9 @@ beam head) and the original BERT `run_squad.py` null logic. Deliberate differenc
   padding token with (-1, -1).
 - When no valid span exists the prediction is "" (HF predicts its placeholder text "empty" for v1.1). The n-best
   gets HF's placeholder entry `{"text": "empty", ...}` when it would otherwise be empty (never for the BERT head on
-  v2.0, whose n-best always holds the null answer; there `null_odds` is `NO_SPAN_NULL_ODDS`).
+  v2.0, whose n-best always holds the null answer). One rule for both heads on v2.0: such a question's null odds
+  are `NO_SPAN_NULL_ODDS` (HF gives the BERT head a difference against a placeholder scored 0, and the XLNet head
+  its min(cls_logits), which can rank an unanswerable-by-construction question as answered).
 - v2.0's best non-null span is taken from all candidates, not only from the truncated n-best (with
   n_best_size=1 and a winning null, HF compares the null against its "empty" placeholder scored 0 instead).
 - Every example must have at least one feature: an example without one is an error, not a silent "".
@@ -268,7 +270,8 @@ def postprocess_xlnet(examples: Sequence[Any], example_index: np.ndarray, offset
     End j of start i is at column `i * end_n_top + j` of the end arrays. A candidate's score is
     start_log_prob + end_log_prob, with the same validity rules as `postprocess_bert`; the null answer is not an
     n-best entry, and the n-best's start_logit / end_logit hold the log-probabilities.
-    v2.0: null_odds[id] is the minimum of cls_logits over the example's features -- not a difference: XLNet's
+    v2.0: null_odds[id] is the minimum of cls_logits over the example's features (NO_SPAN_NULL_ODDS, and "", where
+    no candidate is valid, as for the start/end heads) -- not a difference: XLNet's
     answer-class logit is itself the no-answer score (trained with a sigmoid on is_impossible). XLNet's official
     SQuAD 2.0 decision predicts "" when that score exceeds a threshold; here the prediction is "" when
     null_odds > null_score_diff_threshold (0.0: answer-class probability above one half). None keeps HF's
@@ -312,6 +315,7 @@ def postprocess_xlnet(examples: Sequence[Any], example_index: np.ndarray, offset
             raise ValueError("cls_logits is required for SQuAD v2.0")
         cls = _check_shape("cls_logits", cls_logits, (n,)).astype(np.float64)
         null_min = cls[_null_feature(len(examples), example_index, cls)].tolist()
+        null_min = [NO_SPAN_NULL_ODDS if t is None else v for t, v in zip(texts, null_min)]
         null_odds = {x.id: v for x, v in zip(examples, null_min)}
         if null_score_diff_threshold is not None:
             for x, v in zip(examples, null_min):

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = _recipe_for(args.model, args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
-    distributed.init(cuda)
+    distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     check_max_seq_length(args.model, recipe.data.max_seq_length)

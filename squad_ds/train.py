@@ -6,10 +6,15 @@ checkpoints and preemption.
 """
 from __future__ import annotations
 
+# ruff: noqa: E402 - the signal handlers go in before the heavy imports (see preempt.py)
+from squad_ds import preempt
+
+if __name__ == "__main__":  # `python -m squad_ds.train` and the launchers; `squad-ds train` installed them already
+    preempt.install()
+
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -53,22 +58,17 @@ def build_arg_parser(prog: str = "squad-ds train") -> argparse.ArgumentParser:
 
 
 class Preemption:
-    """SIGUSR1/SIGTERM set a flag; the loop checks it at optimizer-step boundaries on all ranks together."""
+    """The signal flag (preempt.py), read at optimizer-step boundaries on all ranks together."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
+        self.flag = preempt.install()
 
     def agreed(self, step: int, every: int) -> bool:
         """Whether all ranks stop now. Alone, the flag is read every step; with several ranks the vote (a
         collective and a host sync) is taken every `every` steps."""
         if distributed.world_size() == 1:
-            return self.requested
-        return step % max(1, every) == 0 and bool(distributed.all_reduce_max(int(self.requested)))
+            return self.flag.requested
+        return step % max(1, every) == 0 and bool(distributed.all_reduce_max(int(self.flag.requested)))
 
 
 def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> torch.Tensor:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     ds_raw = load_ds_config(ds_name)
     # Validate the DeepSpeed/recipe combination before any data or model work.
     resolve_ds_config(ds_raw, recipe, world_size=world, num_features=1, cuda=cuda)
-    distributed.init(cuda)
+    distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     out = Path(recipe.output.dir)

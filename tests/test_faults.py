@@ -313,3 +313,106 @@ def test_outputs_follow_the_umask(tmp_path):
         os.umask(old)
     for p in [*paths.values(), entry, entry.with_suffix(".json")]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+# ------------------------------------------------------------------------------------------------------- signals
+
+_IMPORT_WITHOUT_TORCH = """
+import runpy, signal, sys
+sys.modules["torch"] = None  # importing torch now fails: what ran before it is all that ran
+sys.argv = ["squad-ds", "train"]
+try:
+    if sys.argv[1:] and "{entry}" == "cli":
+        from squad_ds import cli
+        cli.main(["train"])
+    else:
+        runpy.run_module("squad_ds.train", run_name="__main__")
+except ImportError:
+    pass
+print(signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), signal.getsignal(signal.SIGUSR1) not in
+      (signal.SIG_DFL, None))
+"""
+
+
+@pytest.mark.parametrize("entry", ["module", "cli"])
+def test_signal_handlers_go_in_before_torch_is_imported(entry):
+    import subprocess
+    import sys
+
+    from trainer_util import REPO, env
+
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_WITHOUT_TORCH.replace("{entry}", entry)], env=env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["True", "True"], proc.stderr[-2000:]
+
+
+def _handler_installed(pid: int) -> bool:
+    import signal
+
+    with open(f"/proc/{pid}/status") as f:
+        caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_during_start_up_is_a_requeue(tmp_path, model, finished):
+    """SIGTERM as soon as the trainer can take it (while it is still importing): it starts, saves at the first
+    step boundary, exits 75, and the resumed run ends where the uninterrupted one did."""
+    import signal
+    import subprocess
+    import time
+
+    from trainer_util import REPO, env, train_cmd
+
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "save_steps": 2, "keep_last": 3})
+    proc = subprocess.Popen(train_cmd(recipe), env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not _handler_installed(proc.pid):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert complete_tags(tmp_path / "out" / "checkpoints") == ["step00000001"]
+    run_train(recipe, "--resume", "auto")
+    assert losses(tmp_path / "out") == finished[1]
+
+
+def test_signal_after_the_result_line_keeps_the_run_a_success(tmp_path, model):
+    import signal
+    import subprocess
+
+    from trainer_util import REPO, env, train_cmd
+
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 2})
+    proc = subprocess.Popen(train_cmd(recipe), env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    while line and not line.startswith("{"):
+        line = proc.stdout.readline()
+    assert json.loads(line)["global_step"] == 2
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+
+
+# ----------------------------------------------------------------------------------------------------- ranks
+
+@pytest.mark.parametrize("survivor", [0, 1])
+def test_a_rank_that_never_joins_fails_the_other_within_the_rendezvous_timeout(tmp_path, model, survivor):
+    """As under srun (no launcher to stop the others): one rank of two dies before the process group forms. The
+    survivor ends with one line naming distributed.rendezvous_timeout_s, not after the 30-minute collective
+    timeout (the subprocess timeout is the hang guard)."""
+    import subprocess
+
+    from trainer_util import REPO, env, free_port, train_cmd
+
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", distributed={"rendezvous_timeout_s": 15})
+    e = env(1)
+    e.update(RANK=str(survivor), LOCAL_RANK=str(survivor), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+             MASTER_PORT=str(free_port()))
+    proc = subprocess.run(train_cmd(recipe), env=e, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = _last_error(proc)
+    assert last.startswith(f"squad-ds train: error: rank {survivor} of 2: the other ranks did not all join"), last
+    assert "distributed.rendezvous_timeout_s=15 s" in last

@@ -406,6 +406,16 @@ def test_xlnet_beam_head_decoding():
         assert [x["text"] for x in r.nbest["q0"]][0] == "the lazy"  # duplicates across features are kept, like HF
 
 
+def test_xlnet_no_valid_span_has_the_same_null_odds_as_bert():
+    """A question with no valid candidate is predicted "" with NO_SPAN_NULL_ODDS, whatever its cls_logits."""
+    L = 16
+    off = window(WORDS, 0, 10, L, cls_last=True)
+    r = postprocess_xlnet([example(CONTEXT)], np.array([0]), off[None], np.array([[-0.5]]), np.array([[1]]),
+                          np.array([[-0.2]]), np.array([[2]]), np.array([-3.0]), start_n_top=1, end_n_top=1,
+                          version_2=True, null_score_diff_threshold=0.0)  # start and end on question tokens
+    assert r.predictions == {"q0": ""} and r.null_odds == {"q0": NO_SPAN_NULL_ODDS}
+
+
 def reference_xlnet(examples, example_index, offsets, slp, six, elp, eix, cls_logits, start_n_top, end_n_top,
                     n_best_size, max_answer_length):
     preds, nbest, odds = {}, {}, {}
@@ -434,6 +444,7 @@ def reference_xlnet(examples, example_index, offsets, slp, six, elp, eix, cls_lo
         else:
             out = [{"text": "empty", "probability": 1.0, "start_logit": 0.0, "end_logit": 0.0, "offsets": [0, 0]}]
             preds[ex.id] = ""
+            null = NO_SPAN_NULL_ODDS  # squad-ds's one rule for both heads (HF keeps min(cls_logits) here)
         nbest[ex.id], odds[ex.id] = out, float(null)
     return preds, nbest, odds
 
