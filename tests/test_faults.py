@@ -416,3 +416,79 @@ def test_a_rank_that_never_joins_fails_the_other_within_the_rendezvous_timeout(t
     last = _last_error(proc)
     assert last.startswith(f"squad-ds train: error: rank {survivor} of 2: the other ranks did not all join"), last
     assert "distributed.rendezvous_timeout_s=15 s" in last
+
+
+# ------------------------------------------------------------------------------------------------ kill -9 anywhere
+
+_FAULT_TRAIN = {"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 2,
+                "eval_steps": 3, "keep_last": 3}
+# Seeded kill points: the N-th micro-batch, checkpoint, mid-run evaluation, export (see fault_inject.py).
+_RNG = __import__("random").Random(2026)
+KILL_POINTS = [("train", _RNG.randint(1, 12)), ("train", _RNG.randint(1, 12)), ("save", _RNG.randint(1, 3)),
+               ("eval", 1), ("export", 1)]
+
+
+def _fault_recipe(path, model, out):
+    return write_recipe(path, model, out, data={"max_eval_examples": 8}, train=_FAULT_TRAIN,
+                        output={"export": True})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model):
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run_train(_fault_recipe(d / "r.yaml", model, d / "out"))
+    return d / "out"
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("phase,n", KILL_POINTS, ids=[f"{p}{n}" for p, n in KILL_POINTS])
+def test_kill_9_then_rerun_ends_as_the_uninterrupted_run(tmp_path, model, uninterrupted, phase, n):
+    """kill -9 at a seeded point of training, saving, evaluation or export; the same command again (it continues
+    from the newest complete checkpoint) gives the uninterrupted run's losses, predictions and weights."""
+    import subprocess
+    import sys
+
+    from trainer_util import REPO, env, train_cmd
+
+    recipe = _fault_recipe(tmp_path / "r.yaml", model, tmp_path / "out")
+    cmd = [sys.executable, str(REPO / "tests" / "fault_inject.py"), phase, str(n), *train_cmd(recipe)[3:]]
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])
+    run_train(recipe)
+    assert losses(tmp_path / "out") == losses(uninterrupted)
+    for name in ("predictions.json", "nbest_predictions.json", "eval_results.json"):
+        assert (tmp_path / "out" / name).read_text() == (uninterrupted / name).read_text(), name
+    a, b = _weights(tmp_path / "out"), _weights(uninterrupted)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_rank_killed_mid_training_stops_the_other(tmp_path, model):
+    """srun-style ranks (no launcher to stop the survivor): rank 1 is killed -9 at its 3rd micro-batch; rank 0
+    fails at its next collective instead of waiting out the collective timeout (the subprocess timeout is the
+    hang guard)."""
+    import subprocess
+    import sys
+
+    from trainer_util import REPO, env, free_port, train_cmd
+
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "micro_batch_size": 2})
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        e = env(1)
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        wrap = [str(REPO / "tests" / "fault_inject.py"), "train", "3"] if rank == 1 else ["-m", "squad_ds.train"]
+        procs.append(subprocess.Popen([sys.executable, *wrap, *train_cmd(recipe)[3:]], env=e, cwd=REPO,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == -9
+    assert procs[0].returncode not in (0, None), outs[0][1][-3000:]

@@ -63,6 +63,30 @@ def test_two_processes_match(tmp_path, tiny_model, reference, launcher, stage):
     assert "f1" in metrics and "exact_match" in metrics
 
 
+def test_two_nodes_match(tmp_path, tiny_model, reference):
+    """Two "nodes" on this host (torchrun --nnodes 2 --nproc_per_node 1 each, static rendezvous on localhost),
+    each with its own feature cache as on machines without a shared cache: the one-process losses."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 6})
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "squad_ds.train",
+               "--recipe", str(recipe), "--deepspeed_config", "cpu_fp32_zero2",
+               "--set", f"data.cache_dir={tmp_path / f'cache-node{node}'}"]
+        procs.append(subprocess.Popen(cmd, env=env(1), cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    _assert_same(reference, losses(tmp_path / "out"))
+    assert all(any((tmp_path / f"cache-node{node}").rglob("*.npz")) for node in (0, 1))  # each built its own
+
+
 def test_resume_after_preemption_is_exact(tmp_path):
     """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit."""
     model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: RNG state must be restored too
