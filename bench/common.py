@@ -130,8 +130,7 @@ def ds_config_name(zero: int, cuda: bool) -> str:
 def init_distributed(cuda: bool) -> None:
     from squad_ds import distributed
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions" if Path("/work/.torch_extensions").is_dir()
-                          else str(Path.home() / ".cache" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     distributed.setup_env()
     distributed.init(cuda)
 

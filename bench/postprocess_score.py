@@ -25,7 +25,7 @@ from squad_ds.postprocess import postprocess_bert  # noqa: E402
 
 
 def default_data() -> Path:
-    root = Path(os.environ.get("SQUAD_DIR", "/work/shared/squad"))
+    root = Path(os.environ.get("SQUAD_DIR", Path(__file__).resolve().parents[2] / "shared" / "squad"))
     return root / "dev-v1.1.json"
 
 

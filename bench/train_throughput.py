@@ -57,6 +57,8 @@ VARIANTS = {
     "unpad64": dict(unpad=True, group=True, multiple=64, help="unpad, attention length rounded up to a multiple of 64"),
     "unpad64_efficient": dict(unpad=True, group=True, multiple=64, sdpa="efficient",
                               help="unpad64, memory-efficient SDPA kernel first"),
+    "unpad64_ckpt": dict(unpad=True, group=True, multiple=64, activation_checkpointing=True,
+                         help="unpad64 + activation checkpointing"),
     "unpad64_compile": dict(unpad=True, group=True, multiple=64, compile=True,
                             help="unpad64 + engine.compile() (the token count changes every batch: dynamic shapes)"),
 }

@@ -71,3 +71,30 @@ def test_profile_step_smoke(tmp_path):
     for r in res["results"]:
         assert r["device_ms_per_step"] > 0 and abs(sum(r["share"].values()) - 1) < 1e-3
         assert r["share"].get("matmul", 0) > 0 and r["top"] and r["top"][0]["ms_per_step"] > 0
+
+
+def test_max_micro_search_doubles_then_bisects():
+    sys.path.insert(0, str(REPO / "bench"))
+    from max_micro import search
+
+    for true_max in (1, 5, 64, 100, 300, 1024, 5000):
+        asked = []
+
+        def fits(m, true_max=true_max):
+            asked.append(m)
+            return m <= true_max
+
+        got = search(fits, start=64, limit=1024, resolution=16)
+        assert got is not None and got <= min(true_max, 1024) and min(true_max, 1024) - got < 16, (true_max, got)
+        assert len(asked) == len(set(asked)), asked  # no micro-batch probed twice
+    assert search(lambda m: False, 64, 1024, 16) is None
+
+
+def test_max_micro_smoke(tmp_path):
+    """The plumbing on CPU: real probes (fresh processes) up to the simulated out-of-memory boundary."""
+    res = _run(tmp_path, "max_micro.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--impl", "squad-ds",
+               "--variant", "unpad64_ckpt", "--start", "2", "--limit", "16", "--resolution", "1",
+               "--simulate-oom-above", "5", "--warmup", "1", "--steps", "1")
+    assert res["max_micro"] == 5
+    assert [p["micro"] for p in res["probes"]] == [2, 4, 8, 6, 5]
+    assert all(p["samples_per_s"] > 0 for p in res["probes"] if not p["oom"])
