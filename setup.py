@@ -28,6 +28,9 @@ setup(
     # listed here, where pip would pull all of that in.
     extras_require={
         "test": ["pytest>=8"],
+        # Benchmarks only (never imported by the package): HF Trainer baselines need accelerate; the accuracy
+        # comparison uses datasets; plots use matplotlib.
+        "bench": ["accelerate>=1.1", "datasets>=3", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["squad-ds=squad_ds.cli:main"]},
 )
