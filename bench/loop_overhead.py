@@ -110,7 +110,7 @@ def squad_ds_loop(engine, recipe, plan, feats, family, n_steps, out_dir):
     from squad_ds.train import Preemption
 
     train_loop(engine, recipe, p, feats, family, torch.device("cpu"), out_dir / "ckpt", 0, 0, None, None, out_dir,
-               Preemption())
+               Preemption(), {})
 
 
 def attach_clock(engine, clock: StepClock) -> None:
