@@ -20,7 +20,7 @@ def test_default_is_the_embedded_demo():
     assert load_recipe() == load_recipe("demo") == load_recipe(str(recipe_path("demo")))
     demo = load_recipe()
     assert demo.model.name_or_path == "all-MiniLM-L6-v2"
-    assert (demo.train.micro_batch_size, demo.train.lr, demo.train.warmup_proportion) == (16, 1e-4, 0.1)
+    assert (demo.train.micro_batch_size, demo.train.lr, demo.train.warmup_proportion) == (16, 3e-4, 0.1)
 
 
 def test_yaml_file_by_path(tmp_path):
@@ -146,7 +146,7 @@ def test_later_overrides_win_and_the_file_is_untouched():
     raw = {"train": {"lr": 1e-4}}
     out = apply_overrides(raw, ["train.lr=1.0e-5", "train.lr=2.0e-5"])
     assert out == {"train": {"lr": 2e-5}} and raw == {"train": {"lr": 1e-4}}
-    assert load_recipe("demo").train.lr == 1e-4
+    assert load_recipe("demo").train.lr == 3e-4
 
 
 @pytest.mark.parametrize("text", ["train.lr", "train.lr.x=1"])

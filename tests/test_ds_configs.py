@@ -102,7 +102,7 @@ def test_config_resolves_and_deepspeed_accepts_it(name, monkeypatch):
         assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu,
                 parsed.gradient_accumulation_steps) == (16 * world, 16, 1)
         assert parsed.optimizer_name == "adamw"
-        assert parsed.optimizer_params["lr"] == pytest.approx(1e-4)
+        assert parsed.optimizer_params["lr"] == pytest.approx(recipe.train.lr)
         assert parsed.gradient_clipping == 1.0
         build_scheduler(resolved)
     assert raw["train_batch_size"] == "auto", "resolve_ds_config must not modify its input"
