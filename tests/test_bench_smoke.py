@@ -92,9 +92,12 @@ def test_max_micro_search_doubles_then_bisects():
 
 def test_max_micro_smoke(tmp_path):
     """The plumbing on CPU: real probes (fresh processes) up to the simulated out-of-memory boundary."""
+    from squad_ds.sample_data import SAMPLE_TRAIN
+
+    # The shipped sample even with SQUAD_DIR set: every probe is a fresh process, and the plumbing is the point.
     res = _run(tmp_path, "max_micro.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--impl", "squad-ds",
                "--variant", "unpad64_ckpt", "--start", "2", "--limit", "16", "--resolution", "1",
-               "--simulate-oom-above", "5", "--warmup", "1", "--steps", "1")
+               "--simulate-oom-above", "5", "--warmup", "1", "--steps", "1", "--train-file", str(SAMPLE_TRAIN))
     assert res["max_micro"] == 5
     assert [p["micro"] for p in res["probes"]] == [2, 4, 8, 6, 5]
     assert all(p["samples_per_s"] > 0 for p in res["probes"] if not p["oom"])
