@@ -92,8 +92,8 @@ _POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
 def check_max_seq_length(name_or_path: str, max_seq_length: int) -> None:
     """A window longer than the model's position table fails only inside the first forward: say so up front."""
     config = load_config(name_or_path)
-    limit = getattr(config, "max_position_embeddings", None)  # XLNet has none: relative positions only
-    if not limit:
+    limit = getattr(config, "max_position_embeddings", None)  # XLNet: none or -1 (relative positions only)
+    if not limit or limit < 0:
         return
     if config.model_type in _POSITION_OFFSET_TYPES:
         limit -= (config.pad_token_id or 0) + 1
