@@ -8,7 +8,6 @@ one before it (`--resume auto`), and a checkpoint that would run code when loade
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from squad_ds import atomic, distributed
+from squad_ds.cache import file_sha256
 from squad_ds.errors import CheckpointError, disk_error
 from squad_ds.logs import log_main
 
@@ -143,7 +143,7 @@ def check(tag_dir: Path) -> str | None:
         f = tag_dir / name
         if not f.is_file():
             return f"{f} is missing"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return f"{f} does not match the checksum recorded when it was saved (damaged or changed)"
     for f in sorted(tag_dir.glob("*.pt")):
         problem = _unsafe(f)
@@ -153,15 +153,7 @@ def check(tag_dir: Path) -> str | None:
 
 
 def file_digests(tag_dir: Path) -> dict[str, str]:
-    return {f.name: _sha256(f) for f in sorted(tag_dir.iterdir()) if f.is_file() and f.name != MARKER}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return {f.name: file_sha256(f) for f in sorted(tag_dir.iterdir()) if f.is_file() and f.name != MARKER}
 
 
 def _safe_globals() -> list:
