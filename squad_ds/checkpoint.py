@@ -255,6 +255,14 @@ def consolidated_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch
     return {k: v.detach().float().cpu() for k, v in sd.items()}
 
 
+def _remove(path: Path) -> None:
+    """Delete a file, link or directory tree at `path`, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, extra: dict[str, Any]) -> Path | None:
     """A standard HF model directory (config, safetensors, tokenizer) from checkpoint `tag`; rank 0 writes."""
     out_dir = Path(out_dir)
@@ -266,9 +274,11 @@ def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, 
             raise CheckpointError(f"not exporting {ckpt_dir / tag}: weight {bad} holds NaN or infinite values "
                                   "(training diverged, or the checkpoint is damaged)")
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)  # a killed export's leftovers, or anything else under our staging name
         try:
             engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            if not (tmp / "config.json").is_file():  # save_pretrained logs some failures and returns
+                raise CheckpointError(f"exporting to {tmp}: transformers wrote no config.json there")
             tokenizer.save_pretrained(str(tmp))
             atomic.write_json(tmp / "squad_ds.json", extra)
         except Exception as e:  # safetensors reports a full disk in its own exception type

@@ -5,8 +5,10 @@ PHASE N: the N-th (1-based) occurrence of
   save    a checkpoint, once every file is written and before its completion marker
   eval    a mid-run evaluation, after predictions.json and before the rest of its files
   export  the export, once the weights are written and before squad_ds.json
-The trainer runs unchanged otherwise (the patches only count and kill).
+The trainer runs unchanged otherwise (the patches only count and kill). With FAULT_ACTION=enospc the N-th
+occurrence raises "No space left on device" instead of killing (a disk that fills at that moment).
 """
+import errno
 import os
 import signal
 import sys
@@ -20,6 +22,8 @@ seen = {"n": 0}
 def hit() -> None:
     seen["n"] += 1
     if seen["n"] == target:
+        if os.environ.get("FAULT_ACTION") == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.kill(os.getpid(), signal.SIGKILL)
 
 

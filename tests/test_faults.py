@@ -131,6 +131,26 @@ def test_nan_weights_are_not_exported(tmp_path, model):
     assert not (tmp_path / "out" / "model").exists()
 
 
+@pytest.mark.parametrize("stale", ["file", "dir"])
+def test_stale_export_staging_is_replaced(tmp_path, model, stale):
+    """model.tmp is the export's staging name. Whatever a crash or a user left there is replaced: a file there
+    once made transformers' save_pretrained log an error and write nothing, and the export failed later on."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if stale == "file":
+        (out / "model.tmp").write_text("left behind")
+    else:
+        (out / "model.tmp").mkdir()
+        (out / "model.tmp" / "model.safetensors").write_text("half a file from a killed export")
+    recipe = write_recipe(tmp_path / "r.yaml", model, out, train={"max_steps": 2}, data={"max_eval_examples": 4},
+                          output={"export": True})
+    run_train(recipe)
+    from transformers import AutoModelForQuestionAnswering
+
+    AutoModelForQuestionAnswering.from_pretrained(out / "model")
+    assert not (out / "model.tmp").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- resume rules
 
 def _last_error(proc) -> str:

@@ -214,14 +214,19 @@ def test_export_round_trip(tmp_path, tiny_model, stage):
         json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
 
-def _srun_style(recipe, timeout=240):
-    """Two ranks started as srun starts them: separate processes, no launcher to kill one when the other dies."""
+def _srun_style(recipe, timeout=240, rank0_fault=None):
+    """Two ranks started as srun starts them: separate processes, no launcher to kill one when the other dies.
+    rank0_fault: (PHASE, N) for tests/fault_inject.py, which then raises "no space left" in rank 0 only."""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
         e = env(1)
         e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(train_cmd(recipe, ds_config="cpu_fp32"), env=e, cwd=REPO, text=True,
+        cmd = train_cmd(recipe, ds_config="cpu_fp32")
+        if rank == 0 and rank0_fault:
+            e["FAULT_ACTION"] = "enospc"
+            cmd = [sys.executable, str(REPO / "tests" / "fault_inject.py"), *map(str, rank0_fault), *cmd[3:]]
+        procs.append(subprocess.Popen(cmd, env=e, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
@@ -244,16 +249,14 @@ def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
 
 
 def test_rank0_failure_while_exporting_stops_every_rank(tmp_path, tiny_model):
-    """Only rank 0 writes the exported model; when that fails, rank 1 must fail with rank 0's error rather than
-    wait for it (NCCL) or die of a closed connection (gloo)."""
+    """Only rank 0 writes the exported model; when that fails (here its disk fills while it writes), rank 1 must
+    fail with rank 0's error rather than wait for it (NCCL) or die of a closed connection (gloo)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.tmp").write_text("a file where the export's staging directory goes")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, out, output={"export": True},
                           train={"max_steps": 2, "micro_batch_size": 2}, data={"eval_file": None})
-    results = _srun_style(recipe)
+    results = _srun_style(recipe, rank0_fault=("export", 1))
     for rc, err in results:
-        assert rc != 0 and "NotADirectoryError" in err, err[-3000:]
+        assert rc == 2 and "no space left" in err.strip().splitlines()[-1], err[-3000:]
         assert "Connection closed" not in err, err[-3000:]
     assert (out / "checkpoints").is_dir() and not (out / "model").exists()
 
