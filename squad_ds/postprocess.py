@@ -5,7 +5,10 @@ Semantics follow HF transformers' `examples/.../question-answering/utils_qa.py`
 beam head) and the original BERT `run_squad.py` null logic. Deliberate differences, each for a reason:
 
 - Candidate generation is vectorised over all features at once (the per-example Python loop only formats the
-  n-best); results equal the HF loop's (see the reference cross-check in the tests) up to the order of exact ties.
+  n-best); results equal the HF loop's (see the reference cross-checks in the tests), ties included: the top start
+  and end tokens come from the same `np.argsort` of the logits as given, and equal scores keep the loop's order.
+  Span scores are summed in float64 where utils_qa.py sums float32: exact for bf16 logits, so those match
+  bit for bit; with fp32 logits two spans less than a float32 rounding apart can order differently.
 - Only a token whose offsets are not negative is context; the features contract marks every question, special and
   padding token with (-1, -1).
 - When no valid span exists the prediction is "" (HF predicts its placeholder text "empty" for v1.1). The n-best
@@ -89,26 +92,28 @@ def _check_shape(name: str, a: Any, shape: tuple) -> np.ndarray:
 
 
 def _top_k(a: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k largest values of each row, unordered (argpartition: O(L) per row)."""
-    if k >= a.shape[1]:
-        return np.broadcast_to(np.arange(a.shape[1]), a.shape).copy()
-    return np.argpartition(-a, k - 1, axis=1)[:, :k]
+    """Column indices of the k largest values of each row, largest first, as utils_qa.py picks them:
+    `np.argsort(row)[-1:-k-1:-1]`. Equal values (frequent in bf16 logits) come in the order numpy's default sort
+    leaves them, reversed, so pass the logits as the model gave them (the sort's tie order depends on the dtype)."""
+    return np.argsort(a, axis=1)[:, ::-1][:, :k]
 
 
 def _select(score: np.ndarray, example_index: np.ndarray, n_examples: int,
             n_best_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each example's n_best_size highest finite scores of [N, C] candidate scores (-inf = invalid).
 
-    Returns (example, feature, column, score), sorted by example then score descending.
+    Column c must be the c-th candidate of the reference's per-feature loop (start rank-major, then end rank).
+    Returns (example, feature, column, score), sorted by example then score descending; equal scores keep the
+    reference's order (feature, then column): its one stable sort of all of an example's candidates.
     """
-    # An example's n-best is a subset of the union of its features' n-bests: prune per feature first.
-    col = _top_k(score, min(n_best_size, score.shape[1]))
+    # An example's n-best is a subset of the union of its features' n-bests: prune per feature first. A stable
+    # sort keeps, among candidates tied at the cut, the ones the reference keeps (the earlier columns).
+    col = np.argsort(-score, axis=1, kind="stable")[:, :min(n_best_size, score.shape[1])]
     score = np.take_along_axis(score, col, 1)
     feat = np.broadcast_to(np.arange(score.shape[0])[:, None], col.shape)
     ok = np.isfinite(score)
     feat, col, score = feat[ok], col[ok], score[ok]
     ex = example_index[feat]
-    # Ties keep feature then candidate order, as HF's stable sort of its nested loops does.
     order = np.lexsort((col, feat, -score, ex))
     ex, feat, col, score = ex[order], feat[order], col[order], score[order]
     bounds = np.searchsorted(ex, np.arange(n_examples))
@@ -222,11 +227,12 @@ def postprocess_bert(examples: Sequence[Any], example_index: np.ndarray, offsets
         raise ValueError(f"n_best_size and max_answer_length must be >= 1, got {n_best_size}, {max_answer_length}")
     example_index, offsets = _check_features(examples, example_index, offsets)
     n, length = offsets.shape[:2]
-    start = _check_shape("start_logits", start_logits, (n, length)).astype(np.float64)
-    end = _check_shape("end_logits", end_logits, (n, length)).astype(np.float64)
+    start_given = _check_shape("start_logits", start_logits, (n, length))
+    end_given = _check_shape("end_logits", end_logits, (n, length))
+    start, end = start_given.astype(np.float64), end_given.astype(np.float64)
     k = min(n_best_size, length)
     rows = np.arange(n)[:, None]
-    s_idx, e_idx = _top_k(start, k), _top_k(end, k)
+    s_idx, e_idx = _top_k(start_given, k), _top_k(end_given, k)
     s_val, e_val = start[rows, s_idx], end[rows, e_idx]
     s_char, e_char = offsets[rows, s_idx, 0], offsets[rows, e_idx, 1]
     e_ctx = offsets[rows, e_idx, 0] >= 0

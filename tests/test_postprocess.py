@@ -265,8 +265,10 @@ def reference_bert(examples, example_index, offsets, start_logits, end_logits, c
             c = cls_index[f]
             if null is None or s[c] + en[c] < null["score"]:
                 null = {"score": s[c] + en[c], "start_logit": s[c], "end_logit": en[c]}
-            for i in np.argsort(s)[-1:-n_best_size - 1:-1]:
-                for j in np.argsort(en)[-1:-n_best_size - 1:-1]:
+            # argsort of the logits as the model gave them (utils_qa.py sorts its float32 arrays): on ties, the
+            # order of numpy's default sort decides which spans come first and which fall out of the n-best
+            for i in np.argsort(start_logits[f])[-1:-n_best_size - 1:-1]:
+                for j in np.argsort(end_logits[f])[-1:-n_best_size - 1:-1]:
                     if off[i][0] == -1 or off[j][0] == -1 or j < i or j - i + 1 > max_answer_length:
                         continue
                     cands.append({"score": s[i] + en[j], "start_logit": s[i], "end_logit": en[j],
@@ -360,6 +362,22 @@ def test_bert_matches_the_per_feature_reference_loop(seed, version_2):
         got = postprocess_bert(examples, ex_idx, offs, start, end, cls_index=cls, n_best_size=n_best,
                                max_answer_length=max_len, version_2=version_2, null_score_diff_threshold=thr)
         assert_same(got, reference_bert(examples, ex_idx, offs, start, end, cls, n_best, max_len, version_2, thr))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("version_2", [False, True])
+def test_bert_ties_order_as_the_reference_does(seed, version_2):
+    """bf16 evaluation logits tie often. On a 0.5 grid (bf16 near 10 is coarser still) many candidates share a
+    score: the n-best lists and predictions must still be the reference's, in its order."""
+    rng = np.random.default_rng(100 + seed)
+    examples, ex_idx, offs, cls = random_eval_set(rng, n_examples=40, length=384 if seed else 32)
+    n, L = offs.shape[:2]
+    start = (np.round(rng.standard_normal((n, L)) * 4) / 2).astype(np.float32)
+    end = (np.round(rng.standard_normal((n, L)) * 4) / 2).astype(np.float32)
+    for n_best, max_len in [(20, 30), (5, 4), (1, 10)]:
+        got = postprocess_bert(examples, ex_idx, offs, start, end, cls_index=cls, n_best_size=n_best,
+                               max_answer_length=max_len, version_2=version_2)
+        assert_same(got, reference_bert(examples, ex_idx, offs, start, end, cls, n_best, max_len, version_2, 0.0))
 
 
 def test_bert_handles_float16_logits_and_tiny_windows():
