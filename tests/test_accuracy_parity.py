@@ -1,0 +1,82 @@
+"""bench/accuracy_parity.py: both sides run end to end, and the Hugging Face side's predictions come back in the
+features' order (transformers 5 sorts the evaluation set by length under group_by_length)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer_util import REPO, env, make_tiny_model
+
+for _mod in ("datasets", "accelerate"):
+    if importlib.util.find_spec(_mod) is None:
+        pytest.skip(f"the Hugging Face side needs `{_mod}`: pip install -e '.[bench]'", allow_module_level=True)
+
+sys.path.insert(0, str(REPO / "bench"))
+import accuracy_parity as parity  # noqa: E402
+
+
+def test_smoke_runs_both_sides(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy_parity.py"), "--smoke", "--work-dir",
+                           str(tmp_path / "work"), "--out", str(out)], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert [r["side"] for r in res["rows"]] == ["squad-ds", "hf"]
+    for r in res["rows"]:
+        assert 0 <= r["exact_match"] <= r["f1"] <= 100 and r["train_samples_per_s"] > 0 and r["wall_s"] > 0
+        assert r["steps"] >= 1 and r["warmup_steps"] >= 1
+    ds, hf = res["rows"]
+    assert ds["warmup_steps"] == hf["warmup_steps"]  # the same warmup on both sides
+    assert ds["train_features"] == hf["train_features"]  # run_qa's windows and squad-ds's agree on the subset
+    assert {"delta_f1", "seed_spread_f1", "within_spread"} <= res["summary"].keys()
+    assert "| squad-ds | 42 |" in proc.stdout and "| hf | 42 |" in proc.stdout
+
+
+def test_hf_predictions_come_back_in_feature_order(tmp_path):
+    import datasets
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    s = parity.Settings(max_seq_length=64, doc_stride=32, eval_batch_size=4)
+    examples = parity.load_squad(parity.resolve_data_path("sample:dev")).examples[:12]
+    raw = datasets.Dataset.from_dict(parity.hf_rows(examples))
+    feats = raw.map(parity.prepare_eval_features, batched=True, remove_columns=raw.column_names,
+                    fn_kwargs={"tokenizer": tok, "s": s})
+    lengths = [len(x) for x in feats["input_ids"]]
+    assert sorted(lengths, reverse=True) != lengths  # a length-sorted order would differ from this one
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    start, end = parity.hf_predict(model, tok, s, feats, tmp_path / "hf")
+    assert start.shape == end.shape == (len(feats), 64)
+    for i, n in enumerate(lengths):
+        with torch.no_grad():
+            out = model(**{k: torch.tensor([feats[i][k]]) for k in ("input_ids", "attention_mask", "token_type_ids")})
+        np.testing.assert_allclose(start[i, :n], out.start_logits[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(end[i, :n], out.end_logits[0].numpy(), atol=1e-5)
+
+
+def test_train_labels_match_squad_ds_features():
+    """run_qa's start/end labels (written here) and squad-ds's agree on the shipped sample's windows."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from squad_ds.features import featurize
+
+    tok = AutoTokenizer.from_pretrained(parity.minilm_dir())
+    s = parity.Settings(max_seq_length=192, doc_stride=64)
+    examples = parity.load_squad(parity.resolve_data_path("sample:train")).train_examples()[:60]
+    raw = datasets.Dataset.from_dict(parity.hf_rows(examples))
+    hf = raw.map(parity.prepare_train_features, batched=True, remove_columns=raw.column_names,
+                 fn_kwargs={"tokenizer": tok, "s": s})
+    ours = featurize(examples, tok, max_seq_length=192, doc_stride=64, max_query_length=s.max_query_length,
+                     split="train", progress=False)
+    assert len(hf) == len(ours.start_positions)
+    assert hf["start_positions"] == ours.start_positions.tolist()
+    assert hf["end_positions"] == ours.end_positions.tolist()
