@@ -45,14 +45,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from squad_ds.tune import tune
-
-    summary = tune(args, say=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(summary))
-    return 0 if "best" in summary else 1
-
-
 # Sub-commands with their own full parsers (they also run as `python -m squad_ds.MODULE` under launchers).
 _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 
@@ -99,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resolve as for this device (default: the one here)")
     cf.set_defaults(func=_cmd_config)
 
-    from squad_ds.tune import add_arguments
+    from squad_ds import tune
 
-    tu = sub.add_parser("tune", help="timed trials: best micro-batch / ZeRO stage / offload / checkpointing here")
-    add_arguments(tu)
-    tu.set_defaults(func=_cmd_tune)
+    tu = sub.add_parser("tune", help=tune.HELP)
+    tune.add_arguments(tu)
+    tu.set_defaults(func=tune.command)
     return p
 
 

@@ -28,7 +28,7 @@ def count_train_features(recipe: Recipe) -> int:
     """Train features as `train.run` would have them (cached featurizer, `data.max_train_examples` applied)."""
     from squad_ds.data_files import resolve_data_path
     from squad_ds.modeling.factory import ModelLoadError, load_tokenizer
-    from squad_ds.train import load_features
+    from squad_ds.preprocess import load_features
 
     if not recipe.data.train_file:
         raise ConfigError("data.train_file: not set, so the step plan has no data to count (pass --num-features N)")
@@ -37,7 +37,7 @@ def count_train_features(recipe: Recipe) -> int:
         tokenizer = load_tokenizer(name)
     except ModelLoadError as e:  # a usage error like any other bad recipe value: exit 2 with the message
         raise ConfigError(f"model.{'tokenizer' if recipe.model.tokenizer else 'name_or_path'}: {e}") from e
-    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe, "train",
+    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe.data, "train",
                              recipe.data.max_train_examples)
     return len(feats)
 

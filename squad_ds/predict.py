@@ -51,7 +51,7 @@ def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
 
 def run(args: argparse.Namespace) -> int:
     from squad_ds.batching import trim_policy
-    from squad_ds.train import load_features
+    from squad_ds.preprocess import load_features
 
     recipe = _recipe_for(args.model, args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     check_max_seq_length(args.model, recipe.data.max_seq_length)
     tokenizer = load_tokenizer(args.model)
-    feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe, "eval",
+    feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe.data, "eval",
                                    recipe.data.max_eval_examples)
     torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)

@@ -5,14 +5,18 @@ them: read the file, key it, load or build, summarise.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Any
 
-from squad_ds import cache
+from squad_ds import cache, distributed
+from squad_ds.config import DataConfig
 from squad_ds.data import SquadDataset, load_squad
+from squad_ds.errors import ConfigError, SquadFormatError
 from squad_ds.features import Features, featurize, make_spec
+from squad_ds.logs import log_main
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +75,33 @@ def preprocess_command(data: str, tokenizer: str, max_seq_length: int = 384, doc
                                         num_workers=num_workers)
     keys = ("examples", "features", "in_span", "at_cls", "seconds", "cached", "cache_file")
     return {k: info[k] for k in keys}
+
+
+def load_features(path: str, tokenizer: Any, data: DataConfig, split: str,
+                  limit: int | None) -> tuple[Features, SquadDataset]:
+    """A run's features for one file under its recipe's `data` settings: the cache built once (by rank 0 under a
+    launcher), the first `limit` examples kept, checked against `data.version`."""
+    d = data
+    kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,
+                  split=split, cache_dir=d.cache_dir, num_workers=d.num_workers)
+    # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again (and fail with
+    # rank 0's error if it could not).
+    features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))
+    if not dataset.examples:
+        raise SquadFormatError(f"{path}: holds no questions: nothing to {'train on' if split == 'train' else 'predict'}")
+    if limit is not None:
+        features, dataset = _first_examples(features, dataset, split, limit)
+    if d.version and dataset.version != d.version:
+        raise ConfigError(f"data.version={d.version} but {path} is SQuAD v{dataset.version}")
+    if split == "train" and len(features) == 0:
+        raise ConfigError(f"data.train_file {path}: nothing to train on: {len(dataset.examples)} questions gave no "
+                          f"training window ({len(dataset.misaligned_ids)} answers do not match their context)")
+    log_main("%s features: %s", split, json.dumps(info))
+    return features, dataset
+
+
+def _first_examples(features, dataset, split: str, limit: int):
+    """The first `limit` examples and their features (the cache always holds the whole file)."""
+    examples = dataset.train_examples() if split == "train" else dataset.examples
+    kept = features.select(features.example_index < limit)
+    return kept, SquadDataset(dataset.path, dataset.version, examples[:limit], dataset.misaligned_ids)

@@ -24,11 +24,11 @@ import torch
 
 from squad_ds import checkpoint, distributed, resume, run_dir
 from squad_ds.batching import BatchLoader, epoch_order, trim_policy
-from squad_ds.config import ConfigError, Recipe, dump_recipe, load_recipe
+from squad_ds.config import Recipe, dump_recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
 from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
 from squad_ds.effective import effective_document
-from squad_ds.errors import SquadFormatError, run_main
+from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.flops import batch_flops, detect_peak_tflops
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
@@ -36,6 +36,7 @@ from squad_ds.modeling import unpadded
 from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
+from squad_ds.preprocess import load_features
 from squad_ds.packing import is_packed
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
@@ -83,37 +84,6 @@ def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> t
     return loss.detach()
 
 
-def load_features(path: str, tokenizer, recipe: Recipe, split: str, limit: int | None):
-    from squad_ds.preprocess import load_or_build_features
-
-    d = recipe.data
-    kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,
-                  split=split, cache_dir=d.cache_dir, num_workers=d.num_workers)
-    # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again (and fail with
-    # rank 0's error if it could not).
-    features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))
-    if not dataset.examples:
-        raise SquadFormatError(f"{path}: holds no questions: nothing to {'train on' if split == 'train' else 'predict'}")
-    if limit is not None:
-        features, dataset = _first_examples(features, dataset, split, limit)
-    if recipe.data.version and dataset.version != recipe.data.version:
-        raise ConfigError(f"data.version={recipe.data.version} but {path} is SQuAD v{dataset.version}")
-    if split == "train" and len(features) == 0:
-        raise ConfigError(f"data.train_file {path}: nothing to train on: {len(dataset.examples)} questions gave no "
-                          f"training window ({len(dataset.misaligned_ids)} answers do not match their context)")
-    log_main("%s features: %s", split, json.dumps(info))
-    return features, dataset
-
-
-def _first_examples(features, dataset, split: str, limit: int):
-    """The first `limit` examples and their features (the cache always holds the whole file)."""
-    from squad_ds.data import SquadDataset
-
-    examples = dataset.train_examples() if split == "train" else dataset.examples
-    kept = features.select(features.example_index < limit)
-    return kept, SquadDataset(dataset.path, dataset.version, examples[:limit], dataset.misaligned_ids)
-
-
 def run(args: argparse.Namespace) -> int:
     preempt = Preemption()  # first: a signal during the minute of start-up must not kill a rank unsaved
     distributed.setup_env()
@@ -138,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     check_max_seq_length(recipe.model.name_or_path, recipe.data.max_seq_length)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
     train_path = resolve_data_path(recipe.data.train_file, "data.train_file")
-    train_feats, _ = load_features(train_path, tokenizer, recipe, "train", recipe.data.max_train_examples)
+    train_feats, _ = load_features(train_path, tokenizer, recipe.data, "train", recipe.data.max_train_examples)
     eval_feats = eval_set = None
     if recipe.data.eval_file:
-        eval_feats, eval_set = load_features(resolve_data_path(recipe.data.eval_file), tokenizer, recipe, "eval",
+        eval_feats, eval_set = load_features(resolve_data_path(recipe.data.eval_file), tokenizer, recipe.data, "eval",
                                              recipe.data.max_eval_examples)
 
     ds_cfg, plan = resolve_ds_config(ds_raw, recipe, world_size=distributed.world_size(),

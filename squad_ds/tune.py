@@ -7,7 +7,7 @@ with the best measured samples/s, and writes that as a DeepSpeed config `squad-d
 Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
 a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what `squad-ds
 train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the trainer's
-`load_features` / `train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
+`preprocess.load_features` / `train.train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
 N` times on real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on
 GPU and, on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner
 every 0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
@@ -47,8 +47,10 @@ from typing import Any
 
 from squad_ds import tune_report
 from squad_ds.config import ConfigError, Recipe, load_recipe
+from squad_ds.errors import run_main
 from squad_ds.tune_trial import WARMUP_STEPS
 
+HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"
 POLL_S = 0.2
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
 
@@ -91,6 +93,10 @@ class Trial:
     note: str = ""
     dir: str = ""
     variant: str = ""  # a name in VARIANTS: the base trial's combination and micro-batch with its recipe settings
+
+    @property
+    def combo(self) -> Combo:
+        return Combo(self.stage, self.offload, self.ckpt)
 
 
 # ---------------------------------------------------------------- search space (pure)
@@ -417,12 +423,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None, help="default: OUTPUT_DIR/tune of the recipe")
 
 
+def command(args: argparse.Namespace) -> int:
+    """`squad-ds tune`: trials on stderr, the summary JSON on stdout; exit 1 when no trial fitted."""
+    summary = tune(args, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    return 0 if "best" in summary else 1
+
+
+def build_arg_parser(prog: str = "squad-ds tune") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=HELP)
+    add_arguments(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m squad_ds.tune …` is `squad-ds tune …`."""
-    argv = sys.argv[1:] if argv is None else argv
-    from squad_ds.cli import main as cli_main
-
-    return cli_main(["tune", *argv])
+    args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("squad-ds tune", lambda: command(args))
 
 
 if __name__ == "__main__":

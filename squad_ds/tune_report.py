@@ -15,12 +15,10 @@ def _cell(v: Any) -> str:
 
 
 def _by_combo(trials: list[Trial]) -> dict[str, list[Trial]]:
-    from squad_ds.tune import Combo
-
     out: dict[str, list[Trial]] = {}
     for t in trials:
         if not t.variant:  # variants re-run the winner's combination; the micro-batch search is the base's
-            out.setdefault(Combo(t.stage, t.offload, t.ckpt).label, []).append(t)
+            out.setdefault(t.combo.label, []).append(t)
     return out
 
 

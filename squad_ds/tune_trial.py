@@ -46,7 +46,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from squad_ds.modeling.heads import forward_keys, model_family
     from squad_ds.batching import BatchLoader, epoch_order, trim_policy
     from squad_ds.modeling.sdpa import sdpa_preference
-    from squad_ds.train import load_features, train_step
+    from squad_ds.preprocess import load_features
+    from squad_ds.train import train_step
 
     distributed.setup_env()
     recipe = load_recipe(spec["recipe"], spec["overrides"])
@@ -55,7 +56,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     torch.manual_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe, "train",
+    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe.data, "train",
                              recipe.data.max_train_examples)
     ds_cfg, plan = resolve_ds_config(load_ds_config(spec["deepspeed_config"]), recipe,
                                      world_size=distributed.world_size(), num_features=len(feats), cuda=cuda)

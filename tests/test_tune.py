@@ -194,3 +194,13 @@ def test_budget_stops_launching_trials(tmp_path, monkeypatch):
     spent = [t for t in trials if t.note == "budget spent"]
     assert [(t.stage, t.micro, t.variant) for t in spent] == [(2, 1, ""), (2, 2, ""), (2, 4, ""), (0, 4, "trim64")]
     assert all(t.status == "skipped" for t in spent)
+
+
+@pytest.mark.parametrize("entry", [["-m", "squad_ds.tune"], ["-m", "squad_ds.cli", "tune"]])
+def test_tune_entry_points_share_the_user_error_exit(entry):
+    """`python -m squad_ds.tune` owns its parser and exits through the same boundary as `squad-ds tune`."""
+    proc = subprocess.run([sys.executable, *entry, "no_such_recipe"], cwd=REPO, env=env(1), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("squad-ds tune: error: ")
+    assert "Traceback" not in proc.stderr

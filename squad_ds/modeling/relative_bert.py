@@ -34,7 +34,7 @@ from transformers.models.bert.modeling_bert import (
 
 from squad_ds.packing import pad_heads, unpad_heads
 
-from .factory import ModelLoadError
+from squad_ds.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,113 @@
+"""The package's import graph points one way: no cycles among squad_ds's modules, counting the imports made inside
+functions (a cycle hidden in a function still ties the modules together), not counting `if TYPE_CHECKING:` ones."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "squad_ds"
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:`."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, int]]:
+    """module -> {package module it imports: line}."""
+    modules = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, dict[str, int]] = {m: {} for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:  # `from pkg import name` names a module or a symbol in one
+                    name = name.rpartition(".")[0]
+                if name and name != mod and name != "squad_ds":
+                    graph[mod].setdefault(name, node.lineno)
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 20
+    found = cycles(graph)
+    detail = [f"{a} -> {b} (line {graph[a][b]})" for c in found for a in c for b in graph[a] if b in c]
+    assert not found, "import cycles:\n" + "\n".join(detail)
+
+
+def test_the_checker_sees_a_cycle_made_inside_a_function(tmp_path):
+    pkg = tmp_path / "squad_ds"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from squad_ds.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import x\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from squad_ds import a\n")
+    graph = import_graph(pkg)
+    assert cycles(graph) == [["squad_ds.a", "squad_ds.sub.b"]]
+    assert graph["squad_ds.c"] == {}
+
+
+@pytest.mark.parametrize("module", ["errors", "atomic"])
+def test_foundation_modules_import_nothing_of_the_package(module):
+    assert import_graph()[f"squad_ds.{module}"] == {}
