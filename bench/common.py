@@ -111,12 +111,13 @@ def make_recipe(micro: int, steps: int, *, lr: float = 1e-4, seed: int = 42, log
 
 
 def engine_for(model, ds_name: str, recipe, num_features: int, cuda: bool):
-    """squad-ds's engine path: resolve the DeepSpeed JSON against the recipe, then build_engine."""
+    """squad-ds's engine path: the run's DeepSpeed JSON resolved against the recipe (assemble.RunSpec, as train
+    resolves it), then build_engine on the benchmark's own model."""
     from squad_ds import distributed
-    from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
+    from squad_ds.assemble import run_spec
+    from squad_ds.engine import build_engine
 
-    ds_cfg, plan = resolve_ds_config(load_ds_config(ds_name), recipe, world_size=distributed.world_size(),
-                                     num_features=num_features, cuda=cuda)
+    ds_cfg, plan = run_spec(recipe, ds_name, world_size=distributed.world_size(), cuda=cuda).plan(num_features)
     engine, _, _ = build_engine(model, ds_cfg, recipe)
     return engine, ds_cfg, plan
 

@@ -103,14 +103,11 @@ def squad_ds_loop(engine, recipe, plan, feats, family, n_steps, out_dir):
     import torch
 
     from squad_ds.engine import TrainPlan
-    from squad_ds.train import train_loop
+    from squad_ds.train import Loop, LoopState, Preemption, train_loop
 
     p = TrainPlan(**{**plan.__dict__, "total_steps": engine.global_steps + n_steps})
     out_dir.mkdir(parents=True, exist_ok=True)
-    from squad_ds.train import Preemption
-
-    train_loop(engine, recipe, p, feats, family, torch.device("cpu"), out_dir / "ckpt", 0, 0, None, None, out_dir,
-               Preemption(), {})
+    train_loop(Loop(engine, recipe, p, feats, family, torch.device("cpu"), out_dir), LoopState(), Preemption())
 
 
 def attach_clock(engine, clock: StepClock) -> None:

@@ -279,10 +279,9 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
     common.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
     from squad_ds import distributed
-    from squad_ds.engine import load_ds_config, resolve_ds_config
+    from squad_ds.assemble import run_spec
 
-    ds, plan = resolve_ds_config(load_ds_config(spec["ds_config"]), recipe, world_size=distributed.world_size(),
-                                 num_features=len(feats), cuda=cuda)
+    ds, plan = run_spec(recipe, spec["ds_config"], world_size=distributed.world_size(), cuda=cuda).plan(len(feats))
     op = ds["optimizer"]["params"]
     if spec["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

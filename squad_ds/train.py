@@ -17,26 +17,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from squad_ds import checkpoint, distributed, resume, run_dir
+from squad_ds.assemble import build_run, resolve_run
 from squad_ds.batching import BatchLoader, epoch_order, trim_policy
-from squad_ds.config import Recipe, dump_recipe, load_recipe
-from squad_ds.data_files import resolve_data_path
-from squad_ds.engine import build_engine, default_ds_config_name, load_ds_config, resolve_ds_config
-from squad_ds.effective import effective_document
+from squad_ds.config import Recipe, dump_recipe
+from squad_ds.data import SquadDataset
+from squad_ds.engine import TrainPlan
 from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate
+from squad_ds.features import Features
 from squad_ds.flops import batch_flops, detect_peak_tflops
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling import unpadded
-from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
-from squad_ds.modeling.heads import forward_keys, model_family, model_inputs
+from squad_ds.modeling.heads import forward_keys, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
-from squad_ds.preprocess import load_features
 from squad_ds.packing import is_packed
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
@@ -85,15 +87,12 @@ def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    preempt = Preemption()  # first: a signal during the minute of start-up must not kill a rank unsaved
+    preemption = Preemption()  # first: a signal during the minute of start-up must not kill a rank unsaved
     distributed.setup_env()
-    recipe = load_recipe(args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
-    world = int(os.environ["WORLD_SIZE"])
-    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world)
-    ds_raw = load_ds_config(ds_name)
-    # Validate the DeepSpeed/recipe combination before any data or model work.
-    resolve_ds_config(ds_raw, recipe, world_size=world, num_features=1, cuda=cuda)
+    spec = resolve_run(args.recipe, args.overrides, args.deepspeed_config, world_size=int(os.environ["WORLD_SIZE"]),
+                       cuda=cuda)
+    recipe = spec.recipe
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
@@ -105,64 +104,93 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
 
-    check_max_seq_length(recipe.model.name_or_path, recipe.data.max_seq_length)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    train_path = resolve_data_path(recipe.data.train_file, "data.train_file")
-    train_feats, _ = load_features(train_path, tokenizer, recipe.data, "train", recipe.data.max_train_examples)
-    eval_feats = eval_set = None
-    if recipe.data.eval_file:
-        eval_feats, eval_set = load_features(resolve_data_path(recipe.data.eval_file), tokenizer, recipe.data, "eval",
-                                             recipe.data.max_eval_examples)
-
-    ds_cfg, plan = resolve_ds_config(ds_raw, recipe, world_size=distributed.world_size(),
-                                     num_features=len(train_feats), cuda=cuda)
-    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
-    family = model_family(model.config)
-    engine, _, _ = build_engine(model, ds_cfg, recipe)
-    effective = effective_document(recipe, ds_cfg, ds_name, plan, len(train_feats))
+    r = build_run(spec)
+    engine = r.engine
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "effective_config.json").write_text(json.dumps(effective, indent=2) + "\n")
-        log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(ds_cfg, indent=2))
+        (out / "effective_config.json").write_text(json.dumps(r.effective_document(), indent=2) + "\n")
+        log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(r.ds_config, indent=2))
 
-    ckpt_dir = out / "checkpoints"
-    epoch, position = 0, 0
-    found = checkpoint.find_resume(resume_from, ckpt_dir)
-    layout = resume.layout(plan, len(train_feats))
-    if found:
-        where = found[0] / found[1]
-        marker = checkpoint.marker(*found)
-        if "recipe" in marker:  # checked before DeepSpeed loads anything (another world size would fail there)
-            _log_changes(resume.check(marker["recipe"], marker["layout"], recipe.to_dict(), layout, where))
-        state = checkpoint.load(engine, *found)
-        if "recipe" not in marker:  # saved by a squad-ds that kept the settings in the client state only
-            saved = {"world_size": marker.get("world_size"), **state.get("layout", {})}
-            _log_changes(resume.check(state.get("recipe"), saved, recipe.to_dict(), layout, where))
-        epoch, position = state["epoch"], state["position"]
-    else:
+    loop = Loop(engine, recipe, r.plan, r.train_features, r.family, device, out, r.eval_features, r.eval_set,
+                resume.layout(r.plan, len(r.train_features)))
+    found = checkpoint.find_resume(resume_from, loop.ckpt_dir)
+    state = _resume(loop, found) if found else LoopState()
+    if not found:
         distributed.on_main(lambda: (out / "train_log.jsonl").unlink(missing_ok=True))  # a log of this run only
 
     with sdpa_preference(recipe.model.sdpa_backend):
         if cuda or recipe.model.sdpa_backend != "auto":
             log_main("SDPA backends in the order torch tries them: %s", ", ".join(current_sdpa_order()))
-        metrics, preempted, saved = train_loop(engine, recipe, plan, train_feats, family, device, ckpt_dir, epoch,
-                                               position, eval_feats, eval_set, out, preempt, layout)
-    if preempted:
+        train_loop(loop, state, preemption)
+    if state.preempted:
         return EXIT_REQUEUE
     if recipe.output.export:
         # The final checkpoint: saved by this run, or the one it resumed from when that was already the last step.
-        src_dir, tag = (ckpt_dir, saved) if saved else found
-        checkpoint.export_hf(engine, tokenizer, src_dir, tag, out / "model",
-                             {"recipe": recipe.to_dict(), "step": engine.global_steps, "metrics": metrics})
+        src_dir, tag = (loop.ckpt_dir, state.saved) if state.saved else found
+        checkpoint.export_hf(engine, r.tokenizer, src_dir, tag, out / "model",
+                             {"recipe": recipe.to_dict(), "step": engine.global_steps, "metrics": state.metrics})
     if distributed.is_main():
-        final = {**(metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
+        final = {**(state.metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
         print(json.dumps(final), flush=True)
     return 0
 
 
-def _client_state(recipe: Recipe, epoch: int, position: int, layout: dict) -> dict:
-    return {"epoch": epoch, "position": position, "seed": recipe.train.seed, "recipe": recipe.to_dict(),
-            "layout": layout}
+@dataclass
+class Loop:
+    """What the training loop works with and never changes."""
+    engine: Any
+    recipe: Recipe
+    plan: TrainPlan
+    features: Features
+    family: str
+    device: torch.device
+    out: Path
+    eval_features: Features | None = None
+    eval_set: SquadDataset | None = None
+    layout: dict = field(default_factory=dict)  # the data layout a checkpoint records (resume.layout)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class LoopState:
+    """Where the loop is. `epoch` and `position` (micro-batches of that epoch drawn) are what a checkpoint records;
+    the rest is what the run reports: the last evaluation, the last checkpoint saved, whether it was preempted."""
+    epoch: int = 0
+    position: int = 0
+    batches_per_epoch: int = 0
+    pending: list[torch.Tensor] = field(default_factory=list)  # losses since the last log line (no .item() per step)
+    metrics: dict | None = None
+    saved: str | None = None
+    preempted: bool = False
+
+    def resume_point(self) -> tuple[int, int]:
+        """(epoch, position) to continue from: an epoch drawn to its end continues at the next one's start."""
+        if self.position >= self.batches_per_epoch:
+            return self.epoch + 1, 0
+        return self.epoch, self.position
+
+
+def _resume(loop: Loop, found: tuple[Path, str]) -> LoopState:
+    """Load checkpoint `found` into the engine once its saved settings are checked against this run's."""
+    where = found[0] / found[1]
+    recipe = loop.recipe.to_dict()
+    marker = checkpoint.marker(*found)
+    if "recipe" in marker:  # checked before DeepSpeed loads anything (another world size would fail there)
+        _log_changes(resume.check(marker["recipe"], marker["layout"], recipe, loop.layout, where))
+    client = checkpoint.load(loop.engine, *found)
+    if "recipe" not in marker:  # saved by a squad-ds that kept the settings in the client state only
+        saved = {"world_size": marker.get("world_size"), **client.get("layout", {})}
+        _log_changes(resume.check(client.get("recipe"), saved, recipe, loop.layout, where))
+    return LoopState(epoch=client["epoch"], position=client["position"])
+
+
+def _client_state(loop: Loop, state: LoopState) -> dict:
+    epoch, position = state.resume_point()
+    return {"epoch": epoch, "position": position, "seed": loop.recipe.train.seed, "recipe": loop.recipe.to_dict(),
+            "layout": loop.layout}
 
 
 def _log_changes(changes: list[str]) -> None:
@@ -170,82 +198,86 @@ def _log_changes(changes: list[str]) -> None:
         log_main("resuming with changed settings: %s", "; ".join(changes))
 
 
-def train_loop(engine, recipe: Recipe, plan, feats, family, device, ckpt_dir, epoch, position, eval_feats,
-               eval_set, out, preempt: Preemption, layout: dict):
-    """Train to plan.total_steps from (epoch, position); returns (final metrics, whether preempted, the tag of
-    the last checkpoint saved or None)."""
-    tr = recipe.train
+def micro_batches(loop: Loop, state: LoopState, trim) -> Iterator[dict[str, torch.Tensor]]:
+    """Training micro-batches on the device, in the data order of (seed, epoch), from (state.epoch, state.position)
+    on and across epochs; state.position counts those drawn."""
+    tr, cuda = loop.recipe.train, loop.device.type == "cuda"
     world, rank = distributed.world_size(), distributed.rank()
-    cfg = engine.module.config
-    keys = forward_keys(family, train=True, config=cfg)
-    rates = Throughput(tr.peak_tflops or detect_peak_tflops(), world)
-    trim = trim_policy(recipe.data, device.type == "cuda")
+    keys = forward_keys(loop.family, train=True, config=loop.engine.module.config)
     # Grouping lengths only pays when batches are trimmed or packed; full-length batches keep the plain shuffle.
-    lengths = feats.attention_mask.sum(1) if tr.group_by_length and trim.shortens else None
+    lengths = loop.features.attention_mask.sum(1) if tr.group_by_length and trim.shortens else None
+    while True:
+        order = epoch_order(len(loop.features), world, rank, tr.seed, state.epoch, lengths=lengths,
+                            global_batch=loop.plan.global_batch)
+        state.batches_per_epoch = -(-len(order) // loop.plan.micro_batch)
+        batches = BatchLoader(loop.features, order, loop.plan.micro_batch, keys, state.position, trim)
+        # Its own generator: a DataLoader iterator draws a seed when it starts, which from the global RNG would
+        # shift dropout after a resume.
+        for batch in torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, pin_memory=cuda,
+                                                 num_workers=2 if cuda else 0, generator=torch.Generator()):
+            state.position += 1
+            yield {k: v.to(loop.device, non_blocking=True) for k, v in batch.items()}
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+def optimizer_step(loop: Loop, batches: Iterator[dict], state: LoopState, rates: Throughput) -> int:
+    """Micro-batches until DeepSpeed takes an optimizer step (it owns accumulation, clipping and the schedule);
+    returns the new step number."""
+    engine, config = loop.engine, loop.engine.module.config
+    before = engine.global_steps
+    while engine.global_steps == before:
+        batch = next(batches)
+        state.pending.append(train_step(engine, batch, loop.family, config))
+        rates.add(*batch_flops(config, batch))
+    return engine.global_steps
+
+
+def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopState:
+    """Train from `state` to plan.total_steps, one optimizer step per iteration; then evaluate. Stops early, with a
+    checkpoint, when the ranks agree on a preemption signal (state.preempted)."""
+    engine, tr, plan = loop.engine, loop.recipe.train, loop.plan
+    trim = trim_policy(loop.recipe.data, loop.device.type == "cuda")
+    rates = Throughput(tr.peak_tflops or detect_peak_tflops(), distributed.world_size())
+    batches = micro_batches(loop, state, trim)
     # from_pretrained returns the model in eval mode: dropout must be on for every training micro-batch, from the
     # first (evaluation puts back the mode it found).
     engine.train()
     bar = progress(plan.total_steps, initial=engine.global_steps)
-    pending: list[torch.Tensor] = []  # per-micro-batch losses since the last log line (no .item() per step)
-    log_file = out / "train_log.jsonl"
-    metrics = saved = None
+    log_file = loop.out / "train_log.jsonl"
     t0 = time.perf_counter()
-    step_before = engine.global_steps
-    done = step_before >= plan.total_steps
     try:
-        while not done:
-            order = epoch_order(len(feats), world, rank, tr.seed, epoch, lengths=lengths,
-                                global_batch=plan.global_batch)
-            loader = torch.utils.data.DataLoader(BatchLoader(feats, order, plan.micro_batch, keys, position, trim),
-                                                 batch_size=None, shuffle=False, pin_memory=device.type == "cuda",
-                                                 num_workers=2 if device.type == "cuda" else 0,
-                                                 # its own generator: a DataLoader iterator draws a seed when it starts,
-                                                 # which from the global RNG would shift dropout after a resume
-                                                 generator=torch.Generator())
-            batches_per_epoch = -(-len(order) // plan.micro_batch)
-            for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                pending.append(train_step(engine, batch, family, cfg))
-                position += 1
-                rates.add(*batch_flops(cfg, batch))
-                if engine.global_steps == step_before:
-                    continue  # inside an accumulation window
-                step = step_before = engine.global_steps
-                bar.update(1)
-                last = step >= plan.total_steps
-                if tr.log_steps and (step % tr.log_steps == 0 or last):
-                    _log_losses(pending, step, plan, engine, rates, log_file, bar)
-                    pending = []
-                if eval_feats is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
-                    metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out / f"eval-{step}",
-                                       trim=trim)
-                    _monitor_eval(engine, metrics)
-                stop = preempt.agreed(step, tr.log_steps)
-                if stop or last or (tr.save_steps and step % tr.save_steps == 0):
-                    epoch_done = position >= batches_per_epoch
-                    epoch_now, pos_now = (epoch + 1, 0) if epoch_done else (epoch, position)
-                    saved = checkpoint.save(engine, ckpt_dir, step, _client_state(recipe, epoch_now, pos_now, layout),
-                                            tr.keep_last)
-                if stop:
-                    log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
-                    bar.close()
-                    return None, True, saved
-                if last:
-                    done = True
-                    break
-            else:  # the epoch ran out before the planned steps did
-                epoch, position = epoch + 1, 0
-    except BaseException:
-        bar.close()  # its last line before the error's, not after it
-        raise
-    bar.close()
-    if pending:
-        _log_losses(pending, engine.global_steps, plan, engine, rates, log_file, bar)
+        while engine.global_steps < plan.total_steps:
+            step = optimizer_step(loop, batches, state, rates)
+            bar.update(1)
+            last = step >= plan.total_steps
+            if tr.log_steps and (step % tr.log_steps == 0 or last):
+                _log_losses(state.pending, step, plan, engine, rates, log_file, bar)
+                state.pending = []
+            if loop.eval_features is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
+                state.metrics = _evaluate(loop, trim, loop.out / f"eval-{step}")
+            stop = preemption.agreed(step, tr.log_steps)
+            if stop or last or (tr.save_steps and step % tr.save_steps == 0):
+                state.saved = checkpoint.save(engine, loop.ckpt_dir, step, _client_state(loop, state), tr.keep_last)
+            if stop:
+                log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
+                state.preempted = True
+                return state
+    finally:
+        bar.close()  # its last line before any error's, not after it
+    if state.pending:
+        _log_losses(state.pending, engine.global_steps, plan, engine, rates, log_file, bar)
+        state.pending = []
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
-    if eval_feats is not None:
-        metrics = evaluate(engine, eval_set, eval_feats, family, recipe.eval, device, out, trim=trim)
-        _monitor_eval(engine, metrics)
-    return metrics, False, saved
+    if loop.eval_features is not None:
+        state.metrics = _evaluate(loop, trim, loop.out)
+    return state
+
+
+def _evaluate(loop: Loop, trim, out_dir: Path) -> dict:
+    metrics = evaluate(loop.engine, loop.eval_set, loop.eval_features, loop.family, loop.recipe.eval, loop.device,
+                       out_dir, trim=trim)
+    _monitor_eval(loop.engine, metrics)
+    return metrics
 
 
 def _monitor_eval(engine, metrics: dict | None) -> None:
@@ -270,10 +302,11 @@ def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
     r = rates.measure()
     if distributed.is_main():
         with open(log_file, "a", encoding="utf-8") as f:
-            for i, l in enumerate(per_step):
-                f.write(json.dumps({"step": first + i, "loss": l}) + "\n")
+            for i, loss in enumerate(per_step):
+                f.write(json.dumps({"step": first + i, "loss": loss}) + "\n")
         if engine.monitor.enabled:  # DeepSpeed logs the lr itself; the loss and throughput come from here
-            events = [("Train/Samples/train_loss", l, (first + i) * plan.global_batch) for i, l in enumerate(per_step)]
+            events = [("Train/Samples/train_loss", loss, (first + i) * plan.global_batch)
+                      for i, loss in enumerate(per_step)]
             events += [(f"Train/Samples/{k}", v, step * plan.global_batch) for k, v in r.items()]
             engine.monitor.write_events(events)
         bar.set_postfix(loss=f"{per_step[-1]:.4f}", lr=f"{lr:.2e}", sps=f"{r['samples_per_s']:.1f}")

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds import tune_report
-from squad_ds.config import ConfigError, Recipe, load_recipe
+from squad_ds.config import ConfigError, Recipe
 from squad_ds.errors import run_main
 from squad_ds.tune_trial import WARMUP_STEPS
 
@@ -268,19 +268,14 @@ def prepare(args: argparse.Namespace) -> Search:
     """Load the recipe and its DeepSpeed config, warm the feature cache, and fix the global batch to keep."""
     import torch
 
-    from squad_ds.effective import count_train_features
-    from squad_ds.engine import (
-        default_ds_config_name,
-        load_ds_config,
-        resolve_ds_config,
-    )
+    from squad_ds.assemble import count_train_features, resolve_run
 
     cuda = torch.cuda.is_available()
-    recipe = load_recipe(args.recipe, args.overrides)
-    ds_name = args.deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, args.nproc)
-    base = load_ds_config(ds_name)
-    world = args.nproc
-    _, plan = resolve_ds_config(base, recipe, world_size=world, num_features=1, cuda=cuda)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: must be positive")
+    spec = resolve_run(args.recipe, args.overrides, args.deepspeed_config, world_size=args.nproc, cuda=cuda)
+    recipe, world = spec.recipe, args.nproc
+    _, plan = spec.plan(1)
     bad = [s for s in args.stages if s not in (0, 1, 2, 3)]
     if bad:
         raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
@@ -292,7 +287,8 @@ def prepare(args: argparse.Namespace) -> Search:
     count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
     out.mkdir(parents=True, exist_ok=True)
-    return Search(args.recipe, list(args.overrides), recipe, base, str(ds_name), plan.global_batch, world, cuda, out)
+    return Search(args.recipe, list(args.overrides), recipe, spec.ds_raw, spec.ds_name, plan.global_batch, world, cuda,
+                  out)
 
 
 def search(s: Search, args: argparse.Namespace, say=print) -> list[Trial]:

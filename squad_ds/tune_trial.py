@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds import atomic
-from squad_ds.config import ConfigError, load_recipe
+from squad_ds.config import ConfigError
 
 WARMUP_STEPS = 2  # optimizer steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 
@@ -40,29 +40,22 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from squad_ds import distributed
-    from squad_ds.data_files import resolve_data_path
-    from squad_ds.engine import build_engine, load_ds_config, resolve_ds_config
-    from squad_ds.modeling.factory import load_qa_model, load_tokenizer
-    from squad_ds.modeling.heads import forward_keys, model_family
+    from squad_ds.assemble import build_run, resolve_run
     from squad_ds.batching import BatchLoader, epoch_order, trim_policy
+    from squad_ds.modeling.heads import forward_keys
     from squad_ds.modeling.sdpa import sdpa_preference
-    from squad_ds.preprocess import load_features
     from squad_ds.train import train_step
 
     distributed.setup_env()
-    recipe = load_recipe(spec["recipe"], spec["overrides"])
     cuda = torch.cuda.is_available()
+    run_spec = resolve_run(spec["recipe"], spec["overrides"], spec["deepspeed_config"],
+                           world_size=distributed.world_size(), cuda=cuda)
+    recipe = run_spec.recipe
     distributed.init(cuda)
     device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
     torch.manual_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    feats, _ = load_features(resolve_data_path(recipe.data.train_file), tokenizer, recipe.data, "train",
-                             recipe.data.max_train_examples)
-    ds_cfg, plan = resolve_ds_config(load_ds_config(spec["deepspeed_config"]), recipe,
-                                     world_size=distributed.world_size(), num_features=len(feats), cuda=cuda)
-    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
-    family = model_family(model.config)
-    engine, _, _ = build_engine(model, ds_cfg, recipe)
+    built = build_run(run_spec, with_eval=False)
+    feats, plan, model, family, engine = built.train_features, built.plan, built.model, built.family, built.engine
     keys = forward_keys(family, train=True, config=model.config)
     world, rank = distributed.world_size(), distributed.rank()
 

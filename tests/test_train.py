@@ -118,6 +118,31 @@ def test_resume_after_preemption_is_exact(tmp_path):
     assert resumed == uninterrupted  # bit-exact in fp32
 
 
+def test_resume_inside_an_accumulation_window_that_spans_epochs_is_exact(tmp_path):
+    """An epoch of an odd number of micro-batches under accumulation 2: every other optimizer step takes its two
+    micro-batches from two epochs. kill -9 mid-window, rerun: the same losses bit for bit (dropout on), so the
+    checkpoint's (epoch, position) and the data order across the boundary are right."""
+    model = make_tiny_model(tmp_path / "model", dropout=0.1)
+    train = {"max_steps": 9, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 1,
+             "keep_last": 3}
+    full = write_recipe(tmp_path / "full.yaml", model, tmp_path / "full", train=train,
+                        data={"max_train_examples": 1, "eval_file": None})
+    run_train(full)
+    plan = json.loads((tmp_path / "full" / "effective_config.json").read_text())["plan"]
+    per_epoch = plan["micro_batches_per_epoch"]
+    assert per_epoch % 2 == 1 and per_epoch + 2 <= 2 * 9  # a window spans epochs 0 and 1, and training goes on
+
+    cut = write_recipe(tmp_path / "cut.yaml", model, tmp_path / "cut", train=train,
+                       data={"max_train_examples": 1, "eval_file": None})
+    # The first micro-batch after the spanning window: the newest checkpoint is the one saved at (epoch 1, 1).
+    kill_at = per_epoch + 2
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), "train", str(kill_at),
+                           *train_cmd(cut)[3:]], env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    run_train(cut)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
 _RECORD_DROPOUT = """
 import json, sys
 import torch

@@ -1,0 +1,122 @@
+"""The one place a run is assembled: recipe + DeepSpeed config (`resolve_run`), then tokenizer, features, step
+plan, model and engine (`build_run`). `squad-ds train`, `squad-ds config`, `squad-ds tune` and its trials use these,
+so what `config` prints and what `tune` measures is what `train` runs.
+
+Order matters and is kept here: a recipe that contradicts its DeepSpeed JSON fails before any tokenizing or model
+loading (`resolve_run` resolves once with a placeholder feature count); the real plan needs the feature count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from squad_ds.config import ConfigError, Recipe, load_recipe
+from squad_ds.data_files import resolve_data_path
+from squad_ds.engine import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run's settings, checked against each other: the recipe, the DeepSpeed JSON as loaded, and where it runs."""
+    recipe: Recipe
+    ds_name: str
+    ds_raw: dict[str, Any]
+    world_size: int
+    cuda: bool
+
+    def plan(self, num_features: int) -> tuple[dict[str, Any], TrainPlan]:
+        """The resolved DeepSpeed JSON and the step plan for `num_features` train features."""
+        return resolve_ds_config(self.ds_raw, self.recipe, world_size=self.world_size, num_features=num_features,
+                                 cuda=self.cuda)
+
+    def effective_document(self, num_features: int) -> dict[str, Any]:
+        """What the trainer writes to OUTPUT/effective_config.json and `squad-ds config` prints."""
+        ds_cfg, plan = self.plan(num_features)
+        return {"recipe": self.recipe.to_dict(), "deepspeed": ds_cfg, "deepspeed_config_file": str(self.ds_name),
+                "plan": {**plan.__dict__, "global_batch": plan.global_batch, "num_features": num_features}}
+
+
+def run_spec(recipe: Recipe, deepspeed_config: str | None, *, world_size: int, cuda: bool) -> RunSpec:
+    """`recipe` with its DeepSpeed JSON (`deepspeed_config`, else the recipe's, else the hardware's), checked now:
+    contradictions between them fail before any data or model work."""
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: must be a positive integer")
+    ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world_size)
+    spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name), world_size, cuda)
+    spec.plan(1)
+    return spec
+
+
+def resolve_run(recipe_name: str | None, overrides: list[str], deepspeed_config: str | None, *, world_size: int,
+                cuda: bool) -> RunSpec:
+    """A named recipe (or YAML file) with its `--set` overrides, and its DeepSpeed JSON: see `run_spec`."""
+    return run_spec(load_recipe(recipe_name, overrides), deepspeed_config, world_size=world_size, cuda=cuda)
+
+
+@dataclass
+class Run:
+    """Everything a training process builds from its RunSpec."""
+    spec: RunSpec
+    tokenizer: Any
+    train_features: Any
+    eval_features: Any | None
+    eval_set: Any | None
+    ds_config: dict[str, Any]
+    plan: TrainPlan
+    model: Any
+    family: str
+    engine: Any
+
+    def effective_document(self) -> dict[str, Any]:
+        return self.spec.effective_document(len(self.train_features))
+
+
+def load_tokenizer_for(recipe: Recipe):
+    from squad_ds.modeling.factory import check_max_seq_length, load_tokenizer
+
+    check_max_seq_length(recipe.model.name_or_path, recipe.data.max_seq_length)
+    return load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
+
+
+def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
+    """(train features, eval features, eval dataset); the eval pair is (None, None) without an eval file."""
+    from squad_ds.preprocess import load_features
+
+    d = recipe.data
+    train, _ = load_features(resolve_data_path(d.train_file, "data.train_file"), tokenizer, d, "train",
+                             d.max_train_examples)
+    if not (with_eval and d.eval_file):
+        return train, None, None
+    eval_features, eval_set = load_features(resolve_data_path(d.eval_file, "data.eval_file"), tokenizer, d, "eval",
+                                            d.max_eval_examples)
+    return train, eval_features, eval_set
+
+
+def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
+    """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
+    group and seeded the RNGs (the QA head's initialisation draws from them)."""
+    from squad_ds.engine import build_engine
+    from squad_ds.modeling.factory import load_qa_model
+    from squad_ds.modeling.heads import model_family
+
+    recipe = spec.recipe
+    tokenizer = load_tokenizer_for(recipe)
+    train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
+    ds_config, plan = spec.plan(len(train))
+    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
+    engine, _, _ = build_engine(model, ds_config, recipe)
+    return Run(spec, tokenizer, train, eval_features, eval_set, ds_config, plan, model, model_family(model.config),
+               engine)
+
+
+def count_train_features(recipe: Recipe) -> int:
+    """Train features as a run would have them (cached featurizer, `data.max_train_examples` applied)."""
+    from squad_ds.modeling.factory import ModelLoadError
+
+    if not recipe.data.train_file:
+        raise ConfigError("data.train_file: not set, so the step plan has no data to count (pass --num-features N)")
+    try:
+        tokenizer = load_tokenizer_for(recipe)
+    except ModelLoadError as e:  # a usage error like any other bad recipe value: exit 2 with the message
+        raise ConfigError(f"model.{'tokenizer' if recipe.model.tokenizer else 'name_or_path'}: {e}") from e
+    return len(load_run_features(recipe, tokenizer, with_eval=False)[0])
