@@ -50,6 +50,8 @@ _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from squad_ds.config import DataConfig, add_recipe_arguments
+
     p = argparse.ArgumentParser(prog="squad-ds", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune with DeepSpeed (`squad-ds train --help`); no arguments: embedded demo",
@@ -69,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("preprocess", help="tokenize a SQuAD file into (cached) features")
     pp.add_argument("data", help="SQuAD JSON (.json or .json.gz), or sample:NAME")
     pp.add_argument("--tokenizer", required=True, help="local directory or hub name of a fast tokenizer")
-    pp.add_argument("--max-seq-length", type=int, default=384)
-    pp.add_argument("--doc-stride", type=int, default=128)
-    pp.add_argument("--max-query-length", type=int, default=64)
+    pp.add_argument("--max-seq-length", type=int, default=DataConfig.max_seq_length)
+    pp.add_argument("--doc-stride", type=int, default=DataConfig.doc_stride)
+    pp.add_argument("--max-query-length", type=int, default=DataConfig.max_query_length)
     pp.add_argument("--split", choices=["train", "eval"], default="train")
     pp.add_argument("--cache-dir", default=None, help="default: ~/.cache/squad_ds/features")
     pp.add_argument("--num-workers", type=int, default=None,
@@ -79,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=_cmd_preprocess)
 
     cf = sub.add_parser("config", help="print the effective recipe + resolved DeepSpeed JSON + step plan (no training)")
-    cf.add_argument("recipe", nargs="?", default=None, help="named recipe or YAML file (default: the embedded demo)")
-    cf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a recipe value (repeatable)")
+    add_recipe_arguments(cf, positional=True)
     cf.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                     help="DeepSpeed JSON (path or shipped name); default: the recipe's, else the hardware's")
     cf.add_argument("--world-size", type=int, default=None, help="processes of the run (default: $WORLD_SIZE or 1)")

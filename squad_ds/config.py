@@ -12,12 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from squad_ds.errors import ConfigError
-from squad_ds.modeling.sdpa import SDPA_BACKENDS
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -40,19 +39,30 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_choices(obj: Any, section: str) -> None:
+    """Every field of `obj` typed Literal[...] (or Literal[...] | None) holds one of its choices."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        _coerce(getattr(obj, name), tp, f"{section}.{name}")
+
+
+# Choice fields: the Literal type is the one list of choices (the CLI's and the errors' lists come from it).
+AttnImplementation = Literal["sdpa", "eager"]
+SdpaBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]  # see modeling/sdpa.py
+SquadVersion = Literal["1.1", "2.0"]
+Optimizer = Literal["auto", "deepspeed", "torch_fused_adamw", "apex_fused_adam"]
+OPTIMIZERS = typing.get_args(Optimizer)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "all-MiniLM-L6-v2"
     tokenizer: str | None = None  # defaults to name_or_path
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     # SDPA kernel tried first: auto (torch's order) | cudnn | flash | efficient | math (see modeling/sdpa.py)
-    sdpa_backend: str = "auto"
+    sdpa_backend: SdpaBackend = "auto"
 
     def __post_init__(self):
-        _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
-               f"must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
-        _check(self.sdpa_backend in SDPA_BACKENDS, "model.sdpa_backend",
-               f"must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        _check_choices(self, "model")
         _check(self.sdpa_backend == "auto" or self.attn_implementation == "sdpa", "model.sdpa_backend",
                f"{self.sdpa_backend!r} chooses an SDPA kernel, but model.attn_implementation is "
                f"{self.attn_implementation!r}")
@@ -63,7 +73,7 @@ class DataConfig:
     # "sample:train" / "sample:dev" / "sample:dev-v2" name the small real SQuAD samples shipped in the package.
     train_file: str | None = "sample:train"
     eval_file: str | None = "sample:dev"
-    version: str | None = None  # "1.1" / "2.0"; None: taken from the files (which must agree)
+    version: SquadVersion | None = None  # None: taken from the files (which must agree)
     max_seq_length: int = 384
     doc_stride: int = 128
     max_query_length: int = 64
@@ -81,7 +91,7 @@ class DataConfig:
     unpad: bool = False
 
     def __post_init__(self):
-        _check(self.version in (None, "1.1", "2.0"), "data.version", f"must be '1.1' or '2.0', got {self.version!r}")
+        _check_choices(self, "data")
         _check(self.max_seq_length > 0, "data.max_seq_length", "must be positive")
         _check(0 < self.doc_stride < self.max_seq_length, "data.doc_stride", "must be in (0, max_seq_length)")
         _check(0 < self.max_query_length < self.max_seq_length, "data.max_query_length",
@@ -105,9 +115,6 @@ class EvalConfig:
             _check(getattr(self, k) > 0, f"eval.{k}", "must be positive")
 
 
-OPTIMIZERS = ("auto", "deepspeed", "torch_fused_adamw", "apex_fused_adam")
-
-
 @dataclass
 class TrainConfig:
     epochs: float = 2.0
@@ -124,7 +131,7 @@ class TrainConfig:
     group_by_length: bool = True  # similar lengths share an optimizer step, so trimmed batches carry less padding
     # auto | deepspeed (as the JSON says: DeepSpeed's FusedAdam on CUDA) | torch_fused_adamw (torch.optim.AdamW with
     # fused=True, through DeepSpeed's torch_adam switch) | apex_fused_adam (NVIDIA apex, when importable)
-    optimizer: str = "auto"
+    optimizer: Optimizer = "auto"
     compile: bool = False  # torch.compile the model through engine.compile() (DeepSpeed's supported route)
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only at the end)
@@ -142,8 +149,7 @@ class TrainConfig:
         _check(self.weight_decay is None or self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_proportion is None or 0 <= self.warmup_proportion < 1, "train.warmup_proportion",
                "must be in [0, 1)")
-        _check(self.optimizer in OPTIMIZERS, "train.optimizer",
-               f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check_choices(self, "train")
         for k in ("eval_steps", "save_steps", "log_steps"):
             _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
@@ -184,14 +190,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+_SECTIONS = typing.get_type_hints(Recipe)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against a dataclass field annotation, allowing int→float; raise naming `key`."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    """Check `value` against a (resolved) dataclass field type, allowing int→float; raise naming `key`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        hint = " (a number: quote it)" if isinstance(value, (int, float)) and str(value) in choices else ""
+        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -204,6 +213,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: X's own message
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
     if origin is dict:
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
@@ -238,7 +249,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
             continue
         value = value or {}
         _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
-        fields = {f.name: f.type for f in dataclasses.fields(section_cls)}
+        fields = typing.get_type_hints(section_cls)
         section_kwargs = {}
         for k, v in value.items():
             if k not in fields:
@@ -246,6 +257,17 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
             section_kwargs[k] = _coerce(v, fields[k], f"{name}.{k}")
         kwargs[name] = section_cls(**section_kwargs)
     return Recipe(**kwargs)
+
+
+def add_recipe_arguments(p: Any, *, positional: bool = False, recipe_help: str | None = None) -> None:
+    """The recipe and `--set` options every sub-command that reads a recipe shares (one declaration)."""
+    help_ = recipe_help or "named recipe or YAML file (default: the embedded demo)"
+    if positional:
+        p.add_argument("recipe", nargs="?", default=None, help=help_)
+    else:
+        p.add_argument("--recipe", default=None, help=help_)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
 
 
 def list_recipes() -> list[str]:

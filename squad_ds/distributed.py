@@ -74,6 +74,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def device(cuda: bool):
+    """This process's device: its local rank's GPU, or the CPU."""
+    return torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 

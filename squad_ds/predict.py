@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from squad_ds import distributed
-from squad_ds.config import apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.config import add_recipe_arguments, apply_overrides, load_recipe, recipe_from_dict
 from squad_ds.data_files import resolve_data_path
 from squad_ds.errors import ConfigError, run_main
 from squad_ds.evaluate import evaluate
@@ -28,9 +28,8 @@ def build_arg_parser(prog: str = "squad-ds predict") -> argparse.ArgumentParser:
     p.add_argument("data", help="SQuAD JSON (.json/.json.gz) or sample:NAME")
     p.add_argument("--model", required=True, help="HF model directory (e.g. RUN_DIR/model) or hub name")
     p.add_argument("--out-dir", default=None, help="where predictions go (default: MODEL/predictions)")
-    p.add_argument("--recipe", default=None,
-                   help="recipe for data/eval settings (default: the one saved with the model, else defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_recipe_arguments(p, recipe_help="recipe for data/eval settings (default: the one saved with the model, "
+                         "else defaults)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
-    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    device = distributed.device(cuda)
     check_max_seq_length(args.model, recipe.data.max_seq_length)
     tokenizer = load_tokenizer(args.model)
     feats, dataset = load_features(resolve_data_path(args.data), tokenizer, recipe.data, "eval",

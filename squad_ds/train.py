@@ -28,7 +28,7 @@ import torch
 from squad_ds import checkpoint, distributed, resume, run_dir
 from squad_ds.assemble import build_run, resolve_run
 from squad_ds.batching import BatchLoader, epoch_order, trim_policy
-from squad_ds.config import Recipe, dump_recipe
+from squad_ds.config import Recipe, add_recipe_arguments, dump_recipe
 from squad_ds.data import SquadDataset
 from squad_ds.engine import TrainPlan
 from squad_ds.errors import run_main
@@ -48,9 +48,7 @@ def build_arg_parser(prog: str = "squad-ds train") -> argparse.ArgumentParser:
     import deepspeed
 
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune a QA model with DeepSpeed.")
-    p.add_argument("--recipe", default=None, help="named recipe or YAML file (default: the embedded demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable)")
+    add_recipe_arguments(p)
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of this run) or a path; "
                    "without it a run continues from output.dir's checkpoints when there are any")
     p.add_argument("--overwrite", action="store_true",
@@ -95,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = spec.recipe
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
-    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    device = distributed.device(cuda)
     out = Path(recipe.output.dir)
     held = distributed.on_main(lambda: run_dir.lock(out))  # noqa: F841 - held open until the process ends
     resume_from = run_dir.resume_mode(args.resume, args.overwrite, out)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds import tune_report
-from squad_ds.config import ConfigError, Recipe
+from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import run_main
 from squad_ds.tune_trial import WARMUP_STEPS
 
@@ -393,9 +393,7 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", default=None, help="named recipe or YAML file (default: the embedded demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable)")
+    add_recipe_arguments(p, positional=True)
     p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                    help="base DeepSpeed config (precision, optimizer, …); default: the recipe's, else the hardware's")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop launching trials after this (default 300)")

@@ -52,7 +52,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
                            world_size=distributed.world_size(), cuda=cuda)
     recipe = run_spec.recipe
     distributed.init(cuda)
-    device = torch.device("cuda", distributed.local_rank()) if cuda else torch.device("cpu")
+    device = distributed.device(cuda)
     torch.manual_seed(recipe.train.seed)
     built = build_run(run_spec, with_eval=False)
     feats, plan, model, family, engine = built.train_features, built.plan, built.model, built.family, built.engine

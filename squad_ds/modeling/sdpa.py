@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import typing
 from collections.abc import Iterator
+
+from squad_ds.config import SdpaBackend
 
 _log = logging.getLogger(__name__)
 
-SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+SDPA_BACKENDS = typing.get_args(SdpaBackend)  # the recipe type owns the list
 
 # Preferred first; cuDNN last in the orders that are chosen to avoid it.
 _ORDERS = {
