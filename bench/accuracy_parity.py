@@ -215,7 +215,7 @@ def hf_predict(model, tokenizer, s: Settings, features, out: Path) -> tuple[np.n
 
 
 def warmup_steps_of(s: Settings, n_features: int) -> int:
-    """squad-ds's warmup (engine.plan_training, one process), so that both sides warm up for the same steps."""
+    """squad-ds's warmup (ds_config.plan_training, one process), so that both sides warm up for the same steps."""
     total = max(1, math.ceil(s.epochs * math.ceil(n_features / s.micro_batch_size) / s.gradient_accumulation_steps))
     return max(1, int(s.warmup_proportion * total))
 

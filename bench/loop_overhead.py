@@ -102,7 +102,7 @@ def squad_ds_loop(engine, recipe, plan, feats, family, n_steps, out_dir):
     """Loop (b): train_loop itself, for n_steps more optimizer steps from where the engine is."""
     import torch
 
-    from squad_ds.engine import TrainPlan
+    from squad_ds.ds_config import TrainPlan
     from squad_ds.train import Loop, LoopState, Preemption, train_loop
 
     p = TrainPlan(**{**plan.__dict__, "total_steps": engine.global_steps + n_steps})

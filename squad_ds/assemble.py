@@ -12,7 +12,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, load_recipe
 from squad_ds.data_files import resolve_data_path
-from squad_ds.engine import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The recipe owns SQuAD, model, schedule-length and output settings. DeepSpeed's JSON owns batch sizes, optimizer,
 precision, ZeRO, clipping and the scheduler; the few values both know (micro-batch, accumulation, learning rate,
-warmup, weight decay) are `None` here unless the recipe sets them, and `engine.resolve_ds_config` reconciles the two.
+warmup, weight decay) are `None` here unless the recipe sets them, and `ds_config.resolve_ds_config` reconciles the two.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class TrainConfig:
     epochs: float = 2.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     seed: int = 42
-    # Shared with the DeepSpeed JSON (None: not set by the recipe; see engine.resolve_ds_config).
+    # Shared with the DeepSpeed JSON (None: not set by the recipe; see ds_config.resolve_ds_config).
     micro_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     train_batch_size: int | None = None

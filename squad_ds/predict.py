@@ -15,6 +15,7 @@ import torch
 from squad_ds import distributed
 from squad_ds.config import add_recipe_arguments, apply_overrides, load_recipe, recipe_from_dict
 from squad_ds.data_files import resolve_data_path
+from squad_ds.engine import prepare_model
 from squad_ds.errors import ConfigError, run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.logs import setup_logging
@@ -63,10 +64,7 @@ def run(args: argparse.Namespace) -> int:
                                    recipe.data.max_eval_examples)
     torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
-    if recipe.data.unpad:
-        from squad_ds.modeling import unpadded
-
-        unpadded.enable(model)
+    prepare_model(model, recipe, train=False)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     trim = trim_policy(recipe.data, cuda)
     with sdpa_preference(recipe.model.sdpa_backend):

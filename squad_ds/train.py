@@ -30,7 +30,7 @@ from squad_ds.assemble import build_run, resolve_run
 from squad_ds.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.config import Recipe, add_recipe_arguments, dump_recipe
 from squad_ds.data import SquadDataset
-from squad_ds.engine import TrainPlan
+from squad_ds.ds_config import TrainPlan
 from squad_ds.errors import run_main
 from squad_ds.evaluate import evaluate
 from squad_ds.features import Features

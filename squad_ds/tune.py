@@ -6,7 +6,7 @@ with the best measured samples/s, and writes that as a DeepSpeed config `squad-d
 
 Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
 a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what `squad-ds
-train` would build for the recipe plus a candidate JSON (`engine.resolve_ds_config`, `build_engine`, the trainer's
+train` would build for the recipe plus a candidate JSON (`ds_config.resolve_ds_config`, `engine.build_engine`, the trainer's
 `preprocess.load_features` / `train.train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
 N` times on real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on
 GPU and, on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner

@@ -1,4 +1,4 @@
-"""engine.resolve_ds_config: "auto" filled from the recipe, contradictions refused before any work starts, the step
+"""ds_config.resolve_ds_config: "auto" filled from the recipe, contradictions refused before any work starts, the step
 plan, optimizer choice on CPU; weight_decay_groups on a tiny BERT."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 
 from squad_ds.config import ConfigError, recipe_from_dict
-from squad_ds.engine import (DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, arch_list_for_deepspeed,
-                             load_ds_config, resolve_ds_config, weight_decay_groups)
+from squad_ds.ds_config import DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, load_ds_config, resolve_ds_config
+from squad_ds.engine import arch_list_for_deepspeed, weight_decay_groups
 from test_ds_configs import build_scheduler
 
 
@@ -100,7 +100,7 @@ def test_recipe_vs_json_contradiction_names_both(json_key, json_value, recipe_ke
 
 
 def test_scheduler_warmup_max_lr_contradicting_the_recipe_lr_is_refused():
-    """BUG (engine.resolve_ds_config): a concrete scheduler.params.warmup_max_lr is kept without comparing it with
+    """BUG (ds_config.resolve_ds_config): a concrete scheduler.params.warmup_max_lr is kept without comparing it with
     the lr. DeepSpeed's WarmupLR/WarmupDecayLR drive the optimizer's lr to warmup_max_lr, so recipe train.lr=3e-5
     with a JSON warmup_max_lr=1e-4 silently trains at 1e-4 -- the recipe's lr is ignored. DESIGN: "A value given
     in both places is an error unless equal"."""
@@ -278,7 +278,7 @@ def test_unknown_optimizer_choice_names_the_choices():
 
 
 def test_optimizer_without_params_gets_the_recipe_values():
-    """BUG (engine.resolve_ds_config): `opt["params"].get("lr")` runs before `opt.setdefault("params", {})`, so a
+    """BUG (ds_config.resolve_ds_config): `opt["params"].get("lr")` runs before `opt.setdefault("params", {})`, so a
     DeepSpeed config whose optimizer has no "params" (DeepSpeed's own examples allow {"type": "AdamW"}) crashes
     with KeyError: 'params' instead of taking lr / weight_decay from the recipe."""
     out, _ = resolve(ds_auto(optimizer={"type": "AdamW"}), recipe(lr=3.0e-5, weight_decay=0.0))

@@ -1,0 +1,259 @@
+"""The DeepSpeed config: loading the JSON (shipped name or path), the hardware's default, and resolution against the
+recipe: "auto" values filled from it, contradictions refused naming both values, and the step plan. Nothing here
+imports DeepSpeed; engine.py builds the engine from what this returns.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from squad_ds.config import ConfigError, Recipe
+
+DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
+
+# Used when neither the recipe nor the JSON gives a value.
+DEFAULT_MICRO_BATCH = 16
+DEFAULT_ACCUMULATION = 1
+DEFAULT_LR = 5e-5
+DEFAULT_WARMUP = 0.1
+DEFAULT_WEIGHT_DECAY = 0.01
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Step arithmetic for one run, derived once from the data size and the resolved batch sizes."""
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    micro_batches_per_epoch: int  # per rank
+    total_steps: int  # optimizer steps
+    warmup_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+
+def ds_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (DS_CONFIG_DIR / name_or_path, DS_CONFIG_DIR / f"{name_or_path}.json"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"deepspeed_config: {name_or_path!r} is neither a file nor a shipped config (shipped: {known})")
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    path = ds_config_path(name_or_path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    for section in _OBJECT_SECTIONS:
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise ConfigError(f"{path}: \"{section}\" must be a JSON object, got {json.dumps(cfg[section])}")
+    for section in ("optimizer", "scheduler"):
+        if section in cfg and not isinstance(cfg[section].get("type"), str):
+            raise ConfigError(f"{path}: \"{section}\" needs a \"type\" (e.g. \"AdamW\", \"WarmupDecayLR\")")
+        if section in cfg and not isinstance(cfg[section].get("params", {}), dict):
+            raise ConfigError(f"{path}: \"{section}.params\" must be a JSON object")
+    return cfg
+
+
+# Sections squad-ds reads or fills in: anything but an object there is an error before DeepSpeed sees it.
+_OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "activation_checkpointing",
+                    "tensorboard", "csv_monitor", "wandb", "comms_logger", "flops_profiler")
+
+
+def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:
+    """bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one, where ZeRO-2 partitions nothing and measured
+    slower with more memory (BERT-large, H100: 318 vs 316 samples/s, 24.4 vs 25.2 GiB; bench/RESULTS.md)."""
+    if not cuda:
+        return "cpu_fp32"
+    return "zero0_bf16" if world_size == 1 else "zero2_bf16"
+
+
+def _merge(json_value: Any, recipe_value: Any, default: Any, json_key: str, recipe_key: str) -> Any:
+    """One value known to both: "auto"/absent in JSON takes the recipe's; two different concrete values clash."""
+    if json_value in (None, "auto"):
+        return default if recipe_value is None else recipe_value
+    if recipe_value is not None and not math.isclose(float(json_value), float(recipe_value), rel_tol=1e-12):
+        raise ConfigError(f"DeepSpeed config {json_key}={json_value!r} contradicts recipe {recipe_key}={recipe_value!r}"
+                          " (set one of them, or make them equal)")
+    return json_value
+
+
+def _resolve_batch(ds: dict, recipe: Recipe, world_size: int) -> tuple[int, int, int]:
+    tr = recipe.train
+    micro = _merge(ds.get("train_micro_batch_size_per_gpu"), tr.micro_batch_size, None,
+                   "train_micro_batch_size_per_gpu", "train.micro_batch_size")
+    accum = _merge(ds.get("gradient_accumulation_steps"), tr.gradient_accumulation_steps, None,
+                   "gradient_accumulation_steps", "train.gradient_accumulation_steps")
+    total = _merge(ds.get("train_batch_size"), tr.train_batch_size, None, "train_batch_size",
+                   "train.train_batch_size")
+    if total is not None:
+        if micro is None and accum is None:
+            accum = DEFAULT_ACCUMULATION
+        if micro is None:
+            micro, rem = divmod(total, accum * world_size)
+            if rem or micro == 0:
+                raise ConfigError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {accum}"
+                                  f" × world size {world_size}")
+        elif accum is None:
+            accum, rem = divmod(total, micro * world_size)
+            if rem or accum == 0:
+                raise ConfigError(f"train_batch_size {total} is not divisible by micro-batch {micro}"
+                                  f" × world size {world_size}")
+    micro = DEFAULT_MICRO_BATCH if micro is None else micro
+    accum = DEFAULT_ACCUMULATION if accum is None else accum
+    if total is not None and micro * accum * world_size != total:
+        raise ConfigError(f"micro-batch {micro} × gradient_accumulation_steps {accum} × world size {world_size} = "
+                          f"{micro * accum * world_size}, not the train_batch_size {total}")
+    for name, v in (("micro-batch", micro), ("gradient_accumulation_steps", accum)):
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return int(micro), int(accum), int(micro * accum * world_size)
+
+
+def plan_training(recipe: Recipe, micro: int, accum: int, world_size: int, num_features: int,
+                  warmup_proportion: float) -> TrainPlan:
+    per_rank = math.ceil(num_features / world_size)
+    micro_per_epoch = math.ceil(per_rank / micro)
+    if recipe.train.max_steps is not None:
+        total = recipe.train.max_steps
+    else:
+        total = max(1, math.ceil(recipe.train.epochs * micro_per_epoch / accum))
+    # DeepSpeed's WarmupDecayLR needs at least one warmup step (step 0 then runs at warmup_min_lr).
+    return TrainPlan(micro, accum, world_size, micro_per_epoch, total, max(1, int(warmup_proportion * total)))
+
+
+def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, num_features: int,
+                      cuda: bool) -> tuple[dict[str, Any], TrainPlan]:
+    """The effective DeepSpeed config (no "auto" left that squad-ds owns) and the step plan.
+
+    Raises ConfigError for contradictions, impossible precision/ZeRO settings and batch arithmetic that does not
+    add up — before any model is built. One function per concern: batch, precision and ZeRO, optimizer, schedule,
+    monitors.
+    """
+    ds = copy.deepcopy(ds)
+    micro, accum, total = _resolve_batch(ds, recipe, world_size)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
+    ds["train_batch_size"] = total
+    _check_precision_and_zero(ds, cuda)
+    lr = _resolve_optimizer(ds, recipe, cuda)
+    warmup = DEFAULT_WARMUP if recipe.train.warmup_proportion is None else recipe.train.warmup_proportion
+    plan = _resolve_schedule(ds, recipe, lr, plan_training(recipe, micro, accum, world_size, num_features, warmup))
+    _resolve_monitors(ds, recipe)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)} (squad-ds fills only "
+                          "batch sizes, optimizer lr/weight_decay and scheduler steps/lr)")
+    return ds, plan
+
+
+def _check_precision_and_zero(ds: dict[str, Any], cuda: bool) -> None:
+    stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage!r}: ZeRO stages are 0, 1, 2 and 3")
+    fp16 = (ds.get("fp16", {}) or {}).get("enabled") is True
+    if not cuda and fp16:
+        raise ConfigError("fp16.enabled=true needs a CUDA GPU (DeepSpeed has no fp16 on CPU): use bf16 or the "
+                          "cpu_fp32 config")
+    if fp16 and (ds.get("bf16", {}) or {}).get("enabled") is True:
+        raise ConfigError("fp16.enabled and bf16.enabled are both true: choose one")
+
+
+def _resolve_optimizer(ds: dict[str, Any], recipe: Recipe, cuda: bool) -> float:
+    """lr and weight decay merged with the recipe's; the implementation switch (train.optimizer). Returns the lr."""
+    if recipe.train.optimizer == "apex_fused_adam":
+        apex_fused_adam_class()  # a missing apex is a configuration error, found before any work
+    opt = ds.get("optimizer")
+    if opt:
+        opt.setdefault("params", {})
+    lr = _merge(opt["params"].get("lr") if opt else None, recipe.train.lr, DEFAULT_LR, "optimizer.params.lr",
+                "train.lr")
+    wd = _merge(opt["params"].get("weight_decay") if opt else None, recipe.train.weight_decay, DEFAULT_WEIGHT_DECAY,
+                "optimizer.params.weight_decay", "train.weight_decay")
+    if not opt:
+        return lr
+    opt["params"]["lr"], opt["params"]["weight_decay"] = lr, wd
+    offloaded = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    adam = opt["type"].lower() in ("adam", "adamw")
+    if recipe.train.optimizer == "torch_fused_adamw":
+        if not adam or offloaded:
+            raise ConfigError("train.optimizer=torch_fused_adamw needs an Adam/AdamW optimizer in the DeepSpeed "
+                              f"config and no optimizer offload (got type {opt['type']!r}"
+                              f"{', offloaded' if offloaded else ''})")
+        # DeepSpeed's torch_adam switch builds torch.optim.AdamW and passes the other params through.
+        opt["params"]["torch_adam"], opt["params"]["fused"] = True, True
+    elif not cuda and not offloaded and adam:
+        # FusedAdam is a CUDA kernel; on CPU torch's AdamW avoids a JIT build and is what runs anyway.
+        opt["params"].setdefault("torch_adam", True)
+    return lr
+
+
+def _resolve_schedule(ds: dict[str, Any], recipe: Recipe, lr: float, plan: TrainPlan) -> TrainPlan:
+    """Total and warmup steps from the plan into the scheduler (or checked against concrete values there)."""
+    sched = ds.get("scheduler")
+    if not sched:
+        if (recipe.train.warmup_proportion or 0) > 0:
+            raise ConfigError(f"recipe train.warmup_proportion={recipe.train.warmup_proportion} but the DeepSpeed "
+                              "config has no \"scheduler\" to warm up with")
+        return plan
+    p = sched.setdefault("params", {})
+    warmup_json = p.get("warmup_num_steps")
+    if p.get("total_num_steps", "auto") not in ("auto", plan.total_steps):
+        raise ConfigError(f"DeepSpeed config scheduler.params.total_num_steps={p['total_num_steps']} contradicts "
+                          f"the planned {plan.total_steps} steps (set it to \"auto\")")
+    if "total_num_steps" in p or sched.get("type") == "WarmupDecayLR":
+        p["total_num_steps"] = plan.total_steps
+    if warmup_json not in (None, "auto"):
+        if not isinstance(warmup_json, int) or warmup_json < 1:
+            raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json!r}: DeepSpeed "
+                              "needs a positive integer (use \"auto\" to derive it from train.warmup_proportion)")
+        if recipe.train.warmup_proportion is not None and warmup_json != plan.warmup_steps:
+            raise ConfigError(f"DeepSpeed config scheduler.params.warmup_num_steps={warmup_json} contradicts "
+                              f"recipe train.warmup_proportion={recipe.train.warmup_proportion} "
+                              f"({plan.warmup_steps} steps)")
+        plan = TrainPlan(**{**plan.__dict__, "warmup_steps": int(warmup_json)})
+    p["warmup_num_steps"] = plan.warmup_steps
+    p["warmup_max_lr"] = _merge(p.get("warmup_max_lr"), lr, lr, "scheduler.params.warmup_max_lr",
+                                "train.lr / optimizer.params.lr")
+    p.setdefault("warmup_min_lr", 0.0)
+    p.setdefault("warmup_type", "linear")
+    return plan
+
+
+def _resolve_monitors(ds: dict[str, Any], recipe: Recipe) -> None:
+    for monitor in ("tensorboard", "csv_monitor"):
+        m = ds.get(monitor)
+        if isinstance(m, dict) and m.get("enabled") and m.get("output_path", "") in ("", "auto"):
+            # DeepSpeed's own default is the launch directory; the run directory is where a user looks.
+            m["output_path"] = str(Path(recipe.output.dir) / "monitor")
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def apex_fused_adam_class():
+    try:
+        from apex.optimizers import FusedAdam  # NVIDIA apex, never PyPI's unrelated "apex"
+    except ImportError as e:
+        raise ConfigError("train.optimizer=apex_fused_adam but NVIDIA apex is not importable: build it from "
+                          "github.com/NVIDIA/apex, or use the DeepSpeed optimizer (train.optimizer=auto)") from e
+    return FusedAdam
