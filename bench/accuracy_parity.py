@@ -46,10 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from squad_ds.data import Example, load_squad  # noqa: E402
-from squad_ds.data_files import resolve_data_path  # noqa: E402
-from squad_ds.metrics import score  # noqa: E402
-from squad_ds.postprocess import postprocess_bert  # noqa: E402
+from squad_ds.data.squad import Example, load_squad  # noqa: E402
+from squad_ds.data.files import resolve_data_path  # noqa: E402
+from squad_ds.scoring.metrics import score  # noqa: E402
+from squad_ds.scoring.postprocess import postprocess_bert  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

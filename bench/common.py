@@ -86,7 +86,7 @@ def train_file(explicit: str | None = None) -> str:
 
 def load_features(tokenizer, seq: int, stride: int, query: int = 64, path: str | None = None,
                   cache_dir: str | os.PathLike = DEFAULT_CACHE):
-    from squad_ds.preprocess import load_or_build_features
+    from squad_ds.data.preprocess import load_or_build_features
 
     feats, _, info = load_or_build_features(train_file(path), tokenizer, max_seq_length=seq, doc_stride=stride,
                                             max_query_length=min(query, seq // 4), split="train",
@@ -114,8 +114,8 @@ def engine_for(model, ds_name: str, recipe, num_features: int, cuda: bool):
     """squad-ds's engine path: the run's DeepSpeed JSON resolved against the recipe (assemble.RunSpec, as train
     resolves it), then build_engine on the benchmark's own model."""
     from squad_ds import distributed
-    from squad_ds.assemble import run_spec
-    from squad_ds.engine import build_engine
+    from squad_ds.training.assemble import run_spec
+    from squad_ds.training.engine import build_engine
 
     ds_cfg, plan = run_spec(recipe, ds_name, world_size=distributed.world_size(), cuda=cuda).plan(num_features)
     engine, _, _ = build_engine(model, ds_cfg, recipe)

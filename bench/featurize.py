@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true")
     args = p.parse_args(argv)
 
-    from squad_ds import cache
-    from squad_ds.data import load_squad
-    from squad_ds.features import featurize
+    from squad_ds.data import cache
+    from squad_ds.data.squad import load_squad
+    from squad_ds.data.features import featurize
     from squad_ds.modeling.factory import load_tokenizer
-    from squad_ds.preprocess import load_or_build_features
+    from squad_ds.data.preprocess import load_or_build_features
 
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer())
     params = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,

@@ -68,7 +68,7 @@ def ops() -> int:
 
 
 def features(cache_dir: str) -> int:
-    from squad_ds.preprocess import load_or_build_features
+    from squad_ds.data.preprocess import load_or_build_features
 
     tok = common.load_tokenizer()
     files = [("train", common.train_file())]

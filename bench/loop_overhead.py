@@ -79,7 +79,7 @@ def plain_loop(model, opt, sched, feats, family, keys, micro, seed, n_steps, clo
     import torch
 
     from squad_ds.modeling.heads import model_inputs
-    from squad_ds.batching import BatchLoader, epoch_order
+    from squad_ds.data.batching import BatchLoader, epoch_order
 
     cfg = model.config
     order = epoch_order(len(feats), 1, 0, seed, 0)
@@ -102,7 +102,7 @@ def squad_ds_loop(engine, recipe, plan, feats, family, n_steps, out_dir):
     """Loop (b): train_loop itself, for n_steps more optimizer steps from where the engine is."""
     import torch
 
-    from squad_ds.ds_config import TrainPlan
+    from squad_ds.training.ds_config import TrainPlan
     from squad_ds.train import Loop, LoopState, Preemption, train_loop
 
     p = TrainPlan(**{**plan.__dict__, "total_steps": engine.global_steps + n_steps})
@@ -125,7 +125,7 @@ def breakdown(model, opt, sched, engine, feats, family, keys, micro, seed, n_ste
     import torch
 
     from squad_ds.modeling.heads import model_inputs
-    from squad_ds.batching import BatchLoader, epoch_order
+    from squad_ds.data.batching import BatchLoader, epoch_order
 
     order = epoch_order(len(feats), 1, 0, seed, 0)
     batches = [BatchLoader(feats, order, micro, keys, 0)[i] for i in range(n_steps)]
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.init_distributed(cuda=False)
-    from squad_ds.engine import weight_decay_groups
+    from squad_ds.training.engine import weight_decay_groups
     from squad_ds.logs import setup_logging
     from squad_ds.modeling.heads import forward_keys, model_family
 

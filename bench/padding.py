@@ -34,7 +34,7 @@ def measure(feats, micro: int, epochs: int, trim: bool, group: bool, multiple: i
             seed: int = 42) -> dict:
     """tokens_per_sequence: what the projections and feed-forward layers process per sequence; attention_length:
     the length attention runs at (the same unless packed); distinct_shapes: distinct (rows, attention length)."""
-    from squad_ds.batching import BatchLoader, TrimPolicy, epoch_order
+    from squad_ds.data.batching import BatchLoader, TrimPolicy, epoch_order
 
     lengths = feats.attention_mask.sum(1) if group else None
     tokens, attended, sequences, shapes = 0, 0, 0, set()

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from squad_ds.data import load_squad  # noqa: E402
-from squad_ds.postprocess import postprocess_bert  # noqa: E402
+from squad_ds.data.squad import load_squad  # noqa: E402
+from squad_ds.scoring.postprocess import postprocess_bert  # noqa: E402
 
 
 def default_data() -> Path:
@@ -61,7 +61,7 @@ def build_features(examples, max_seq_length: int, doc_stride: int, max_query_len
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     try:
-        from squad_ds.features import featurize
+        from squad_ds.data.features import featurize
     except ImportError:
         return "plain tokenizer call", featurize_plain(examples, tok, max_seq_length, doc_stride, max_query_length)
     f = featurize(examples, tok, max_seq_length=max_seq_length, doc_stride=doc_stride,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     end = rng.standard_normal((n, length), dtype=np.float32)
 
     try:
-        from squad_ds.metrics import score
+        from squad_ds.scoring.metrics import score
     except ImportError:
         score = None
 

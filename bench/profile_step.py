@@ -74,7 +74,7 @@ def profile_variant(template, feats, variant: str, micro: int, warmup: int, step
     import numpy as np
     import torch
 
-    from squad_ds.batching import BatchLoader, TrimPolicy, epoch_order
+    from squad_ds.data.batching import BatchLoader, TrimPolicy, epoch_order
     from squad_ds.modeling.heads import forward_keys, model_family
     from squad_ds.train import train_step
 

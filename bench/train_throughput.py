@@ -1,7 +1,7 @@
 """Training throughput of squad-ds's DeepSpeed path vs HF transformers.Trainer + DeepSpeed, same model and batch.
 
 For each ZeRO stage in --zero and a micro-batch (--micro N, or --find-max-micro: doubling until CUDA OOM, GPU only)
-it measures, after --warmup optimizer steps, samples/s over --steps steps, TFLOP/s (squad_ds.flops), MFU against
+it measures, after --warmup optimizer steps, samples/s over --steps steps, TFLOP/s (squad_ds.training.flops), MFU against
 --peak-tflops or a measured bf16 matmul peak, and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the
 process's max RSS). The squad-ds side goes through resolve_ds_config + build_engine and the loop body of
 squad_ds.train.train_loop (same DataLoader(BatchLoader), forward, engine.backward, engine.step). The baseline
@@ -146,7 +146,7 @@ def _order(n_features: int, micro: int, n_batches: int, seed: int, lengths=None)
     import numpy as np
 
     from squad_ds import distributed
-    from squad_ds.batching import epoch_order
+    from squad_ds.data.batching import epoch_order
 
     order = epoch_order(n_features, distributed.world_size(), distributed.rank(), seed, 0, lengths=lengths,
                         global_batch=micro * distributed.world_size() if lengths is not None else None)
@@ -160,8 +160,8 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
     import numpy as np
     import torch
 
-    from squad_ds.batching import BatchLoader, TrimPolicy
-    from squad_ds.flops import batch_flops
+    from squad_ds.data.batching import BatchLoader, TrimPolicy
+    from squad_ds.training.flops import batch_flops
     from squad_ds.modeling.heads import forward_keys, model_family
     from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import train_step
@@ -279,7 +279,7 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
     common.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
     from squad_ds import distributed
-    from squad_ds.assemble import run_spec
+    from squad_ds.training.assemble import run_spec
 
     ds, plan = run_spec(recipe, spec["ds_config"], world_size=distributed.world_size(), cuda=cuda).plan(len(feats))
     op = ds["optimizer"]["params"]
@@ -484,7 +484,7 @@ def main(argv=None) -> int:
         peak, peak_source = peak_info.get("tflops"), "measured bf16 matmul"
     from transformers import BertConfig  # noqa: F401 - fail here, not in every worker, when transformers is absent
 
-    from squad_ds.flops import flops_per_sequence
+    from squad_ds.training.flops import flops_per_sequence
 
     base = {"cuda": cuda, "model": args.model, "seq": args.seq, "stride": args.stride, "warmup": args.warmup,
             "steps": args.steps, "train_file": args.train_file, "cache_dir": args.cache_dir,

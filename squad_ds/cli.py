@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from squad_ds.data_files import resolve_data_path
+    from squad_ds.data.files import resolve_data_path
     from squad_ds.errors import ConfigError
-    from squad_ds.metrics import evaluate_files
+    from squad_ds.scoring.metrics import evaluate_files
 
     if args.out_file and Path(args.out_file).is_dir():
         raise ConfigError(f"--out-file {args.out_file}: a directory; give the path of the file to write")
@@ -25,10 +25,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from squad_ds.data_files import resolve_data_path
-    from squad_ds.preprocess import preprocess_command
+    from squad_ds.data.files import resolve_data_path
+    from squad_ds.data.preprocess import preprocess_command
+    from squad_ds.modeling.factory import load_tokenizer
 
-    summary = preprocess_command(resolve_data_path(args.data), tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
+    path = resolve_data_path(args.data)  # a bad file name fails before the tokenizer loads
+    summary = preprocess_command(path, tokenizer=load_tokenizer(args.tokenizer), max_seq_length=args.max_seq_length,
                                  doc_stride=args.doc_stride, max_query_length=args.max_query_length,
                                  split=args.split, cache_dir=args.cache_dir, num_workers=args.num_workers)
     print(json.dumps(summary))
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resolve as for this device (default: the one here)")
     cf.set_defaults(func=_cmd_config)
 
-    from squad_ds import tune
+    from squad_ds.tune import search as tune
 
     tu = sub.add_parser("tune", help=tune.HELP)
     tune.add_arguments(tu)

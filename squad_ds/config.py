@@ -85,7 +85,7 @@ class DataConfig:
     # batching.trim_policy); pad_to_multiple_of rounds the trimmed length up, bounding the number of batch shapes.
     trim_padding: bool | None = None
     pad_to_multiple_of: int = 1
-    # Packed batches (squad_ds/packing.py): only real tokens go through the projections and feed-forward layers;
+    # Packed batches (squad_ds/data/packing.py): only real tokens go through the projections and feed-forward layers;
     # attention re-pads to the batch's longest sequence (rounded up to pad_to_multiple_of). BERT with absolute
     # (transformers', SDPA) or relative (squad-ds's) positions; replaces trim_padding (train and eval).
     unpad: bool = False

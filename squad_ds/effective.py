@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from squad_ds.assemble import count_train_features, resolve_run
+from squad_ds.training.assemble import count_train_features, resolve_run
 from squad_ds.config import ConfigError
 
 

@@ -13,7 +13,11 @@ import os
 import signal
 import sys
 
-from squad_ds import atomic, checkpoint, postprocess, train
+from squad_ds import atomic, train
+
+from squad_ds.training import checkpoint
+
+from squad_ds.scoring import postprocess
 
 phase, target = sys.argv[1], int(sys.argv[2])
 seen = {"n": 0}

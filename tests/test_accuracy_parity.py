@@ -67,7 +67,7 @@ def test_train_labels_match_squad_ds_features():
     import datasets
     from transformers import AutoTokenizer
 
-    from squad_ds.features import featurize
+    from squad_ds.data.features import featurize
 
     tok = AutoTokenizer.from_pretrained(parity.minilm_dir())
     s = parity.Settings(max_seq_length=192, doc_stride=64)

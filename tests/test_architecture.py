@@ -111,3 +111,47 @@ def test_the_checker_sees_a_cycle_made_inside_a_function(tmp_path):
 @pytest.mark.parametrize("module", ["errors", "atomic"])
 def test_foundation_modules_import_nothing_of_the_package(module):
     assert import_graph()[f"squad_ds.{module}"] == {}
+
+
+# Lower layers first (modules and packages, as in README's architecture table); a module may import its own layer
+# and the ones before it, never a later one.
+LAYERS = [
+    ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.distributed", "squad_ds.logs",
+                    "squad_ds.preempt")),
+    ("data", ("squad_ds.data", "squad_ds.sample_data")),
+    ("scoring", ("squad_ds.scoring",)),
+    ("modeling", ("squad_ds.modeling",)),
+    ("training", ("squad_ds.training",)),
+    ("entry points", ("squad_ds.train", "squad_ds.predict", "squad_ds.effective")),
+    ("tune", ("squad_ds.tune",)),
+    ("cli", ("squad_ds.cli",)),
+]
+
+
+def layer_of(module: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return i
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    upward = [f"{a} -> {b} (line {line})" for a, deps in graph.items() for b, line in deps.items()
+              if layer_of(b) > layer_of(a)]
+    assert not upward, "imports from a lower layer into a higher one:\n" + "\n".join(upward)
+
+
+def test_scoring_needs_no_torch():
+    for path in (PACKAGE / "scoring").glob("*.py"):
+        assert "torch" not in {n.split(".")[0] for n in _imported_names(path)}, path
+
+
+def _imported_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names

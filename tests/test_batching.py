@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from squad_ds.batching import BatchLoader, TrimPolicy, epoch_order, is_left_padded, trim_padding, trim_policy
+from squad_ds.data.batching import BatchLoader, TrimPolicy, epoch_order, is_left_padded, trim_padding, trim_policy
 
 
 def _steps(n, world, micro, accum, lengths, seed=3, epoch=1):

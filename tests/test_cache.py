@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squad_ds import cache
-from squad_ds.preprocess import load_or_build_features
+from squad_ds.data import cache
+from squad_ds.data.preprocess import load_or_build_features
 
 DATA = {
     "version": "1.1",
@@ -158,7 +158,7 @@ def test_corrupt_entry_rebuilt_with_warning(data, tok, tmp_path, caplog, damage)
         other = tmp_path / "other.npz"
         cache.save(other, "0" * 64, f1.arrays(), {})
         path.write_bytes(other.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="squad_ds.cache"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.data.cache"):
         f2, _, info2 = build(data, tok, c)
     assert info2["cached"] is False
     assert any("unusable" in r.getMessage() for r in caplog.records)

@@ -81,12 +81,13 @@ def test_counts_features_and_matches_the_trainer(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     from squad_ds.config import load_recipe
-    from squad_ds.data_files import resolve_data_path
-    from squad_ds.preprocess import load_or_build_features
+    from squad_ds.data.files import resolve_data_path
+    from squad_ds.data.preprocess import load_or_build_features
+    from squad_ds.modeling.factory import load_tokenizer
 
     r = load_recipe(str(recipe))
-    feats, _, info = load_or_build_features(resolve_data_path("sample:train"), str(tiny_model), max_seq_length=64,
-                                            doc_stride=32, max_query_length=16, split="train",
+    feats, _, info = load_or_build_features(resolve_data_path("sample:train"), load_tokenizer(str(tiny_model)),
+                                            max_seq_length=64, doc_stride=32, max_query_length=16, split="train",
                                             cache_dir=r.data.cache_dir)
     assert info["cached"]  # `config` built the cache
     assert doc["plan"]["num_features"] == int((feats.example_index < 48).sum())  # max_train_examples applied

@@ -1,4 +1,4 @@
-"""squad_ds.data: version detection, gzip, every format error, misaligned answers; the shipped samples."""
+"""squad_ds.data.squad: version detection, gzip, every format error, misaligned answers; the shipped samples."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from squad_ds.data import Answer, SquadFormatError, load_squad, parse_squad, read_json
+from squad_ds.data.squad import Answer, SquadFormatError, load_squad, parse_squad, read_json
 from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2, SAMPLE_DIR, SAMPLE_TRAIN
 
 CONTEXT = "The cat sat on the mat."
@@ -168,12 +168,12 @@ def test_misaligned_kept_for_eval_dropped_for_training(write_json, make_squad, c
     doc = make_squad([qa("ok"), qa("off", answers=(("the mat", 3),)), qa("neg", answers=(("mat.", -4),)),
                       qa("empty", answers=(("", 0),)), qa("past_end", answers=(("the mat", 99),)),
                       qa("second_only_off", answers=(("the mat", 15), ("the mat", 0)))])
-    with caplog.at_level(logging.WARNING, logger="squad_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.data.squad"):
         ds = load_squad(write_json("d.json", doc))
     assert not caplog.records  # loading for evaluation keeps everything and has nothing to report
     assert [e.id for e in ds.examples] == ["ok", "off", "neg", "empty", "past_end", "second_only_off"]
     assert ds.misaligned_ids == {"off", "neg", "empty", "past_end"}
-    with caplog.at_level(logging.WARNING, logger="squad_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.data.squad"):
         kept = ds.train_examples()
         assert ds.train_examples() == kept
     assert [e.id for e in kept] == ["ok", "second_only_off"]
@@ -184,7 +184,7 @@ def test_misaligned_kept_for_eval_dropped_for_training(write_json, make_squad, c
 
 def test_aligned_dataset_warns_nothing(write_json, make_squad, caplog):
     ds = load_squad(write_json("d.json", make_squad([qa()])))
-    with caplog.at_level(logging.WARNING, logger="squad_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.data.squad"):
         assert ds.train_examples() == ds.examples
     assert not caplog.records
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from squad_ds.config import ConfigError, load_recipe
-from squad_ds.ds_config import DS_CONFIG_DIR, _walk, default_ds_config_name, ds_config_path, load_ds_config, \
+from squad_ds.training.ds_config import DS_CONFIG_DIR, _walk, default_ds_config_name, ds_config_path, load_ds_config, \
     resolve_ds_config
 
 REPO = Path(__file__).resolve().parents[1]

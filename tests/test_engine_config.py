@@ -7,8 +7,8 @@ import math
 import pytest
 
 from squad_ds.config import ConfigError, recipe_from_dict
-from squad_ds.ds_config import DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, load_ds_config, resolve_ds_config
-from squad_ds.engine import arch_list_for_deepspeed, weight_decay_groups
+from squad_ds.training.ds_config import DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, load_ds_config, resolve_ds_config
+from squad_ds.training.engine import arch_list_for_deepspeed, weight_decay_groups
 from test_ds_configs import build_scheduler
 
 

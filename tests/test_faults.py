@@ -9,7 +9,7 @@ import pytest
 
 from trainer_util import final_json, losses, make_tiny_model, run_train, write_recipe
 
-from squad_ds.checkpoint import MARKER, complete_tags, file_digests
+from squad_ds.training.checkpoint import MARKER, complete_tags, file_digests
 
 
 @pytest.fixture(scope="module")
@@ -322,8 +322,8 @@ def test_outputs_follow_the_umask(tmp_path):
 
     import numpy as np
 
-    from squad_ds import cache
-    from squad_ds.postprocess import QAPredictions, write_predictions
+    from squad_ds.data import cache
+    from squad_ds.scoring.postprocess import QAPredictions, write_predictions
 
     old = os.umask(0o022)
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squad_ds.data import load_squad, read_json
-from squad_ds.features import Features, featurize, make_spec
+from squad_ds.data.squad import load_squad, read_json
+from squad_ds.data.features import Features, featurize, make_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizers_util import build_xlnet_tokenizer, squad_sentences  # noqa: E402
@@ -306,7 +306,7 @@ def test_pool_matches_in_process(bert_tokenizer):
     examples = _sample(files[0], "eval")
     one = featurize(examples, bert_tokenizer, max_seq_length=128, doc_stride=32, max_query_length=16, split="eval",
                     num_workers=1, progress=False)
-    import squad_ds.features as F
+    import squad_ds.data.features as F
 
     old = F.CHUNK_EXAMPLES
     F.CHUNK_EXAMPLES = 64  # many chunks, so chunk boundaries (shared contexts, example_index offsets) are exercised
@@ -324,7 +324,7 @@ def test_pool_matches_in_process(bert_tokenizer):
 
 def test_walk_fallback_matches_binary_search(bert_tokenizer, monkeypatch):
     """Labels for tokenizers with non-monotone offsets take run_qa.py's walk; it must agree with the fast path."""
-    import squad_ds.features as F
+    import squad_ds.data.features as F
 
     files = _sample_files()
     if not files:
@@ -339,7 +339,7 @@ def test_walk_fallback_matches_binary_search(bert_tokenizer, monkeypatch):
 
 
 def test_features_container(bert_tokenizer):
-    from squad_ds.data import Answer, Example
+    from squad_ds.data.squad import Answer, Example
 
     ex = [Example("a", "t", "The cat sat on the mat.", "Where did the cat sit?", (Answer("the mat", 15),)),
           Example("b", "t", "Paris is in France.", "  Where is Paris?", (Answer("France", 12),))]

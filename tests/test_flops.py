@@ -1,10 +1,10 @@
-"""squad_ds.flops against published sizes, its own docstring's formula, and the real models' matmul work."""
+"""squad_ds.training.flops against published sizes, its own docstring's formula, and the real models' matmul work."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from squad_ds.flops import flops_per_sequence, non_embedding_params
+from squad_ds.training.flops import flops_per_sequence, non_embedding_params
 
 BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)

@@ -74,7 +74,7 @@ def test_packed_batches_match_padded_in_bf16_on_cuda(pref):
     from squad_ds.modeling import unpadded
     from squad_ds.modeling.factory import qa_model_from_config
     from squad_ds.modeling.sdpa import sdpa_preference
-    from squad_ds.packing import pack_batch
+    from squad_ds.data.packing import pack_batch
 
     torch.manual_seed(0)
     model = qa_model_from_config(tiny_config("bert", max_position_embeddings=128)).cuda().to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""squad_ds.metrics against hand-made golden values and an independent transcription of the official scripts."""
+"""squad_ds.scoring.metrics against hand-made golden values and an independent transcription of the official scripts."""
 from __future__ import annotations
 
 import collections
@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from squad_ds.data import load_squad, parse_squad
-from squad_ds.metrics import (MissingPredictionsError, PredictionsFormatError, evaluate_files, exact_match_score,
+from squad_ds.data.squad import load_squad, parse_squad
+from squad_ds.scoring.metrics import (MissingPredictionsError, PredictionsFormatError, evaluate_files, exact_match_score,
                               f1_score, normalize_answer, score)
 
 # =============================================================================================================
-# Official evaluate-v1.1.py / evaluate-v2.0.py, transcribed on the raw JSON (no squad_ds.metrics code).
+# Official evaluate-v1.1.py / evaluate-v2.0.py, transcribed on the raw JSON (no squad_ds.scoring.metrics code).
 # =============================================================================================================
 
 
@@ -226,7 +226,7 @@ def test_v1_max_over_golds():
 
 def test_v1_missing_prediction_scores_zero_with_one_warning(caplog):
     raw = v1_dataset(["a b"], ["c"], ["d"])
-    with caplog.at_level(logging.WARNING, logger="squad_ds.metrics"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.scoring.metrics"):
         out = score(parse_squad(raw), {"q0": "a b"}, allow_missing=True)  # v1.1 ignores allow_missing
     assert out == {"exact_match": 100.0 / 3, "f1": 100.0 / 3}
     assert [r.getMessage() for r in caplog.records] == [
@@ -235,7 +235,7 @@ def test_v1_missing_prediction_scores_zero_with_one_warning(caplog):
 
 def test_ids_not_in_data_ignored_with_warning(caplog):
     raw = v1_dataset(["x"])
-    with caplog.at_level(logging.WARNING, logger="squad_ds.metrics"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.scoring.metrics"):
         out = score(parse_squad(raw), {"q0": "x", "zz": "y", "yy": "z"})
     assert out == {"exact_match": 100.0, "f1": 100.0}
     assert len(caplog.records) == 1 and "2 predicted id(s) not in" in caplog.records[0].getMessage()
@@ -318,7 +318,7 @@ def test_v2_missing_predictions_error_and_allow_missing(caplog):
     with pytest.raises(MissingPredictionsError, match=r"3 of 6 questions have no prediction \(first: a2, a3, n3\)"):
         score(ds, partial)
     assert issubclass(MissingPredictionsError, ValueError)
-    with caplog.at_level(logging.WARNING, logger="squad_ds.metrics"):
+    with caplog.at_level(logging.WARNING, logger="squad_ds.scoring.metrics"):
         out = score(ds, partial, allow_missing=True)
     assert "3 of 6 questions have no prediction" in caplog.text
     assert list(out) == V2_KEYS
@@ -396,7 +396,7 @@ def test_evaluate_files_v2_with_na_file(write_json):
 def test_metrics_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, squad_ds.metrics; print('torch' in sys.modules)"
+    code = "import sys, squad_ds.scoring.metrics; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from squad_ds.data import Example
-from squad_ds.postprocess import (NO_SPAN_NULL_ODDS, QAPredictions, postprocess_bert, postprocess_xlnet,
+from squad_ds.data.squad import Example
+from squad_ds.scoring.postprocess import (NO_SPAN_NULL_ODDS, QAPredictions, postprocess_bert, postprocess_xlnet,
                                   write_predictions)
 
 NEG = -20.0  # a logit no candidate should win with
@@ -247,7 +247,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, squad_ds.postprocess; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, squad_ds.scoring.postprocess; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -45,7 +45,7 @@ def trainer_args(out_dir: Path, max_steps: int = REAL_MAX_STEPS, save_steps: int
 
 def checkpoint_written(out_dir: Path) -> bool:
     """True once the trainer has saved a complete checkpoint (every rank's shard written)."""
-    from squad_ds.checkpoint import complete_tags
+    from squad_ds.training.checkpoint import complete_tags
 
     return bool(complete_tags(out_dir / "checkpoints")) if (out_dir / "checkpoints").is_dir() else False
 

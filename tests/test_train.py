@@ -199,7 +199,7 @@ def test_dropout_is_on_in_every_training_forward(tmp_path):
 
 
 def test_keep_last_and_incomplete_checkpoints(tmp_path, tiny_model):
-    from squad_ds.checkpoint import MARKER, complete_tags, find_resume
+    from squad_ds.training.checkpoint import MARKER, complete_tags, find_resume
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
                           train={"max_steps": 6, "save_steps": 2, "keep_last": 2}, data={"max_eval_examples": 4})

@@ -51,7 +51,7 @@ def test_evaluate_errors(files):
 
 
 def test_sample_names_work_in_evaluate_and_preprocess(tmp_path):
-    from squad_ds.data import load_squad
+    from squad_ds.data.squad import load_squad
     from squad_ds.sample_data import SAMPLE_DEV
 
     preds = {e.id: e.answers[0].text for e in load_squad(SAMPLE_DEV).examples}

@@ -32,7 +32,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from squad_ds.packing import pad_heads, unpad_heads
+from squad_ds.data.packing import pad_heads, unpad_heads
 
 from squad_ds.errors import ModelLoadError
 
@@ -115,7 +115,7 @@ class RelativeBertSelfAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None,
                 packed_index: torch.Tensor | None = None) -> torch.Tensor:
         """keep: bool [B, L], True for tokens that may be attended to (None: all). With `packed_index`, a packed
-        batch (squad_ds/packing.py): hidden_states [1, T, hidden] and `keep` its packed_mask; Q, K and V are
+        batch (squad_ds/data/packing.py): hidden_states [1, T, hidden] and `keep` its packed_mask; Q, K and V are
         re-padded to [B, heads, L, d] for attention, so distances are within each sequence, and the output is
         packed again."""
         q = self._heads(self.query(hidden_states))
@@ -265,7 +265,7 @@ class RelativeBertForQuestionAnswering(RelativeBertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, return_dict=None,
                 packed_index=None, packed_mask=None):
-        """As BertForQuestionAnswering; a packed batch (squad_ds/packing.py) gives [1, T] logits (its position_ids
+        """As BertForQuestionAnswering; a packed batch (squad_ds/data/packing.py) gives [1, T] logits (its position_ids
         are implied by the packing and not used)."""
         if position_ids is not None and packed_index is None:
             raise ValueError("relative-position BERT derives positions from token order; position_ids unsupported")

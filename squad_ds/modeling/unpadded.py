@@ -1,4 +1,4 @@
-"""Unpadded BERT: transformers' own model, fed packed batches (squad_ds/packing.py), through one attention hook.
+"""Unpadded BERT: transformers' own model, fed packed batches (squad_ds/data/packing.py), through one attention hook.
 
 The embeddings, Q/K/V and output projections, feed-forward layers, layer norms and the QA head run on [1, T]
 real tokens. Attention is registered with transformers' AttentionInterface as ATTN_NAME: given `packed_index`
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from squad_ds.errors import ConfigError
-from squad_ds.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
+from squad_ds.data.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
 
 ATTN_NAME = "squad_ds_unpadded"
 _LABELS = ("start_positions", "end_positions")

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from squad_ds.data import read_json
+from squad_ds.data.squad import read_json
 from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2, SAMPLE_DIR, SAMPLE_TRAIN
 
 SEED = 20160616  # SQuAD v1.1 arXiv date; any fixed value will do

@@ -30,7 +30,7 @@ def flops_per_sequence(config, seq_len: int) -> float:
 
 def batch_flops(config, batch: dict) -> tuple[int, float]:
     """(sequences, FLOPs) of a training micro-batch, from shapes alone (no device sync): a padded batch costs
-    flops_per_sequence at its (trimmed) length per sequence; a packed one (squad_ds/packing.py) costs the
+    flops_per_sequence at its (trimmed) length per sequence; a packed one (squad_ds/data/packing.py) costs the
     weights' 6·N per real token plus attention at the length it was padded to."""
     if "packed_index" in batch:
         n_seq, attn_len = batch["packed_mask"].shape

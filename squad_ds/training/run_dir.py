@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from squad_ds.checkpoint import complete_tags
+from squad_ds.training.checkpoint import complete_tags
 from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from squad_ds.errors import ConfigError, ModelLoadError
 
-from squad_ds.data import Example
+from squad_ds.data.squad import Example
 
 log = logging.getLogger(__name__)
 

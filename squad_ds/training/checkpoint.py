@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from squad_ds import atomic, distributed
-from squad_ds.cache import file_sha256
+from squad_ds.data.cache import file_sha256
 from squad_ds.errors import CheckpointError, disk_error
 from squad_ds.logs import log_main
 

@@ -4,7 +4,7 @@ For the machine it runs on, at the recipe's global batch (micro × accumulation 
 largest micro-batch per device that fits for each (stage, offload, checkpointing) combination and the combination
 with the best measured samples/s, and writes that as a DeepSpeed config `squad-ds train --deepspeed_config` takes.
 
-Each trial is a fresh `python -m squad_ds.tune_trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
+Each trial is a fresh `python -m squad_ds.tune.trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
 a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what `squad-ds
 train` would build for the recipe plus a candidate JSON (`ds_config.resolve_ds_config`, `engine.build_engine`, the trainer's
 `preprocess.load_features` / `train.train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from squad_ds import tune_report
+from squad_ds.tune import report as tune_report
 from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import run_main
-from squad_ds.tune_trial import WARMUP_STEPS
+from squad_ds.tune.trial import WARMUP_STEPS
 
 HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"
 POLL_S = 0.2
@@ -190,13 +190,13 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # a trial is its own world (of one, or of --nproc under torchrun)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding squad_ds
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
 def _trial_cmd(spec_path: Path, nproc: int) -> list[str]:
-    tail = ["-m", "squad_ds.tune_trial", str(spec_path)]
+    tail = ["-m", "squad_ds.tune.trial", str(spec_path)]
     if nproc == 1:
         return [sys.executable, *tail]
     from squad_ds.distributed import _free_port
@@ -268,7 +268,7 @@ def prepare(args: argparse.Namespace) -> Search:
     """Load the recipe and its DeepSpeed config, warm the feature cache, and fix the global batch to keep."""
     import torch
 
-    from squad_ds.assemble import count_train_features, resolve_run
+    from squad_ds.training.assemble import count_train_features, resolve_run
 
     cuda = torch.cuda.is_available()
     if args.nproc < 1:
@@ -431,7 +431,7 @@ def build_arg_parser(prog: str = "squad-ds tune") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m squad_ds.tune …` is `squad-ds tune …`."""
+    """`squad-ds tune …` (also `python -m squad_ds.tune …`)."""
     args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_main("squad-ds tune", lambda: command(args))
 

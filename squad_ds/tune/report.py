@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from squad_ds.tune import Search, Trial
+    from squad_ds.tune.search import Search, Trial
 
 
 def _cell(v: Any) -> str:

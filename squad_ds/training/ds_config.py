@@ -13,7 +13,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
 
-DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 # Used when neither the recipe nor the JSON gives a value.
 DEFAULT_MICRO_BATCH = 16

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from squad_ds.packing import pack_batch
+from squad_ds.data.packing import pack_batch
 
 GROUP_WINDOW = 64  # global batches sorted together: wide enough to group lengths, narrow enough to stay random
 
@@ -76,7 +76,7 @@ _POSITIONS = ("start_positions", "end_positions", "cls_index")
 class TrimPolicy(NamedTuple):
     """Whether batches are cut to their longest sequence, the multiple that length is rounded up to (a bound
     on how many distinct batch shapes a run sees: 6 at 384 with 64), and whether they are packed instead
-    (squad_ds/packing.py: real tokens only, attention padded to that same length)."""
+    (squad_ds/data/packing.py: real tokens only, attention padded to that same length)."""
     trim: bool = True
     multiple: int = 1
     unpad: bool = False

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from squad_ds.data import SquadDataset, load_squad, read_json
+from squad_ds.data.squad import SquadDataset, load_squad, read_json
 from squad_ds.errors import MissingPredictionsError, PredictionsFormatError, SquadFormatError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
-from squad_ds.ds_config import DEFAULT_WEIGHT_DECAY, apex_fused_adam_class
+from squad_ds.training.ds_config import DEFAULT_WEIGHT_DECAY, apex_fused_adam_class
 
 
 def weight_decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""One `squad-ds tune` trial, run in its own process (`python -m squad_ds.tune_trial SPEC`): build the engine as
+"""One `squad-ds tune` trial, run in its own process (`python -m squad_ds.tune.trial SPEC`): build the engine as
 `squad-ds train` would for the recipe and a candidate DeepSpeed JSON, run WARMUP_STEPS optimizer steps, time the
 next N (when batches are trimmed or packed, after running those N once untimed), write the result as JSON for the tuner.
 A crash, a CUDA OOM or a hang stays inside this process.
@@ -40,8 +40,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from squad_ds import distributed
-    from squad_ds.assemble import build_run, resolve_run
-    from squad_ds.batching import BatchLoader, epoch_order, trim_policy
+    from squad_ds.training.assemble import build_run, resolve_run
+    from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
     from squad_ds.modeling.heads import forward_keys
     from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import train_step
@@ -130,5 +130,5 @@ def trial_main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m squad_ds.tune_trial SPEC.json")
+        sys.exit("usage: python -m squad_ds.tune.trial SPEC.json")
     trial_main(sys.argv[1])

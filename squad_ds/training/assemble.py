@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, load_recipe
-from squad_ds.data_files import resolve_data_path
-from squad_ds.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.data.files import resolve_data_path
+from squad_ds.training.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def load_tokenizer_for(recipe: Recipe):
 
 def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
     """(train features, eval features, eval dataset); the eval pair is (None, None) without an eval file."""
-    from squad_ds.preprocess import load_features
+    from squad_ds.data.preprocess import load_features
 
     d = recipe.data
     train, _ = load_features(resolve_data_path(d.train_file, "data.train_file"), tokenizer, d, "train",
@@ -95,7 +95,7 @@ def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
 def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
     group and seeded the RNGs (the QA head's initialisation draws from them)."""
-    from squad_ds.engine import build_engine
+    from squad_ds.training.engine import build_engine
     from squad_ds.modeling.factory import load_qa_model
     from squad_ds.modeling.heads import model_family
 

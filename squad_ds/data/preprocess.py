@@ -11,11 +11,13 @@ import os
 import time
 from typing import Any
 
-from squad_ds import cache, distributed
+from squad_ds import distributed
+
+from squad_ds.data import cache
 from squad_ds.config import DataConfig
-from squad_ds.data import SquadDataset, load_squad
+from squad_ds.data.squad import SquadDataset, load_squad
 from squad_ds.errors import ConfigError, SquadFormatError
-from squad_ds.features import Features, featurize, make_spec
+from squad_ds.data.features import Features, featurize, make_spec
 from squad_ds.logs import log_main
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,6 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     Ranks sharing a cache directory may all build on a cold cache; the atomic write keeps that safe.
     """
     t0 = time.perf_counter()
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from squad_ds.modeling.factory import load_tokenizer
-
-        tokenizer = load_tokenizer(os.fspath(tokenizer))
     make_spec(tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
               split=split)  # bad parameters fail before any reading
     # Eval features need no answers, so eval files may be unlabelled (a test set for `squad-ds predict`).
@@ -66,7 +64,7 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     return features, dataset, info
 
 
-def preprocess_command(data: str, tokenizer: str, max_seq_length: int = 384, doc_stride: int = 128,
+def preprocess_command(data: str, tokenizer: Any, max_seq_length: int = 384, doc_stride: int = 128,
                        max_query_length: int = 64, split: str = "train", cache_dir: str | None = None,
                        num_workers: int | None = None) -> dict[str, Any]:
     """`squad-ds preprocess`: build (or find) the cached features and summarise them."""

@@ -1,0 +1,1 @@
+"""`squad-ds tune`: the search (search), one trial process (trial), the report (report)."""
