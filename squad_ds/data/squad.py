@@ -224,8 +224,8 @@ def parse_squad(raw: Any, path: str | Path = "<memory>", labelled: bool = True) 
 def load_squad(path: str | Path, labelled: bool = True) -> SquadDataset:
     """Read a SQuAD v1.1 or v2.0 file (`.json` or `.json.gz`); `labelled=False` also reads questions without
     answers (see parse_squad)."""
-    # Hundreds of thousands of small acyclic objects: the cyclic collector would rescan them over and over
-    # (measured: 0.6 s of a 0.8 s parse of train-v1.1). Nothing here creates cycles.
+    # Hundreds of thousands of small acyclic objects: the cyclic collector would rescan them over and over (most
+    # of the parse time on train-v1.1: bench/RESULTS.md). Nothing here creates cycles.
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -76,8 +76,8 @@ _OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16
 
 
 def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:
-    """bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one, where ZeRO-2 partitions nothing and measured
-    slower with more memory (BERT-large, H100: 318 vs 316 samples/s, 24.4 vs 25.2 GiB; bench/RESULTS.md)."""
+    """bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one, where ZeRO-2 partitions nothing and measured no
+    faster with more memory (bench/RESULTS.md, GPU section)."""
     if not cuda:
         return "cpu_fp32"
     return "zero0_bf16" if world_size == 1 else "zero2_bf16"

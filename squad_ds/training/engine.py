@@ -33,7 +33,7 @@ def _apex_fused_adam(groups, ds: dict[str, Any]):
 
 def arch_list_for_deepspeed(value: str) -> str:
     """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT op builder can parse it: arch-specific suffixes dropped
-    ("9.0a" → "9.0"; it does int("0a") and fails). The H100 image this project measured on sets "9.0a"; the
+    ("9.0a" → "9.0"; it does int("0a") and fails). The H100 image this project ran on sets "9.0a"; the
     DeepSpeed ops squad-ds builds (FusedAdam, CPUAdam) need no arch-specific ("a") features."""
     out = []
     for tok in value.replace(";", " ").split():
@@ -92,6 +92,6 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe):
         engine.compile()  # nn.Module.compile in place: parameter names (checkpoints, export) stay as they are
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
         # A world of one: DeepSpeed would still flatten, all-reduce and unflatten every gradient each step
-        # (measured +3–5% step time on CPU, bench/loop_overhead.py) for no effect.
+        # for no effect, at a measurable cost per step on CPU (bench/RESULTS.md, "Loop overhead").
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler

@@ -1,34 +1,7 @@
-"""`squad-ds tune`: timed trials over micro-batch × ZeRO stage × optimizer offload × activation checkpointing.
-
-For the machine it runs on, at the recipe's global batch (micro × accumulation × world held fixed), it finds the
-largest micro-batch per device that fits for each (stage, offload, checkpointing) combination and the combination
-with the best measured samples/s, and writes that as a DeepSpeed config `squad-ds train --deepspeed_config` takes.
-
-Each trial is a fresh `python -m squad_ds.tune.trial SPEC` process (under torchrun when --nproc > 1), so a CUDA OOM,
-a hang or a leaked allocator can't take the tuner down or colour the next trial. A trial is exactly what `squad-ds
-train` would build for the recipe plus a candidate JSON (`ds_config.resolve_ds_config`, `engine.build_engine`, the trainer's
-`preprocess.load_features` / `train.train_step`, `batching.epoch_order` / `BatchLoader` and `heads.model_inputs`), stepped `warmup +
-N` times on real SQuAD features; samples/s is timed over the last N optimizer steps. "Doesn't fit" is a CUDA OOM on
-GPU and, on CPU (or anywhere with --max-mem-gb), the trial's process-tree RSS crossing the cap, checked by the tuner
-every 0.2 s. Combinations run cheapest first; offload and activation checkpointing only trade speed for memory, so a
-combination using them is not run when the same stage without them already fitted every micro-batch. Trials stop
-being launched once --budget-s is spent (so the whole run can overshoot by at most one --trial-timeout-s).
-
-Then, at the winner's combination and micro-batch, `--variants` tries recipe settings whose speed depends on the
-card rather than on memory: on CUDA by default bucketed trimming (`data.trim_padding` with
-`data.pad_to_multiple_of=64`), the memory-efficient SDPA kernel first (`model.sdpa_backend=efficient`), both, and
-packed batches (`data.unpad`, BERT only: other models' unpad trials end in "error") with and without that kernel.
-Trimmed and packed trials time batches whose shapes they have already run once, as most of a long run does; a
-variant that wins goes into the printed command as `--set`s.
-
-Why not DeepSpeed's autotuner (`deepspeed --autotuning tune --num_gpus N train.py --deepspeed ds.json`)?
-It launches every experiment through DeepSpeed's multi-node runner, which needs pdsh and password-less ssh even to
-localhost (and neither is on our CPU boxes or every cluster); it is GPU-only (it profiles model memory on the
-accelerator to prune ZeRO stages); and it tunes `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`
-freely toward the best throughput, changing the global batch — i.e. the optimisation recipe — unless capped with
-`max_train_batch_size`, and knows nothing about our "auto" resolution, SQuAD features or recipe-owned activation
-checkpointing. This tuner keeps the recipe's global batch exactly, runs through squad-ds's own engine path (so the
-winner is valid for `squad-ds train` by construction), works on CPU and single nodes, and needs no launcher.
+"""`squad-ds tune`: timed trials over micro-batch × ZeRO stage × optimizer offload × activation checkpointing, at
+the recipe's global batch, each in its own process (tune/trial.py); then recipe variants at the winner. The winner is
+written as a DeepSpeed config for `squad-ds train --deepspeed_config`. How it searches, and why not DeepSpeed's own
+autotuner: docs/TUNE.md.
 """
 from __future__ import annotations
 
