@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from squad_ds.training.assemble import count_train_features, resolve_run
 from squad_ds.config import ConfigError
+from squad_ds.training.assemble import count_train_features, resolve_run
 
 
 def effective_config(recipe_name: str | None, overrides: list[str], deepspeed_config: str | None = None, *,

@@ -14,14 +14,16 @@ import torch
 
 from squad_ds import distributed
 from squad_ds.config import add_recipe_arguments, apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.data.batching import trim_policy
 from squad_ds.data.files import resolve_data_path
-from squad_ds.training.engine import prepare_model
+from squad_ds.data.preprocess import load_features
 from squad_ds.errors import ConfigError, run_main
-from squad_ds.training.inference import evaluate
 from squad_ds.logs import setup_logging
 from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.modeling.sdpa import sdpa_preference
+from squad_ds.training.engine import prepare_model
+from squad_ds.training.inference import evaluate
 
 
 def build_arg_parser(prog: str = "squad-ds predict") -> argparse.ArgumentParser:
@@ -50,9 +52,6 @@ def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from squad_ds.data.batching import trim_policy
-    from squad_ds.data.preprocess import load_features
-
     recipe = _recipe_for(args.model, args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)

@@ -19,29 +19,29 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from squad_ds import distributed
-
-from squad_ds.training import checkpoint, resume, run_dir
-from squad_ds.training.assemble import build_run, resolve_run
-from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.config import Recipe, add_recipe_arguments, dump_recipe
-from squad_ds.data.squad import SquadDataset
-from squad_ds.training.ds_config import TrainPlan
-from squad_ds.errors import run_main
-from squad_ds.training.inference import evaluate
+from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.data.features import Features
-from squad_ds.training.flops import batch_flops, detect_peak_tflops
+from squad_ds.data.packing import is_packed
+from squad_ds.data.squad import SquadDataset
+from squad_ds.errors import run_main
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling import unpadded
 from squad_ds.modeling.heads import forward_keys, model_inputs
-from squad_ds.modeling.sdpa import current_order as current_sdpa_order, sdpa_preference
-from squad_ds.data.packing import is_packed
+from squad_ds.modeling.sdpa import current_order as current_sdpa_order
+from squad_ds.modeling.sdpa import sdpa_preference
+from squad_ds.training import checkpoint, resume, run_dir
+from squad_ds.training.assemble import build_run, resolve_run
+from squad_ds.training.ds_config import TrainPlan
+from squad_ds.training.flops import batch_flops, detect_peak_tflops
+from squad_ds.training.inference import evaluate
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
 

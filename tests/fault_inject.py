@@ -14,10 +14,8 @@ import signal
 import sys
 
 from squad_ds import atomic, train
-
-from squad_ds.training import checkpoint
-
 from squad_ds.scoring import postprocess
+from squad_ds.training import checkpoint
 
 phase, target = sys.argv[1], int(sys.argv[2])
 seen = {"n": 0}

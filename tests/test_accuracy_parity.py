@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from trainer_util import REPO, env, make_tiny_model
 
 for _mod in ("datasets", "accelerate"):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainer_util import REPO, env
 
 # Inputs come from $SQUAD_DIR when it is set, else from the shipped samples: CI runs this module both ways.

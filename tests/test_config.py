@@ -4,8 +4,20 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from squad_ds.config import (ConfigError, DataConfig, EvalConfig, Recipe, TrainConfig, apply_overrides,
-                             dump_recipe, list_recipes, load_recipe, parse_override, recipe_from_dict, recipe_path)
+from squad_ds.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    Recipe,
+    TrainConfig,
+    apply_overrides,
+    dump_recipe,
+    list_recipes,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+    recipe_path,
+)
 
 
 def write_recipe(tmp_path, text: str, name: str = "r.yaml"):

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from squad_ds.config import ConfigError, load_recipe
-from squad_ds.training.ds_config import DS_CONFIG_DIR, _walk, default_ds_config_name, ds_config_path, load_ds_config, \
-    resolve_ds_config
+from squad_ds.training.ds_config import (
+    DS_CONFIG_DIR,
+    _walk,
+    default_ds_config_name,
+    ds_config_path,
+    load_ds_config,
+    resolve_ds_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))

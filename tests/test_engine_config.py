@@ -5,11 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_ds_configs import build_scheduler
 
 from squad_ds.config import ConfigError, recipe_from_dict
-from squad_ds.training.ds_config import DEFAULT_LR, DEFAULT_MICRO_BATCH, DEFAULT_WEIGHT_DECAY, load_ds_config, resolve_ds_config
+from squad_ds.training.ds_config import (
+    DEFAULT_LR,
+    DEFAULT_MICRO_BATCH,
+    DEFAULT_WEIGHT_DECAY,
+    load_ds_config,
+    resolve_ds_config,
+)
 from squad_ds.training.engine import arch_list_for_deepspeed, weight_decay_groups
-from test_ds_configs import build_scheduler
 
 
 def recipe(**train):
@@ -300,8 +306,9 @@ def test_shipped_config_round_trip_with_a_published_recipe():
 # ---------------------------------------------------------------- weight decay groups
 
 def test_weight_decay_groups_exclude_biases_and_layernorm():
-    from squad_ds.modeling.factory import qa_model_from_config
     from tiny_models import tiny_bert_config
+
+    from squad_ds.modeling.factory import qa_model_from_config
 
     model = qa_model_from_config(tiny_bert_config(), attn_implementation="eager")
     groups = weight_decay_groups(model, 0.01)
@@ -325,8 +332,9 @@ def test_weight_decay_groups_exclude_biases_and_layernorm():
 
 
 def test_weight_decay_groups_skip_frozen_parameters():
-    from squad_ds.modeling.factory import qa_model_from_config
     from tiny_models import tiny_bert_config
+
+    from squad_ds.modeling.factory import qa_model_from_config
 
     model = qa_model_from_config(tiny_bert_config(), attn_implementation="eager")
     frozen = next(p for n, p in model.named_parameters() if "word_embeddings" in n)

@@ -12,8 +12,8 @@ import pytest
 
 from squad_ds.cli import main
 from squad_ds.data.squad import load_squad
-from squad_ds.scoring.metrics import evaluate_files
 from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2
+from squad_ds.scoring.metrics import evaluate_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from trainer_util import final_json, losses, make_tiny_model, run_train, write_recipe
 
 from squad_ds.training.checkpoint import MARKER, complete_tags, file_digests

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squad_ds.data.squad import load_squad, read_json
 from squad_ds.data.features import Features, featurize, make_spec
+from squad_ds.data.squad import load_squad, read_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizers_util import build_xlnet_tokenizer, squad_sentences  # noqa: E402

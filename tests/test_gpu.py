@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from trainer_util import losses, make_tiny_model, run_train, write_recipe
 
 pytestmark = pytest.mark.gpu
@@ -68,13 +67,12 @@ def test_packed_batches_match_padded_in_bf16_on_cuda(pref):
     """data.unpad on the card: bf16 packed logits at real tokens track the padded model's, and a packed training
     step's loss and gradients are finite, under torch's SDPA order and with the efficient kernel first."""
     import torch
-
     from tiny_models import tiny_config
 
+    from squad_ds.data.packing import pack_batch
     from squad_ds.modeling import unpadded
     from squad_ds.modeling.factory import qa_model_from_config
     from squad_ds.modeling.sdpa import sdpa_preference
-    from squad_ds.data.packing import pack_batch
 
     torch.manual_seed(0)
     model = qa_model_from_config(tiny_config("bert", max_position_embeddings=128)).cuda().to(torch.bfloat16)

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from trainer_util import env
 
 # Set from measurement on 2 CPU cores (2026-11-29, dropout on in training): the default run scored F1 44.2 / EM 30.9

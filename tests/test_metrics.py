@@ -11,8 +11,15 @@ import sys
 import pytest
 
 from squad_ds.data.squad import load_squad, parse_squad
-from squad_ds.scoring.metrics import (MissingPredictionsError, PredictionsFormatError, evaluate_files, exact_match_score,
-                              f1_score, normalize_answer, score)
+from squad_ds.scoring.metrics import (
+    MissingPredictionsError,
+    PredictionsFormatError,
+    evaluate_files,
+    exact_match_score,
+    f1_score,
+    normalize_answer,
+    score,
+)
 
 # =============================================================================================================
 # Official evaluate-v1.1.py / evaluate-v2.0.py, transcribed on the raw JSON (no squad_ds.scoring.metrics code).

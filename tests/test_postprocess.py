@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 
 from squad_ds.data.squad import Example
-from squad_ds.scoring.postprocess import (NO_SPAN_NULL_ODDS, QAPredictions, postprocess_bert, postprocess_xlnet,
-                                  write_predictions)
+from squad_ds.scoring.postprocess import (
+    NO_SPAN_NULL_ODDS,
+    QAPredictions,
+    postprocess_bert,
+    postprocess_xlnet,
+    write_predictions,
+)
 
 NEG = -20.0  # a logit no candidate should win with
 

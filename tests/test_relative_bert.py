@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import relative_bert_state_dict, save_state_dict_checkpoint, save_tiny_checkpoint, tiny_bert_config
 
 from squad_ds.modeling.factory import ModelLoadError, load_qa_model, qa_model_class, qa_model_from_config
 from squad_ds.modeling.relative_bert import RelativeBertForQuestionAnswering
-from tiny_models import relative_bert_state_dict, save_state_dict_checkpoint, save_tiny_checkpoint, tiny_bert_config
 
 TYPES = ("relative_key", "relative_key_query")
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from trainer_util import REPO, env, final_json, free_port, losses, make_tiny_model, run_train, train_cmd, write_recipe
 
 

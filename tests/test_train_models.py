@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from trainer_util import REPO, env, final_json, run_train, write_recipe
 
 
@@ -49,8 +48,8 @@ def xlnet_checkpoint(tmp_path_factory):
     from tiny_models import save_tiny_checkpoint, tiny_xlnet_config
     from tokenizers_util import build_xlnet_tokenizer, squad_sentences
 
-    from squad_ds.data.squad import load_squad
     from squad_ds.data.files import resolve_data_path
+    from squad_ds.data.squad import load_squad
 
     texts = squad_sentences(load_squad(resolve_data_path("sample:train")), limit=3000)
     tok = build_xlnet_tokenizer(texts, vocab_size=2000)

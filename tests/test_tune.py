@@ -10,9 +10,9 @@ import sys
 import pytest
 from trainer_util import REPO, env, make_tiny_model, run_train
 
-from squad_ds.tune import search as tune
 from squad_ds.config import ConfigError, load_recipe
 from squad_ds.training.ds_config import load_ds_config, resolve_ds_config
+from squad_ds.tune import search as tune
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from tiny_models import tiny_config
 
-from squad_ds.data.batching import BatchLoader, TrimPolicy, trim_policy
 from squad_ds.config import ConfigError, DataConfig, load_recipe
-from squad_ds.training.flops import batch_flops, flops_per_sequence, non_embedding_params
+from squad_ds.data.batching import BatchLoader, TrimPolicy, trim_policy
+from squad_ds.data.packing import PAD_LOGIT, is_packed, pack_batch, unpack
 from squad_ds.modeling import unpadded
 from squad_ds.modeling.factory import qa_model_from_config
-from squad_ds.data.packing import PAD_LOGIT, is_packed, pack_batch, unpack
+from squad_ds.training.flops import batch_flops, flops_per_sequence, non_embedding_params
 
 LENGTHS = [20, 7, 13, 1, 9]
 FULL = 24

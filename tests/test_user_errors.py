@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainer_util import REPO, env, make_tiny_model, write_recipe
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import save_tiny_checkpoint, tiny_bert_config, tiny_config, tiny_xlnet_config
 
 from squad_ds.modeling.factory import load_qa_model, qa_model_from_config
 from squad_ds.modeling.heads import (
@@ -12,7 +13,6 @@ from squad_ds.modeling.heads import (
     model_inputs,
     supports_activation_checkpointing,
 )
-from tiny_models import save_tiny_checkpoint, tiny_bert_config, tiny_config, tiny_xlnet_config
 
 B, L = 3, 10
 

@@ -25,9 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from squad_ds.errors import ConfigError, ModelLoadError
-
 from squad_ds.data.squad import Example
+from squad_ds.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

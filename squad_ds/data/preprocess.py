@@ -12,12 +12,11 @@ import time
 from typing import Any
 
 from squad_ds import distributed
-
-from squad_ds.data import cache
 from squad_ds.config import DataConfig
+from squad_ds.data import cache
+from squad_ds.data.features import Features, featurize, make_spec
 from squad_ds.data.squad import SquadDataset, load_squad
 from squad_ds.errors import ConfigError, SquadFormatError
-from squad_ds.data.features import Features, featurize, make_spec
 from squad_ds.logs import log_main
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,8 @@ def load_features(path: str, tokenizer: Any, data: DataConfig, split: str,
     # rank 0's error if it could not).
     features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))
     if not dataset.examples:
-        raise SquadFormatError(f"{path}: holds no questions: nothing to {'train on' if split == 'train' else 'predict'}")
+        what = "train on" if split == "train" else "predict"
+        raise SquadFormatError(f"{path}: holds no questions: nothing to {what}")
     if limit is not None:
         features, dataset = _first_examples(features, dataset, split, limit)
     if d.version and dataset.version != d.version:

@@ -121,8 +121,8 @@ def qa_model_class(config):
       XLNetForQuestionAnsweringSimple).
     - anything else: what AutoModelForQuestionAnswering maps the config to.
     """
-    from .relative_bert import RelativeBertForQuestionAnswering, is_relative_bert_config
     from .heads import model_family
+    from .relative_bert import RelativeBertForQuestionAnswering, is_relative_bert_config
 
     if is_relative_bert_config(config):
         return RelativeBertForQuestionAnswering

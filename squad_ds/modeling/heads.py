@@ -43,8 +43,8 @@ def model_family(config) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _qa_forward_takes_token_type_ids(model_type: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
     name = MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.get(model_type)
     if name is None:

@@ -33,7 +33,6 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from squad_ds.data.packing import pad_heads, unpad_heads
-
 from squad_ds.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from squad_ds.errors import ConfigError
 from squad_ds.data.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
+from squad_ds.errors import ConfigError
 
 ATTN_NAME = "squad_ds_unpadded"
 _LABELS = ("start_positions", "end_positions")

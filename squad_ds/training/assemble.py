@@ -95,9 +95,9 @@ def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
 def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
     group and seeded the RNGs (the QA head's initialisation draws from them)."""
-    from squad_ds.training.engine import build_engine
     from squad_ds.modeling.factory import load_qa_model
     from squad_ds.modeling.heads import model_family
+    from squad_ds.training.engine import build_engine
 
     recipe = spec.recipe
     tokenizer = load_tokenizer_for(recipe)

@@ -8,6 +8,8 @@ import copy
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
+from squad_ds.modeling import unpadded
+from squad_ds.modeling.heads import supports_activation_checkpointing
 from squad_ds.training.ds_config import DEFAULT_WEIGHT_DECAY, apex_fused_adam_class
 
 
@@ -61,12 +63,8 @@ def prepare_model(model, recipe: Recipe, *, train: bool) -> None:
     """The model as the recipe runs it: packed-batch attention for `data.unpad` (training and inference), activation
     checkpointing for training."""
     if recipe.data.unpad:
-        from squad_ds.modeling import unpadded
-
         unpadded.enable(model)
     if train and recipe.train.activation_checkpointing:
-        from squad_ds.modeling.heads import supports_activation_checkpointing
-
         if not supports_activation_checkpointing(model):
             raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from squad_ds import distributed
-from squad_ds.data.batching import TrimPolicy, is_left_padded, shape_batch, to_batch
 from squad_ds.config import EvalConfig
+from squad_ds.data.batching import TrimPolicy, is_left_padded, shape_batch, to_batch
+from squad_ds.data.packing import PAD_LOGIT, is_packed
 from squad_ds.logs import log_main, progress
 from squad_ds.modeling import unpadded
 from squad_ds.modeling.heads import eval_outputs, forward_keys, model_inputs
-from squad_ds.data.packing import PAD_LOGIT, is_packed
+from squad_ds.scoring.metrics import score
+from squad_ds.scoring.postprocess import postprocess_bert, postprocess_xlnet, write_predictions
 
 
 def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: int) -> dict[str, np.ndarray]:
@@ -91,8 +93,6 @@ def _empty_like(model, features, family, keys, config, device):
 
 def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, cfg: EvalConfig, version_2: bool,
                 model_config=None):
-    from squad_ds.scoring.postprocess import postprocess_bert, postprocess_xlnet
-
     common = dict(n_best_size=cfg.n_best_size, max_answer_length=cfg.max_answer_length, version_2=version_2,
                   null_score_diff_threshold=cfg.null_score_diff_threshold)
     if family == "xlnet":
@@ -107,8 +107,6 @@ def postprocess(examples, features, arrays: dict[str, np.ndarray], family: str, 
 
 def score_predictions(dataset, preds) -> dict[str, Any]:
     """Official metrics; for v2.0 also the best null threshold found from the null odds."""
-    from squad_ds.scoring.metrics import score
-
     result = score(dataset, preds.predictions)
     if dataset.version == "2.0" and preds.null_odds:
         best = score(dataset, preds.predictions, na_probs=preds.null_odds, na_prob_thresh=float("inf"))
@@ -120,8 +118,6 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
              out_dir: str | Path | None, trim: TrimPolicy = TrimPolicy()) -> dict[str, Any] | None:
     """Predict, post-process and score; every rank returns the same metrics. A file with questions that have no
     gold answers (a test set) gets predictions only, and None."""
-    from squad_ds.scoring.postprocess import write_predictions
-
     arrays = predict_arrays(model, features, family, cfg.batch_size, device, trim)
     metrics: dict[str, Any] | None = None
     if distributed.is_main():

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import IO
 
-from squad_ds.training.checkpoint import complete_tags
 from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
+from squad_ds.training.checkpoint import complete_tags
 
 LOCK = ".squad_ds.lock"
 # Everything a run writes into output.dir (nothing else there is touched by --overwrite).

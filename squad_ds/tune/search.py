@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from squad_ds.tune import report as tune_report
 from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import run_main
+from squad_ds.tune import report as tune_report
 from squad_ds.tune.trial import WARMUP_STEPS
 
 HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"

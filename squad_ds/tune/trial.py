@@ -40,11 +40,11 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from squad_ds import distributed
-    from squad_ds.training.assemble import build_run, resolve_run
     from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
     from squad_ds.modeling.heads import forward_keys
     from squad_ds.modeling.sdpa import sdpa_preference
     from squad_ds.train import train_step
+    from squad_ds.training.assemble import build_run, resolve_run
 
     distributed.setup_env()
     cuda = torch.cuda.is_available()
