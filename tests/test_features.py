@@ -277,7 +277,7 @@ def test_unanswerable_labelled_at_cls(bert_tokenizer):
         pytest.skip("SQUAD_DIR not set")
     ds = _dataset(os.path.join(SQUAD_DIR, "dev-v2.0.reconstructed.json"))
     examples = ds.train_examples()[:200]
-    feats = featurize(examples, bert_tokenizer, split="train", num_workers=1, progress=False)
+    feats = featurize(examples, bert_tokenizer, max_seq_length=384, doc_stride=128, max_query_length=64, split="train", num_workers=1, progress=False)
     impossible = np.array([examples[i].is_impossible for i in feats.example_index])
     assert impossible.any() and (~impossible).any()
     assert np.all(feats.start_positions[impossible] == 0) and np.all(feats.is_impossible[impossible] == 1)
@@ -354,7 +354,7 @@ def test_features_container(bert_tokenizer):
     assert toks == ["france"]
     sub = f.select([1])
     assert len(sub) == 1 and sub.example_index[0] == 1
-    empty = featurize([], bert_tokenizer, split="eval", progress=False)
+    empty = featurize([], bert_tokenizer, max_seq_length=384, doc_stride=128, max_query_length=64, split="eval", progress=False)
     assert len(empty) == 0 and empty.offsets.shape == (0, 384, 2)
 
 
@@ -378,7 +378,7 @@ def test_slow_tokenizer_rejected(bert_tokenizer):
         is_fast = False
 
     with pytest.raises(ValueError, match="fast"):
-        featurize([], Slow(), split="train")
+        featurize([], Slow(), max_seq_length=384, doc_stride=128, max_query_length=64, split="train")
 
 
 def test_preprocess_cli_prints_one_json_line(tmp_path):

@@ -344,8 +344,8 @@ def default_num_workers() -> int:
     return 1
 
 
-def featurize(examples: Sequence[Example], tokenizer: Any, *, max_seq_length: int = 384, doc_stride: int = 128,
-              max_query_length: int = 64, split: str, num_workers: int | None = None,
+def featurize(examples: Sequence[Example], tokenizer: Any, *, max_seq_length: int, doc_stride: int,
+              max_query_length: int, split: str, num_workers: int | None = None,
               progress: bool = True) -> Features:
     """Tokenize `examples` into windows; `example_index` indexes `examples`.
 

@@ -22,8 +22,8 @@ from squad_ds.logs import log_main
 log = logging.getLogger(__name__)
 
 
-def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_seq_length: int = 384,
-                           doc_stride: int = 128, max_query_length: int = 64, split: str,
+def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_seq_length: int,
+                           doc_stride: int, max_query_length: int, split: str,
                            cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
                            progress: bool = True) -> tuple[Features, SquadDataset, dict[str, Any]]:
     """Features for a SQuAD file from the content-keyed cache, built and stored on a miss.
@@ -63,10 +63,10 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     return features, dataset, info
 
 
-def preprocess_command(data: str, tokenizer: Any, max_seq_length: int = 384, doc_stride: int = 128,
-                       max_query_length: int = 64, split: str = "train", cache_dir: str | None = None,
-                       num_workers: int | None = None) -> dict[str, Any]:
-    """`squad-ds preprocess`: build (or find) the cached features and summarise them."""
+def preprocess_command(data: str, tokenizer: Any, *, max_seq_length: int, doc_stride: int, max_query_length: int,
+                       split: str, cache_dir: str | None = None, num_workers: int | None = None) -> dict[str, Any]:
+    """`squad-ds preprocess`: build (or find) the cached features and summarise them. The windowing settings have
+    no defaults here: the recipe's DataConfig owns them (the CLI's defaults come from it)."""
     _, _, info = load_or_build_features(data, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                         max_query_length=max_query_length, split=split, cache_dir=cache_dir,
                                         num_workers=num_workers)
