@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from squad_ds.errors import RendezvousError
+
 T = TypeVar("T")
 
 
@@ -44,8 +46,6 @@ def init(cuda: bool, timeout_s: float = 1800.0, rendezvous_timeout_s: float = 60
     """Join the process group: every rank must join within rendezvous_timeout_s (a rank that died before joining
     fails the others then, with a clear error), and collectives then wait up to timeout_s."""
     import deepspeed
-
-    from squad_ds.errors import RendezvousError
 
     setup_env()
     if cuda:

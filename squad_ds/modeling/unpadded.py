@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from squad_ds.data.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
 from squad_ds.errors import ConfigError
+from squad_ds.modeling.relative_bert import RelativeBertForQuestionAnswering
 
 ATTN_NAME = "squad_ds_unpadded"
 _LABELS = ("start_positions", "end_positions")
@@ -50,8 +51,6 @@ def unsupported_reason(model) -> str | None:
     """Why `model` cannot run packed batches, or None: transformers' absolute-position BERT with SDPA, and
     squad-ds's relative-position BERT (either attention implementation: its attention is its own)."""
     from transformers import BertForQuestionAnswering
-
-    from squad_ds.modeling.relative_bert import RelativeBertForQuestionAnswering
 
     config = model.config
     if isinstance(model, RelativeBertForQuestionAnswering):

@@ -12,7 +12,11 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, load_recipe
 from squad_ds.data.files import resolve_data_path
+from squad_ds.data.preprocess import load_features
+from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
+from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.training.engine import build_engine
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,12 @@ class Run:
 
 
 def load_tokenizer_for(recipe: Recipe):
-    from squad_ds.modeling.factory import check_max_seq_length, load_tokenizer
-
     check_max_seq_length(recipe.model.name_or_path, recipe.data.max_seq_length)
     return load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
 
 
 def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
     """(train features, eval features, eval dataset); the eval pair is (None, None) without an eval file."""
-    from squad_ds.data.preprocess import load_features
-
     d = recipe.data
     train, _ = load_features(resolve_data_path(d.train_file, "data.train_file"), tokenizer, d, "train",
                              d.max_train_examples)
@@ -95,10 +95,6 @@ def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
 def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
     group and seeded the RNGs (the QA head's initialisation draws from them)."""
-    from squad_ds.modeling.factory import load_qa_model
-    from squad_ds.modeling.heads import model_family
-    from squad_ds.training.engine import build_engine
-
     recipe = spec.recipe
     tokenizer = load_tokenizer_for(recipe)
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
@@ -111,8 +107,6 @@ def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
 
 def count_train_features(recipe: Recipe) -> int:
     """Train features as a run would have them (cached featurizer, `data.max_train_examples` applied)."""
-    from squad_ds.modeling.factory import ModelLoadError
-
     if not recipe.data.train_file:
         raise ConfigError("data.train_file: not set, so the step plan has no data to count (pass --num-features N)")
     try:

@@ -21,10 +21,10 @@ from typing import Any
 from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import run_main
 from squad_ds.tune import report as tune_report
-from squad_ds.tune.trial import WARMUP_STEPS
 
 HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"
 POLL_S = 0.2
+WARMUP_STEPS = 2  # trial steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
 
 # Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel

@@ -15,21 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from squad_ds import atomic
-from squad_ds.config import ConfigError
+import torch
 
-WARMUP_STEPS = 2  # optimizer steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
+from squad_ds import atomic, distributed
+from squad_ds.config import ConfigError
+from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
+from squad_ds.modeling.heads import forward_keys
+from squad_ds.modeling.sdpa import sdpa_preference
+from squad_ds.train import train_step
+from squad_ds.training.assemble import build_run, resolve_run
+from squad_ds.tune.search import WARMUP_STEPS
 
 
 def _is_oom(e: BaseException) -> bool:
-    import torch
-
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def _peak_mem_gb(cuda: bool) -> float:
-    import torch
-
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -37,15 +39,6 @@ def _peak_mem_gb(cuda: bool) -> float:
 
 def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the engine as `squad-ds train` would and time `steps` optimizer steps after WARMUP_STEPS."""
-    import torch
-
-    from squad_ds import distributed
-    from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
-    from squad_ds.modeling.heads import forward_keys
-    from squad_ds.modeling.sdpa import sdpa_preference
-    from squad_ds.train import train_step
-    from squad_ds.training.assemble import build_run, resolve_run
-
     distributed.setup_env()
     cuda = torch.cuda.is_available()
     run_spec = resolve_run(spec["recipe"], spec["overrides"], spec["deepspeed_config"],
@@ -119,8 +112,6 @@ def trial_main(spec_path: str) -> int:
     except Exception as e:  # noqa: BLE001 - a trial reports what killed it; the tuner decides
         result = {"status": "oom" if _is_oom(e) else "error", "note": f"{type(e).__name__}: {str(e)[:300]}"}
         if result["status"] == "oom":
-            import torch
-
             result["peak_mem_gb"] = _peak_mem_gb(torch.cuda.is_available())
     atomic.write_text(out, json.dumps(result) + "\n")  # the tuner may kill this process group at any moment
     # Other ranks may be stuck in a collective after an OOM here: leave without waiting for them.
