@@ -1,10 +1,15 @@
-"""`squad-ds` command line: argument parsing only; each sub-command hands off to the module that owns it."""
+"""`squad-ds` command line: argument parsing only; each sub-command hands off to the module that owns it. Every
+sub-command prints its result as one JSON document on stdout, everything else on stderr (errors.run_main)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from squad_ds import __version__
+from squad_ds.errors import emit_result, emit_text
+from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -16,11 +21,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out-file {args.out_file}: a directory; give the path of the file to write")
     result = evaluate_files(resolve_data_path(args.data), args.predictions, na_prob_file=args.na_prob_file,
                             na_prob_thresh=args.na_prob_thresh, allow_missing=args.allow_missing)
-    text = json.dumps(result)
-    print(text)
+    emit_result(result)
     if args.out_file:
         with open(args.out_file, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(result) + "\n")
     return 0
 
 
@@ -33,17 +37,53 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     summary = preprocess_command(path, tokenizer=load_tokenizer(args.tokenizer), max_seq_length=args.max_seq_length,
                                  doc_stride=args.doc_stride, max_query_length=args.max_query_length,
                                  split=args.split, cache_dir=args.cache_dir, num_workers=args.num_workers)
-    print(json.dumps(summary))
+    emit_result(summary)
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from squad_ds.effective import effective_config
 
+    if args.keys:
+        from squad_ds.config import recipe_keys
+
+        emit_result(recipe_keys(), indent=2)
+        return 0
+
     cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
-    doc = effective_config(args.recipe, args.overrides, args.deepspeed_config, world_size=args.world_size,
-                           num_features=args.num_features, cuda=cuda)
-    print(json.dumps(doc, indent=2))
+    doc = effective_config(args.recipe, args.overrides, deepspeed_config_arg(args), world_size=args.world_size,
+                           num_features=args.num_features, cuda=cuda, ds_overrides=args.ds_overrides)
+    emit_result(doc, indent=2)
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from squad_ds.config import recipe_table
+
+    rows = recipe_table()
+    if args.json:
+        emit_result(rows, indent=2)
+        return 0
+    cols = ("name", "model", "squad", "f1", "exact_match", "world_size")
+    head = ("recipe", "model", "SQuAD", "F1", "EM", "GPUs")
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [list(head), *cells]]
+    emit_text("\n".join(lines) + "\n")  # a table for people; --json for scripts
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from squad_ds.training.export import export_command
+
+    emit_result(export_command(args.source, args.step, args.best, args.out, args.push_to_hub, args.onnx))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from squad_ds.plot import plot_command
+
+    emit_result(plot_command(args.run_dir, args.out, args.title, args.smooth))
     return 0
 
 
@@ -54,7 +94,8 @@ _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 def build_parser() -> argparse.ArgumentParser:
     from squad_ds.config import DataConfig, add_recipe_arguments
 
-    p = argparse.ArgumentParser(prog="squad-ds", description=__doc__)
+    p = ArgumentParser(prog="squad-ds", description=__doc__, epilog=SPELLING_NOTE)
+    p.add_argument("--version", action="version", version=f"squad-ds {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune with DeepSpeed (`squad-ds train --help`); no arguments: embedded demo",
                    add_help=False)
@@ -84,14 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="print the effective recipe + resolved DeepSpeed JSON + step plan (no training)")
     add_recipe_arguments(cf, positional=True)
-    cf.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                    help="DeepSpeed JSON (path or shipped name); default: the recipe's, else the hardware's")
+    add_deepspeed_arguments(cf)
+    cf.add_argument("--keys", action="store_true", help="list every recipe key with its type and default, and stop")
     cf.add_argument("--world-size", type=int, default=None, help="processes of the run (default: $WORLD_SIZE or 1)")
     cf.add_argument("--num-features", type=int, default=None,
                     help="train features for the step plan (default: count them with the cached featurizer)")
     cf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="resolve as for this device (default: the one here)")
     cf.set_defaults(func=_cmd_config)
+
+    rc = sub.add_parser("recipes", help="the named recipes: model, SQuAD version, published F1/EM, GPUs")
+    rc.add_argument("--json", action="store_true", help="as JSON (one object per recipe) instead of a table")
+    rc.set_defaults(func=_cmd_recipes)
+
+    ex = sub.add_parser("export", help="a Hugging Face model directory (with a model card) from any checkpoint")
+    ex.add_argument("source", help="run directory, its checkpoints/ directory, or one step's checkpoint directory")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="that step's checkpoint (default: the newest)")
+    which.add_argument("--best", action="store_true", help="the best evaluation's checkpoint (train.keep_best)")
+    ex.add_argument("--out", default=None, help="model directory to write (default: RUN_DIR/model-stepNNNNNNNN)")
+    ex.add_argument("--onnx", action="store_true", help="also write model.onnx (BERT family; the onnx extra)")
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload it to this Hub repository")
+    ex.set_defaults(func=_cmd_export)
+
+    pl = sub.add_parser("plot", help="PNG of a run's training loss and dev scores over steps (the plot extra)")
+    pl.add_argument("run_dir", help="the run's output.dir")
+    pl.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/training.png)")
+    pl.add_argument("--title", default=None)
+    pl.add_argument("--smooth", type=int, default=25, help="moving-average window for the loss (steps)")
+    pl.set_defaults(func=_cmd_plot)
 
     from squad_ds.tune import search as tune
 
@@ -106,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         import importlib
 
+        from squad_ds import options
+
+        # Parsed before the trainer's heavy imports: --help and a mistyped option answer at once.
+        args = {"train": options.train_parser, "predict": options.predict_parser}[argv[0]]().parse_args(argv[1:])
         if argv[0] == "train":
             from squad_ds import preempt
 
             preempt.install()  # before the trainer's heavy imports
-
-        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
+        return importlib.import_module(_DELEGATED[argv[0]]).run_parsed(args)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -50,6 +50,8 @@ AttnImplementation = Literal["sdpa", "eager"]
 SdpaBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]  # see modeling/sdpa.py
 SquadVersion = Literal["1.1", "2.0"]
 Optimizer = Literal["auto", "deepspeed", "torch_fused_adamw", "apex_fused_adam"]
+ReportTo = Literal["tensorboard", "csv", "wandb"]  # DeepSpeed's monitors
+BestMetric = Literal["f1", "exact_match", "HasAns_f1", "best_f1"]  # the last two: SQuAD v2.0 only
 OPTIMIZERS = typing.get_args(Optimizer)
 
 
@@ -89,6 +91,8 @@ class DataConfig:
     # attention re-pads to the batch's longest sequence (rounded up to pad_to_multiple_of). BERT with absolute
     # (transformers', SDPA) or relative (squad-ds's) positions; replaces trim_padding (train and eval).
     unpad: bool = False
+    # For flat files and datasets (data/formats.py): the layout's column -> the data's, e.g. {question: query}.
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         _check_choices(self, "data")
@@ -136,7 +140,17 @@ class TrainConfig:
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2
+    # The best evaluation by metric_for_best: keep_best keeps its checkpoint besides keep_last's (never pruned by
+    # it), output.export=best exports it, and early_stopping_patience ends the run after that many evaluations
+    # without a better score. Each evaluation then also saves a checkpoint, so that the best one exists.
+    metric_for_best: BestMetric = "f1"
+    keep_best: bool = False
+    early_stopping_patience: int = 0  # 0: never stop early
     log_steps: int = 10
+    # DeepSpeed monitors switched on from here (the DeepSpeed JSON needs no copy): loss, lr, samples/s, TFLOP/s and
+    # the dev scores, written under OUTPUT/monitor (tensorboard, csv) or to Weights & Biases (WANDB_MODE=offline
+    # keeps it local).
+    report_to: list[ReportTo] = field(default_factory=list)
     peak_tflops: float | None = None  # for MFU; None: detected for known GPUs
 
     def __post_init__(self):
@@ -153,6 +167,7 @@ class TrainConfig:
         for k in ("eval_steps", "save_steps", "log_steps"):
             _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
 
 
 @dataclass
@@ -171,7 +186,13 @@ class DistributedConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    export: bool = True  # write an HF model directory at the end
+    # The HF model directory written at the end (OUTPUT/model): true or "last" (the last step), "best" (the best
+    # evaluation's checkpoint, train.metric_for_best), false (none).
+    export: bool | Literal["last", "best"] = True
+
+    @property
+    def export_from(self) -> str | None:
+        return {True: "last", False: None}.get(self.export, self.export)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -185,12 +206,57 @@ class Recipe:
     deepspeed_config: str | None = None  # path or name in ds_configs/; None: chosen for the hardware
     description: str = ""
     expected: dict[str, float] = field(default_factory=dict)  # published dev scores, for the record
+    # Processes (GPUs) the batch settings were published or written for; None: any. Informational (`squad-ds
+    # recipes`, and the way out when a global batch does not divide over another count); never sets the world size.
+    published_world_size: int | None = None
+
+    def __post_init__(self):
+        _check(self.published_world_size is None or self.published_world_size > 0, "published_world_size",
+               "must be a positive integer or null")
+        tr = self.train
+        if tr.metric_for_best in ("HasAns_f1", "best_f1"):
+            _check(self.data.version != "1.1", "train.metric_for_best",
+                   f"{tr.metric_for_best} exists for SQuAD v2.0 only (data.version is {self.data.version})")
+        if self.tracks_best:
+            wants = ("train.keep_best" if tr.keep_best else "output.export=best" if self.output.export == "best"
+                     else "train.early_stopping_patience")
+            _check(self.data.eval_file is not None, wants, "needs evaluations: set data.eval_file")
+        if tr.early_stopping_patience:
+            _check(tr.eval_steps > 0, "train.early_stopping_patience",
+                   "counts evaluations during the run: set train.eval_steps too")
+
+    @property
+    def tracks_best(self) -> bool:
+        return self.train.keep_best or self.output.export == "best" or self.train.early_stopping_patience > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = typing.get_type_hints(Recipe)
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig,
+                    "output": OutputConfig, "distributed": DistributedConfig}
+
+
+def _is_mapping_key(keys: list[str]) -> bool:
+    cls = _SECTION_CLASSES.get(keys[0])
+    return cls is not None and typing.get_origin(typing.get_type_hints(cls).get(keys[1])) is dict
+
+
+def _check_key(keys: list[str], flag_text: str) -> None:
+    """An override's key exists: the error blames the flag that gave it, not the recipe file."""
+    section = _SECTION_CLASSES.get(keys[0])
+    if keys[0] not in _SECTIONS:
+        raise ConfigError(f"{flag_text}: unknown key {keys[0]!r} (known: {', '.join(_SECTIONS)})")
+    if section is not None and len(keys) >= 2 and keys[1] not in typing.get_type_hints(section):
+        raise ConfigError(f"{flag_text}: unknown key {'.'.join(keys)} (known: "
+                          f"{', '.join(typing.get_type_hints(section))})")
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return ", ".join(map(repr, typing.get_args(tp)))
+    return {bool: "true/false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -215,7 +281,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         if len(errors) == 1:  # X | None: X's own message
             raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        _check(isinstance(value, list), key, f"expected a list of {_describe(item)}, e.g. [a, b], got {value!r}")
+        return [_coerce(v, item, key) for v in value]
     if origin is dict:
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
@@ -242,8 +312,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     for name, value in raw.items():
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown key {name!r} (known: {', '.join(_SECTIONS)})")
-        section_cls = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig,
-                       "output": OutputConfig, "distributed": DistributedConfig}.get(name)
+        section_cls = _SECTION_CLASSES.get(name)
         if section_cls is None:
             kwargs[name] = _coerce(value, _SECTIONS[name], name)
             continue
@@ -287,21 +356,22 @@ def recipe_path(name_or_path: str) -> Path:
     return named
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value`, the value parsed as YAML (so 3e-5, true, null and lists work)."""
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """`section.key=value` (`flag`'s argument), the value parsed as YAML (so 3e-5, true, null and lists work)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        raise ConfigError(f"{flag} {text!r}: expected {'KEY.PATH' if flag != '--set' else 'section.key'}=value")
     key, value = text.split("=", 1)
     try:
         return key.strip().split("."), _yaml_load(value) if value.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{flag} {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
         path, value = parse_override(text)
+        _check_key(path, f"--set {text}")
         if len(path) == 1:
             out[path[0]] = value
         elif len(path) == 2:
@@ -309,8 +379,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(section, dict):
                 raise ConfigError(f"--set {text!r}: {path[0]} is not a section")
             section[path[1]] = value
+        elif len(path) == 3 and _is_mapping_key(path):  # one entry of a mapping, e.g. data.columns.question=query
+            section = out.setdefault(path[0], {})
+            section[path[1]] = {**(section.get(path[1]) or {}), path[2]: value}
         else:
-            raise ConfigError(f"--set {text!r}: keys are section.key")
+            raise ConfigError(f"--set {text!r}: keys are section.key (or section.mapping.key for a mapping)")
     return out
 
 
@@ -328,7 +401,37 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    return recipe_from_dict(apply_overrides(raw, overrides or []), str(path))
+    if not overrides:
+        return recipe_from_dict(raw, str(path))
+    recipe_from_dict(raw, str(path))  # the file's own mistakes are blamed on the file ...
+    return recipe_from_dict(apply_overrides(raw, overrides), f"{path} with --set")  # ... and the flags' on them
+
+
+def recipe_keys() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every recipe key: section -> key -> {type, default} (`squad-ds config --keys`)."""
+    def describe(tp: Any, default: Any) -> dict[str, Any]:
+        return {"type": str(tp).replace("typing.", "").replace("<class '", "").replace("'>", ""), "default": default}
+
+    out: dict[str, Any] = {}
+    for name, tp in _SECTIONS.items():
+        cls = _SECTION_CLASSES.get(name)
+        if cls is None:
+            out[name] = describe(tp, dataclasses.asdict(Recipe())[name])
+            continue
+        defaults = dataclasses.asdict(cls())
+        out[name] = {k: describe(t, defaults[k]) for k, t in typing.get_type_hints(cls).items()}
+    return out
+
+
+def recipe_table() -> list[dict[str, Any]]:
+    """One row per named recipe: model, SQuAD version, published F1/EM, the processes it was written for."""
+    rows = []
+    for name in list_recipes():
+        r = load_recipe(name)
+        rows.append({"name": name, "model": r.model.name_or_path, "squad": r.data.version,
+                     "f1": r.expected.get("f1"), "exact_match": r.expected.get("exact_match"),
+                     "world_size": r.published_world_size, "description": r.description})
+    return rows
 
 
 def dump_recipe(recipe: Recipe) -> str:

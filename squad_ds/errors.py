@@ -1,12 +1,17 @@
-"""The errors that mean "your input is wrong" (as opposed to a bug), and the one boundary that turns them into one
-clear line and exit status 2. Every layer raises these; this module imports nothing of the package."""
+"""The errors that mean "your input is wrong" (as opposed to a bug), and the one boundary every command runs
+through: it turns them into one clear line and exit status 2, and keeps stdout for the command's result (one JSON
+document, `emit_result`) while everything else, DeepSpeed's and the compilers' output included, goes to stderr.
+Every layer raises these errors; this module imports nothing of the package."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -72,7 +77,55 @@ def disk_error(e: BaseException, path: str | os.PathLike) -> DiskError | None:
     return DiskError(f"cannot write {path}: {reason}") if reason else None
 
 
+_result_fd: int | None = None  # the command's real stdout while `results_only_on_stdout` holds fd 1 on stderr
+
+
+@contextlib.contextmanager
+def results_only_on_stdout() -> Iterator[None]:
+    """File descriptor 1 points at stderr while a command runs, so that whatever prints (DeepSpeed's logger writes
+    to stdout, JIT builds print from C) lands there; `emit_result` writes to the real stdout. Fd-level, so output
+    from C code and subprocesses is caught too."""
+    global _result_fd
+    if _result_fd is not None or sys.stdout is not sys.__stdout__:
+        # nested (the outer command holds stdout already), or stdout redirected in Python (a caller capturing it)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _result_fd = saved
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        _result_fd = None
+
+
+def emit_result(doc: Any, indent: int | None = None) -> None:
+    """The command's result: one JSON document on stdout (`squad-ds train | jq .f1`)."""
+    emit_text(json.dumps(doc, indent=indent) + "\n")
+
+
+def emit_text(text: str) -> None:
+    """Text for stdout while a command runs (a listing for people; results go through emit_result)."""
+    sys.stdout.flush()
+    if _result_fd is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    data = text.encode()
+    while data:
+        data = data[os.write(_result_fd, data):]
+
+
 def run_main(prog: str, run: Callable[[], int]) -> int:
+    with results_only_on_stdout():
+        return _run(prog, run)
+
+
+def _run(prog: str, run: Callable[[], int]) -> int:
     try:
         status = run()
     except USER_ERRORS as e:

@@ -13,28 +13,18 @@ from pathlib import Path
 import torch
 
 from squad_ds import distributed
-from squad_ds.config import add_recipe_arguments, apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.config import apply_overrides, load_recipe, recipe_from_dict
 from squad_ds.data.batching import trim_policy
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
-from squad_ds.errors import ConfigError, run_main
+from squad_ds.errors import ConfigError, emit_result, run_main
 from squad_ds.logs import setup_logging
+from squad_ds.options import predict_parser
 from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.modeling.sdpa import sdpa_preference
 from squad_ds.training.engine import prepare_model
 from squad_ds.training.inference import evaluate
-
-
-def build_arg_parser(prog: str = "squad-ds predict") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Predict answers with a trained model directory.")
-    p.add_argument("data", help="SQuAD JSON (.json/.json.gz) or sample:NAME")
-    p.add_argument("--model", required=True, help="HF model directory (e.g. RUN_DIR/model) or hub name")
-    p.add_argument("--out-dir", default=None, help="where predictions go (default: MODEL/predictions)")
-    add_recipe_arguments(p, recipe_help="recipe for data/eval settings (default: the one saved with the model, "
-                         "else defaults)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
 
 
 def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
@@ -70,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir,
                            trim=trim)
     if distributed.is_main():
-        print(json.dumps({**(metrics or {}), "predictions": str(out_dir / "predictions.json")}), flush=True)
+        emit_result({**(metrics or {}), "predictions": str(out_dir / "predictions.json")})
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_parsed(predict_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
     return run_main("squad-ds predict", lambda: run(args))
 
 

@@ -25,39 +25,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from squad_ds import distributed
-from squad_ds.config import Recipe, add_recipe_arguments, dump_recipe
+from squad_ds import distributed, plot
+from squad_ds.config import Recipe, dump_recipe
 from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.data.features import Features
 from squad_ds.data.packing import is_packed
 from squad_ds.data.squad import SquadDataset
-from squad_ds.errors import run_main
+from squad_ds.errors import ConfigError, emit_result, run_main
+from squad_ds.options import deepspeed_config_arg, train_parser
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling import unpadded
 from squad_ds.modeling.heads import forward_keys, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order
 from squad_ds.modeling.sdpa import sdpa_preference
-from squad_ds.training import checkpoint, resume, run_dir
+from squad_ds.training import checkpoint, export, resume, run_dir
 from squad_ds.training.assemble import build_run, resolve_run
 from squad_ds.training.ds_config import TrainPlan
 from squad_ds.training.flops import batch_flops, detect_peak_tflops
 from squad_ds.training.inference import evaluate
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted, checkpoint saved; the SLURM script requeues on it
-
-
-def build_arg_parser(prog: str = "squad-ds train") -> argparse.ArgumentParser:
-    import deepspeed
-
-    p = argparse.ArgumentParser(prog=prog, description="Fine-tune a QA model with DeepSpeed.")
-    add_recipe_arguments(p)
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of this run) or a path; "
-                   "without it a run continues from output.dir's checkpoints when there are any")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an output.dir that holds an earlier run (its checkpoints are removed)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    deepspeed.add_config_arguments(p)
-    return p
 
 
 class Preemption:
@@ -90,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
     preemption = Preemption()  # first: a signal during the minute of start-up must not kill a rank unsaved
     distributed.setup_env()
     cuda = torch.cuda.is_available()
-    spec = resolve_run(args.recipe, args.overrides, args.deepspeed_config, world_size=int(os.environ["WORLD_SIZE"]),
-                       cuda=cuda)
+    spec = resolve_run(args.recipe, args.overrides, deepspeed_config_arg(args),
+                       world_size=int(os.environ["WORLD_SIZE"]), cuda=cuda, ds_overrides=args.ds_overrides)
     recipe = spec.recipe
+    if args.push_to_hub:  # found out now, not after hours of training
+        if recipe.output.export_from is None:
+            raise ConfigError(f"--push-to-hub {args.push_to_hub}: output.export is false: there would be no model")
+        export.check_can_push(args.push_to_hub)
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
     device = distributed.device(cuda)
@@ -124,15 +115,49 @@ def run(args: argparse.Namespace) -> int:
         train_loop(loop, state, preemption)
     if state.preempted:
         return EXIT_REQUEUE
-    if recipe.output.export:
+    exported = _export(loop, state, found, r.tokenizer)
+    if distributed.is_main():
+        if exported and args.push_to_hub:
+            exported["pushed"] = export.push_to_hub(Path(exported["dir"]), args.push_to_hub)
+        _plot(out)
+        final = {**(state.metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
+        if state.best and recipe.tracks_best:
+            final["best"] = {"step": state.best["step"], **state.best["metrics"]}
+        if state.stopped_early:
+            final["stopped_early"] = True
+        if exported:
+            final["exported"] = exported
+        emit_result(final)
+    return 0
+
+
+def _plot(out: Path) -> None:
+    """OUTPUT/training.png when matplotlib is installed; a plot never fails a finished run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    try:
+        log_main("plotted the run: %s", plot.plot(out, out / "training.png"))
+    except Exception as e:  # noqa: BLE001 - a picture is not worth a failed run
+        log_main("could not plot the run (%s: %s)", type(e).__name__, e)
+
+
+def _export(loop: Loop, state: LoopState, found: tuple[Path, str] | None, tokenizer) -> dict | None:
+    """OUTPUT/model from the last checkpoint or the best evaluation's (output.export); what was exported."""
+    which = loop.recipe.output.export_from
+    if which is None:
+        return None
+    if which == "best" and state.best:
+        src_dir, tag, step, metrics = loop.ckpt_dir, state.best["tag"], state.best["step"], state.best["metrics"]
+    else:
         # The final checkpoint: saved by this run, or the one it resumed from when that was already the last step.
         src_dir, tag = (loop.ckpt_dir, state.saved) if state.saved else found
-        checkpoint.export_hf(engine, r.tokenizer, src_dir, tag, out / "model",
-                             {"recipe": recipe.to_dict(), "step": engine.global_steps, "metrics": state.metrics})
-    if distributed.is_main():
-        final = {**(state.metrics or {}), "global_step": engine.global_steps, "output_dir": str(out)}
-        print(json.dumps(final), flush=True)
-    return 0
+        step, metrics = loop.engine.global_steps, state.metrics
+    record = {"recipe": loop.recipe.to_dict(), "step": step, "metrics": metrics, "export": which,
+              "plan": {**loop.plan.__dict__, "global_batch": loop.plan.global_batch}}
+    export.export_hf(loop.engine.module, tokenizer, src_dir, tag, loop.out / "model", record)
+    return {"dir": str(loop.out / "model"), "step": step, **(metrics or {})}
 
 
 @dataclass
@@ -165,6 +190,22 @@ class LoopState:
     metrics: dict | None = None
     saved: str | None = None
     preempted: bool = False
+    best: dict | None = None  # {"step", "tag", "value", "metrics"} of the best evaluation (train.metric_for_best)
+    since_best: int = 0  # evaluations since the best one
+    stopped_early: bool = False
+
+    def track(self, step: int, metrics: dict | None, metric: str) -> None:
+        """Record an evaluation at `step`: is it the best so far?"""
+        self.metrics = metrics
+        if not metrics:
+            return
+        if metric not in metrics:
+            raise ConfigError(f"train.metric_for_best={metric}: the evaluation reports {', '.join(metrics)}")
+        if self.best is None or metrics[metric] > self.best["value"]:
+            self.best = {"step": step, "tag": checkpoint.tag_for(step), "value": metrics[metric], "metrics": metrics}
+            self.since_best = 0
+        else:
+            self.since_best += 1
 
     def resume_point(self) -> tuple[int, int]:
         """(epoch, position) to continue from: an epoch drawn to its end continues at the next one's start."""
@@ -184,13 +225,17 @@ def _resume(loop: Loop, found: tuple[Path, str]) -> LoopState:
     if "recipe" not in marker:  # saved by a squad-ds that kept the settings in the client state only
         saved = {"world_size": marker.get("world_size"), **client.get("layout", {})}
         _log_changes(resume.check(client.get("recipe"), saved, recipe, loop.layout, where))
-    return LoopState(epoch=client["epoch"], position=client["position"])
+    best = client.get("best")
+    if best and not (loop.ckpt_dir / best["tag"] / checkpoint.MARKER).is_file():
+        best = None  # saved before keep_best was on, and pruned since: the best is sought afresh
+    return LoopState(epoch=client["epoch"], position=client["position"], best=best,
+                     since_best=client.get("since_best", 0))
 
 
 def _client_state(loop: Loop, state: LoopState) -> dict:
     epoch, position = state.resume_point()
     return {"epoch": epoch, "position": position, "seed": loop.recipe.train.seed, "recipe": loop.recipe.to_dict(),
-            "layout": loop.layout}
+            "layout": loop.layout, "best": state.best, "since_best": state.since_best}
 
 
 def _log_changes(changes: list[str]) -> None:
@@ -253,23 +298,32 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
             if tr.log_steps and (step % tr.log_steps == 0 or last):
                 _log_losses(state.pending, step, plan, engine, rates, log_file, bar)
                 state.pending = []
-            if loop.eval_features is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last:
-                state.metrics = _evaluate(loop, trim, loop.out / f"eval-{step}")
+            evaluated = loop.eval_features is not None and tr.eval_steps and step % tr.eval_steps == 0 and not last
+            if evaluated:
+                state.track(step, _evaluate(loop, trim, loop.out / f"eval-{step}"), tr.metric_for_best)
+            early = bool(evaluated and tr.early_stopping_patience and state.since_best >= tr.early_stopping_patience)
             stop = preemption.agreed(step, tr.log_steps)
-            if stop or last or (tr.save_steps and step % tr.save_steps == 0):
-                state.saved = checkpoint.save(engine, loop.ckpt_dir, step, _client_state(loop, state), tr.keep_last)
+            if (stop or last or early or (tr.save_steps and step % tr.save_steps == 0)
+                    or (evaluated and loop.recipe.tracks_best)):
+                state.saved = checkpoint.save(engine, loop.ckpt_dir, step, _client_state(loop, state), tr.keep_last,
+                                              keep=[state.best["tag"]] if state.best else [])
             if stop:
                 log_main("preempted at step %d: checkpoint saved, exiting with %d for requeue", step, EXIT_REQUEUE)
                 state.preempted = True
                 return state
+            if early:
+                log_main("early stopping at step %d: %d evaluations without a better %s than %.4f (step %d)", step,
+                         state.since_best, tr.metric_for_best, state.best["value"], state.best["step"])
+                state.stopped_early = True
+                break
     finally:
         bar.close()  # its last line before any error's, not after it
     if state.pending:
         _log_losses(state.pending, engine.global_steps, plan, engine, rates, log_file, bar)
         state.pending = []
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
-    if loop.eval_features is not None:
-        state.metrics = _evaluate(loop, trim, loop.out)
+    if loop.eval_features is not None and not state.stopped_early:
+        state.track(engine.global_steps, _evaluate(loop, trim, loop.out), tr.metric_for_best)
     return state
 
 
@@ -314,7 +368,10 @@ def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_parsed(train_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
     return run_main("squad-ds train", lambda: run(args))
 
 

@@ -116,13 +116,13 @@ def test_foundation_modules_import_nothing_of_the_package(module):
 # Lower layers first (modules and packages, as in README's architecture table); a module may import its own layer
 # and the ones before it, never a later one.
 LAYERS = [
-    ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.distributed", "squad_ds.logs",
-                    "squad_ds.preempt")),
+    ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.options", "squad_ds.distributed",
+                    "squad_ds.logs", "squad_ds.preempt")),
     ("data", ("squad_ds.data", "squad_ds.sample_data")),
     ("scoring", ("squad_ds.scoring",)),
     ("modeling", ("squad_ds.modeling",)),
     ("training", ("squad_ds.training",)),
-    ("entry points", ("squad_ds.train", "squad_ds.predict", "squad_ds.effective")),
+    ("entry points", ("squad_ds.plot", "squad_ds.train", "squad_ds.predict", "squad_ds.effective")),
     ("tune", ("squad_ds.tune",)),
     ("cli", ("squad_ds.cli",)),
 ]

@@ -27,7 +27,7 @@ def test_plan_from_given_feature_count(capsys):
     rc, out, _ = _config(capsys, "tiny", "--num-features", "100", "--device", "cpu")
     assert rc == 0
     doc = json.loads(out)
-    assert set(doc) == {"recipe", "deepspeed", "deepspeed_config_file", "plan"}
+    assert set(doc) == {"recipe", "deepspeed", "deepspeed_config_file", "deepspeed_overrides", "plan"}
     assert doc["deepspeed_config_file"] == "cpu_fp32"
     assert doc["plan"] == {"micro_batch": 4, "accumulation": 1, "world_size": 1, "micro_batches_per_epoch": 25,
                            "total_steps": 4, "warmup_steps": 1, "global_batch": 4, "num_features": 100}

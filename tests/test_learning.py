@@ -22,14 +22,14 @@ def test_default_run_learns(tmp_path):
     proc = subprocess.run(["squad-ds", "train", "--set", f"output.dir={out}"], env=env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    final = json.loads(proc.stdout)  # stdout is the result JSON alone (`squad-ds train | jq .f1`)
     assert json.loads((out / "eval_results.json").read_text()) == {k: final[k] for k in ("exact_match", "f1")}
 
     untrained = subprocess.run(["squad-ds", "predict", "sample:dev", "--model", "all-MiniLM-L6-v2",
                                 "--out-dir", str(tmp_path / "untrained")], env=env(), cwd=tmp_path,
                                capture_output=True, text=True, timeout=600)
     assert untrained.returncode == 0, untrained.stderr[-4000:]
-    base = json.loads(untrained.stdout.strip().splitlines()[-1])
+    base = json.loads(untrained.stdout)
     print(f"default run: {final}; untrained head: {base}")
     assert base["f1"] < UNTRAINED_MAX_F1
     assert final["f1"] >= F1_FLOOR

@@ -1,8 +1,8 @@
 """Every shipped recipe loads, type-checks, and its batch layout resolves against its DeepSpeed config for the GPU
 count it documents; published rows carry their published hyperparameters and scores.
 
-The GPU count a recipe assumes lives in the recipe file itself, as one comment line `# world_size: N` (or
-`# world_size: any` for recipes that pin no global batch); the test reads that line, never the description.
+The GPU count a recipe assumes is its typed `published_world_size` key (absent for recipes that pin no global
+batch); the test reads that key, never the description.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ RECIPES = list_recipes()
 SQUAD11_TRAIN_FEATURES = 88641
 UNPUBLISHED = {"demo", "tiny", "minilm_squad1_full", "minilm_squad1_full_cpu"}
 LARGE = "_large_batch"
-WORLD_RE = re.compile(r"^#\s*world_size:\s*(\S+)", re.MULTILINE)
 
 # The published rows, transcribed from the sources cited in each recipe (transformers examples README:
 # examples/question-answering/README.md, now examples/legacy/question-answering/README.md). Per-GPU batch x GPUs x
@@ -53,13 +52,7 @@ PUBLISHED = {
 
 
 def documented_world(name: str) -> int | None:
-    """The `# world_size: N` comment of a recipe file: N, or None for `any` / no comment."""
-    found = WORLD_RE.findall(recipe_path(name).read_text(encoding="utf-8"))
-    assert len(found) <= 1, f"{name}: several '# world_size:' lines: {found}"
-    if not found or found[0] == "any":
-        return None
-    assert found[0].isdigit(), f"{name}: '# world_size: {found[0]}' is neither an integer nor 'any'"
-    return int(found[0])
+    return load_recipe(name).published_world_size
 
 
 def ds_name(recipe) -> str:
@@ -104,7 +97,7 @@ def test_batch_arithmetic_matches_the_documented_gpu_count(name, monkeypatch):
         assert world is None, f"{name}: documents world_size {world} but pins no train.train_batch_size"
         worlds = [1, 2]
     else:
-        assert world is not None, f"{name}: pins train_batch_size {tr.train_batch_size}: say '# world_size: N'"
+        assert world is not None, f"{name}: pins train_batch_size {tr.train_batch_size}: say published_world_size: N"
         assert tr.micro_batch_size * tr.gradient_accumulation_steps * world == tr.train_batch_size
         worlds = [world]
     for w in worlds:
@@ -157,7 +150,7 @@ def test_large_batch_variant_keeps_the_global_batch(name):
     assert ds["zero_optimization"]["stage"] >= 2
     # Everything else is the published row's.
     same = lambda r: {**dataclasses.asdict(r), "description": None, "deepspeed_config": None,  # noqa: E731
-                      "output": None,
+                      "output": None, "published_world_size": None,
                       "train": {k: v for k, v in dataclasses.asdict(r.train).items()
                                 if k not in ("micro_batch_size", "gradient_accumulation_steps",
                                              "activation_checkpointing")}}

@@ -163,7 +163,7 @@ def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     for setting in tune.VARIANTS.get(best["variant"], []):  # a winning variant's settings travel with it
         assert setting in argv
     assert "train.micro_batch_size=null" in argv and "train.gradient_accumulation_steps=null" in argv
-    assert argv[:2] == ["squad-ds", "train"] and argv[-2:] == ["--deepspeed_config", str(out / "ds_config.tuned.json")]
+    assert argv[:2] == ["squad-ds", "train"] and argv[-2:] == ["--deepspeed-config", str(out / "ds_config.tuned.json")]
     recipe_args = argv[2:-2] + ["--set", "train.max_steps=2"]
     proc = run_train(recipe_args[1], *recipe_args[2:], ds_config=str(out / "ds_config.tuned.json"))
     eff = json.loads((tmp_path / "run" / "effective_config.json").read_text())

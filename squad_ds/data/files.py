@@ -1,9 +1,11 @@
-"""Where a recipe's data file names point: `sample:NAME` for the shipped samples, `$VARS` expanded."""
+"""Where a recipe's data file names point: `sample:NAME` for the shipped samples, `hf:NAME[@SPLIT]` for Hugging Face
+datasets, paths with `$VARS` expanded (SQuAD JSON, or a flat file / saved dataset: formats.py)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from squad_ds.data import formats
 from squad_ds.errors import ConfigError
 from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2, SAMPLE_TRAIN
 
@@ -18,11 +20,17 @@ def resolve_data_path(name: str | None, key: str = "data file") -> str:
         if key not in SAMPLES:
             raise ConfigError(f"data file {name!r}: shipped samples are {', '.join('sample:' + k for k in SAMPLES)}")
         return str(SAMPLES[key])
+    if name.startswith(formats.HF_PREFIX):
+        if not name.removeprefix(formats.HF_PREFIX).partition("@")[0]:
+            raise ConfigError(f"data file {name!r}: name a dataset, e.g. hf:rajpurkar/squad@validation")
+        return name
     expanded = os.path.expandvars(os.path.expanduser(name))
     if "$" in expanded:
         raise ConfigError(f"data file {name!r}: an environment variable in it is not set (e.g. SQUAD_DIR)")
     if Path(expanded).is_dir():
-        raise ConfigError(f"data file {expanded}: a directory, not a SQuAD JSON file")
+        if not formats.is_flat(expanded):
+            raise ConfigError(f"data file {expanded}: a directory, but not a dataset saved with save_to_disk")
+        return expanded
     if not Path(expanded).is_file():
         raise FileNotFoundError(f"data file {expanded}: no such file")
     return expanded

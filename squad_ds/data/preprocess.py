@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_seq_length: int,
                            doc_stride: int, max_query_length: int, split: str,
                            cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
-                           progress: bool = True) -> tuple[Features, SquadDataset, dict[str, Any]]:
+                           progress: bool = True, columns: dict[str, str] | None = None
+                           ) -> tuple[Features, SquadDataset, dict[str, Any]]:
     """Features for a SQuAD file from the content-keyed cache, built and stored on a miss.
 
     `example_index` indexes the examples featurized: `dataset.train_examples()` for split="train" (misaligned
@@ -36,9 +37,10 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     make_spec(tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
               split=split)  # bad parameters fail before any reading
     # Eval features need no answers, so eval files may be unlabelled (a test set for `squad-ds predict`).
-    dataset = load_squad(data_path, labelled=split == "train")
+    dataset = load_squad(data_path, labelled=split == "train", columns=columns,
+                         split="train" if split == "train" else "validation")
     params = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length)
-    key = cache.cache_key({"data_sha256": cache.file_sha256(data_path), "squad_version": dataset.version,
+    key = cache.cache_key({"data_sha256": dataset.content_sha256(), "squad_version": dataset.version,
                            "split": split, **params, **cache.tokenizer_fingerprint(tokenizer)})
     path = cache.entry_path(cache_dir, key, prefix=split)
     hit = cache.load(path, key)
@@ -80,7 +82,7 @@ def load_features(path: str, tokenizer: Any, data: DataConfig, split: str,
     launcher), the first `limit` examples kept, checked against `data.version`."""
     d = data
     kwargs = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length,
-                  split=split, cache_dir=d.cache_dir, num_workers=d.num_workers)
+                  split=split, cache_dir=d.cache_dir, num_workers=d.num_workers, columns=d.columns)
     # Rank 0 builds the cache; the others then read it instead of tokenizing the same data again (and fail with
     # rank 0's error if it could not).
     features, dataset, info = distributed.main_first(lambda: load_or_build_features(path, tokenizer, **kwargs))

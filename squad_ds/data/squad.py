@@ -1,4 +1,4 @@
-"""Reading and validating SQuAD v1.1 / v2.0 JSON into typed examples.
+"""Reading and validating SQuAD v1.1 / v2.0 (SQuAD JSON, or the flat layouts formats.py reads) into typed examples.
 
 Every structural problem is reported as a :class:`SquadFormatError` naming the file and the place
 (article index and title, question id); nothing escapes as a bare KeyError/IndexError.
@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import gc
 import gzip
+import hashlib
 import json
 import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from squad_ds.data import formats
 from squad_ds.errors import SquadFormatError
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,15 @@ class SquadDataset:
                         "text (first: %s)", self.path, len(self.misaligned_ids), len(self.examples),
                         ", ".join(sorted(self.misaligned_ids)[:5]))
         return [e for e in self.examples if e.id not in self.misaligned_ids]
+
+    def content_sha256(self) -> str:
+        """A key of the questions themselves, whatever file format they came in (the feature cache's)."""
+        h = hashlib.sha256(self.version.encode())
+        for e in self.examples:
+            parts = [e.id, e.title, e.context, e.question, str(e.is_impossible)]
+            parts += [f"{a.start}:{a.text}" for a in e.answers]
+            h.update(("\x1e" + "\x1f".join(parts)).encode())
+        return h.hexdigest()
 
     def by_id(self) -> dict[str, Example]:
         return {e.id: e for e in self.examples}
@@ -221,15 +233,18 @@ def parse_squad(raw: Any, path: str | Path = "<memory>", labelled: bool = True) 
     return SquadDataset(str(path), version, examples, frozenset(misaligned))
 
 
-def load_squad(path: str | Path, labelled: bool = True) -> SquadDataset:
-    """Read a SQuAD v1.1 or v2.0 file (`.json` or `.json.gz`); `labelled=False` also reads questions without
-    answers (see parse_squad)."""
+def load_squad(path: str | Path, labelled: bool = True, columns: Mapping[str, str] | None = None,
+               split: str = "train") -> SquadDataset:
+    """Read SQuAD v1.1 or v2.0: a SQuAD file (`.json` or `.json.gz`), or a flat layout that formats.py reads
+    (JSON lines, Parquet, CSV, a Hugging Face dataset; `columns` renames its columns, `split` is the default split
+    of a dataset with several). `labelled=False` also reads questions without answers (see parse_squad)."""
     # Hundreds of thousands of small acyclic objects: the cyclic collector would rescan them over and over (most
     # of the parse time on train-v1.1: bench/RESULTS.md). Nothing here creates cycles.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return parse_squad(read_json(path), path, labelled)
+        raw = formats.read_flat(path, columns, split) if formats.is_flat(path) else read_json(path)
+        return parse_squad(raw, path, labelled)
     finally:
         if was_enabled:
             gc.enable()

@@ -192,12 +192,29 @@ def score(dataset: SquadDataset, predictions: Mapping[str, str], na_probs: Mappi
     return _score_v1(dataset, predictions)
 
 
+def _swapped(data_path: str | Path, predictions_path: str | Path) -> bool:
+    """A predictions object where the SQuAD file should be, and a SQuAD file where the predictions should be."""
+    try:
+        data, preds = read_json(data_path), read_json(predictions_path)
+    except (SquadFormatError, FileNotFoundError):
+        return False
+    return (isinstance(preds, dict) and isinstance(preds.get("data"), list) and isinstance(data, dict)
+            and all(isinstance(v, str) for v in data.values()))
+
+
 def evaluate_files(data_path: str | Path, predictions_path: str | Path, na_prob_file: str | Path | None = None,
                    na_prob_thresh: float = 1.0, allow_missing: bool = False) -> dict:
     """`evaluate-v1.1.py` / `evaluate-v2.0.py` on files: the data file's version picks the metric."""
-    dataset = load_squad(data_path)
-    predictions = read_json(predictions_path)
-    _check_mapping(predictions, str(predictions_path), "text")
+    try:
+        dataset = load_squad(data_path, split="validation")
+        predictions = read_json(predictions_path)
+        _check_mapping(predictions, str(predictions_path), "text")
+    except (SquadFormatError, PredictionsFormatError):
+        if _swapped(data_path, predictions_path):
+            raise PredictionsFormatError(f"the two files look swapped: {data_path} holds predictions and "
+                                         f"{predictions_path} a SQuAD file; the SQuAD file comes first "
+                                         "(evaluate DATA PREDICTIONS)") from None
+        raise
     na_probs = None
     if na_prob_file is not None:
         na_probs = read_json(na_prob_file)

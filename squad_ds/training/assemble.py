@@ -7,10 +7,11 @@ loading (`resolve_run` resolves once with a placeholder feature count); the real
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from squad_ds.config import ConfigError, Recipe, load_recipe
+from squad_ds.config import ConfigError, Recipe, list_recipes, load_recipe
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
@@ -24,9 +25,10 @@ class RunSpec:
     """A run's settings, checked against each other: the recipe, the DeepSpeed JSON as loaded, and where it runs."""
     recipe: Recipe
     ds_name: str
-    ds_raw: dict[str, Any]
+    ds_raw: dict[str, Any]  # with the --ds-set overrides applied
     world_size: int
     cuda: bool
+    ds_overrides: tuple[str, ...] = ()
 
     def plan(self, num_features: int) -> tuple[dict[str, Any], TrainPlan]:
         """The resolved DeepSpeed JSON and the step plan for `num_features` train features."""
@@ -37,24 +39,33 @@ class RunSpec:
         """What the trainer writes to OUTPUT/effective_config.json and `squad-ds config` prints."""
         ds_cfg, plan = self.plan(num_features)
         return {"recipe": self.recipe.to_dict(), "deepspeed": ds_cfg, "deepspeed_config_file": str(self.ds_name),
+                "deepspeed_overrides": list(self.ds_overrides),
                 "plan": {**plan.__dict__, "global_batch": plan.global_batch, "num_features": num_features}}
 
 
-def run_spec(recipe: Recipe, deepspeed_config: str | None, *, world_size: int, cuda: bool) -> RunSpec:
-    """`recipe` with its DeepSpeed JSON (`deepspeed_config`, else the recipe's, else the hardware's), checked now:
-    contradictions between them fail before any data or model work."""
+def run_spec(recipe: Recipe, deepspeed_config: str | None, *, world_size: int, cuda: bool,
+             ds_overrides: Sequence[str] = ()) -> RunSpec:
+    """`recipe` with its DeepSpeed JSON (`deepspeed_config`, else the recipe's, else the hardware's) and that JSON's
+    `--ds-set` overrides, checked now: contradictions between them fail before any data or model work."""
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: must be a positive integer")
     ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world_size)
-    spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name), world_size, cuda)
+    spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name, ds_overrides), world_size, cuda, tuple(ds_overrides))
     spec.plan(1)
     return spec
 
 
 def resolve_run(recipe_name: str | None, overrides: list[str], deepspeed_config: str | None, *, world_size: int,
-                cuda: bool) -> RunSpec:
+                cuda: bool, ds_overrides: Sequence[str] = ()) -> RunSpec:
     """A named recipe (or YAML file) with its `--set` overrides, and its DeepSpeed JSON: see `run_spec`."""
-    return run_spec(load_recipe(recipe_name, overrides), deepspeed_config, world_size=world_size, cuda=cuda)
+    recipe = load_recipe(recipe_name, overrides)
+    try:
+        return run_spec(recipe, deepspeed_config, world_size=world_size, cuda=cuda, ds_overrides=ds_overrides)
+    except ConfigError as e:
+        variant = f"{recipe_name}_large_batch"
+        if "written for" in str(e) and world_size == 1 and variant in list_recipes():
+            raise ConfigError(f"{e}; or use the recipe {variant} (the same global batch on one GPU)") from None
+        raise
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Checkpoints: DeepSpeed save/load with client state, completeness markers, keep-last-K, HF export.
+"""Checkpoints: DeepSpeed save/load with client state, completeness markers, keep-last-K (and the best kept apart).
+Turning one into a model directory is export.py's.
 
 DeepSpeed writes a tag directory per save; squad-ds adds a marker file once every rank has finished writing, so a
 save interrupted half-way is never chosen by `--resume auto` (and is cleaned up by the next prune). The marker
@@ -14,6 +15,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,10 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
     return [tag for _, tag, complete in _tags(Path(ckpt_dir)) if complete]
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
-    """Every rank calls this (ZeRO shards are written by their owners)."""
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int,
+         keep: Collection[str] = ()) -> str:
+    """Every rank calls this (ZeRO shards are written by their owners). Pruning keeps the newest `keep_last` complete
+    tags and the tags in `keep` (the best evaluation's)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     try:
@@ -70,19 +74,21 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
         atomic.write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
                                                      "recipe": client_state.get("recipe"),
                                                      "layout": client_state.get("layout", {}),
+                                                     "best": client_state.get("best"),
                                                      "sha256": file_digests(ckpt_dir / tag)})
-        prune(ckpt_dir, keep_last)
+        prune(ckpt_dir, keep_last, keep)
 
     distributed.on_main(mark_complete)
     log_main("saved checkpoint %s", ckpt_dir / tag)
     return tag
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete tags; drop older ones and incomplete tags older than the newest."""
+def prune(ckpt_dir: Path, keep_last: int, keep: Collection[str] = ()) -> None:
+    """Keep the newest `keep_last` complete tags and those in `keep`; drop other complete ones and incomplete tags
+    older than the newest."""
     tags = _tags(ckpt_dir)
     complete = [t for t in tags if t[2]]
-    keep = {tag for _, tag, _ in complete[-keep_last:]}
+    keep = {tag for _, tag, _ in complete[-keep_last:]} | set(keep)
     newest = complete[-1][0] if complete else -1
     for step, tag, is_complete in tags:
         if tag not in keep and (is_complete or step < newest):
@@ -230,66 +236,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def consolidated_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (None elsewhere), from ZeRO shards when the model is partitioned.
-
-    Reads the saved checkpoint, so it needs no collective and works for every ZeRO stage.
-    """
-    if not distributed.is_main():
-        return None
-    stage = engine.zero_optimization_stage()
-    mixed = engine.bfloat16_enabled() or engine.fp16_enabled()
-    if stage == 0 and not mixed:
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except (ValueError, FileNotFoundError):
-        if stage != 0:
-            raise
-        # fp16/bf16 without ZeRO keeps no fp32 shards on disk: the module's half-precision weights are all there is.
-        sd = engine.module.state_dict()
-    return {k: v.detach().float().cpu() for k, v in sd.items()}
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, link or directory tree at `path`, if there is one."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def export_hf(engine, tokenizer, ckpt_dir: Path, tag: str, out_dir: str | Path, extra: dict[str, Any]) -> Path | None:
-    """A standard HF model directory (config, safetensors, tokenizer) from checkpoint `tag`; rank 0 writes."""
-    out_dir = Path(out_dir)
-
-    def write():
-        sd = consolidated_state_dict(engine, ckpt_dir, tag)
-        bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        if bad is not None:
-            raise CheckpointError(f"not exporting {ckpt_dir / tag}: weight {bad} holds NaN or infinite values "
-                                  "(training diverged, or the checkpoint is damaged)")
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        _remove(tmp)  # a killed export's leftovers, or anything else under our staging name
-        try:
-            engine.module.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-            if not (tmp / "config.json").is_file():  # save_pretrained logs some failures and returns
-                raise CheckpointError(f"exporting to {tmp}: transformers wrote no config.json there")
-            tokenizer.save_pretrained(str(tmp))
-            atomic.write_json(tmp / "squad_ds.json", extra)
-        except Exception as e:  # safetensors reports a full disk in its own exception type
-            disk = disk_error(e, tmp)
-            if disk is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise disk from e
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        log_main("exported model to %s", out_dir)
-        return out_dir
-
-    return distributed.on_main(write)  # a failed write stops every rank, not only rank 0

@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from squad_ds.config import ConfigError, Recipe
+from squad_ds.config import ConfigError, Recipe, parse_override
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -49,7 +50,10 @@ def ds_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"deepspeed_config: {name_or_path!r} is neither a file nor a shipped config (shipped: {known})")
 
 
-def load_ds_config(name_or_path: str) -> dict[str, Any]:
+def load_ds_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The DeepSpeed JSON with `--ds-set KEY.PATH=VALUE` overrides applied, checked for the shape squad-ds reads.
+    Values are checked against the recipe later (`resolve_ds_config`), alike whether they came from the file or a
+    flag."""
     path = ds_config_path(name_or_path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -59,15 +63,32 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    for text in overrides:
+        _set_path(cfg, text, path)
+    where = f"{path} with --ds-set" if overrides else str(path)
     for section in _OBJECT_SECTIONS:
         if section in cfg and not isinstance(cfg[section], dict):
-            raise ConfigError(f"{path}: \"{section}\" must be a JSON object, got {json.dumps(cfg[section])}")
+            raise ConfigError(f"{where}: \"{section}\" must be a JSON object, got {json.dumps(cfg[section])}")
     for section in ("optimizer", "scheduler"):
         if section in cfg and not isinstance(cfg[section].get("type"), str):
-            raise ConfigError(f"{path}: \"{section}\" needs a \"type\" (e.g. \"AdamW\", \"WarmupDecayLR\")")
+            raise ConfigError(f"{where}: \"{section}\" needs a \"type\" (e.g. \"AdamW\", \"WarmupDecayLR\")")
         if section in cfg and not isinstance(cfg[section].get("params", {}), dict):
-            raise ConfigError(f"{path}: \"{section}.params\" must be a JSON object")
+            raise ConfigError(f"{where}: \"{section}.params\" must be a JSON object")
     return cfg
+
+
+def _set_path(cfg: dict[str, Any], text: str, path: Path) -> None:
+    """One `--ds-set a.b.c=value` into `cfg`, creating the objects on the way."""
+    keys, value = parse_override(text, "--ds-set")
+    if not all(keys):
+        raise ConfigError(f"--ds-set {text!r}: an empty key in the key path")
+    node = cfg
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--ds-set {text!r}: {'.'.join(keys[:i + 1])} is {json.dumps(node)} in {path}, not a "
+                              "JSON object")
+    node[keys[-1]] = value
 
 
 # Sections squad-ds reads or fills in: anything but an object there is an error before DeepSpeed sees it.
@@ -118,11 +139,24 @@ def _resolve_batch(ds: dict, recipe: Recipe, world_size: int) -> tuple[int, int,
     accum = DEFAULT_ACCUMULATION if accum is None else accum
     if total is not None and micro * accum * world_size != total:
         raise ConfigError(f"micro-batch {micro} × gradient_accumulation_steps {accum} × world size {world_size} = "
-                          f"{micro * accum * world_size}, not the train_batch_size {total}")
+                          f"{micro * accum * world_size}, not the train_batch_size {total}"
+                          + _way_out(recipe, world_size, micro, total))
     for name, v in (("micro-batch", micro), ("gradient_accumulation_steps", accum)):
         if not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     return int(micro), int(accum), int(micro * accum * world_size)
+
+
+def _way_out(recipe: Recipe, world_size: int, micro: int, total: int) -> str:
+    """What to do when a recipe written for N processes runs on another number of them."""
+    written = recipe.published_world_size
+    if written is None or written == world_size:
+        return ""
+    accum, rem = divmod(total, micro * world_size)
+    derived = (f"--set train.gradient_accumulation_steps=null keeps the global batch {total} as {micro} × {accum} "
+               "accumulation steps" if not rem and accum else
+               f"--set train.micro_batch_size=… train.gradient_accumulation_steps=null keeps the global batch {total}")
+    return f". The recipe was written for {written} processes (GPUs), this run has {world_size}: {derived}"
 
 
 def plan_training(recipe: Recipe, micro: int, accum: int, world_size: int, num_features: int,
@@ -234,7 +268,30 @@ def _resolve_schedule(ds: dict[str, Any], recipe: Recipe, lr: float, plan: Train
     return plan
 
 
+_MONITOR_SECTIONS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
+_MONITOR_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 def _resolve_monitors(ds: dict[str, Any], recipe: Recipe) -> None:
+    """train.report_to switches DeepSpeed's monitors on; the JSON's own monitor settings stay, and a JSON that
+    switches one off explicitly contradicts the recipe."""
+    import importlib.util
+
+    for name in recipe.train.report_to:
+        section = ds.setdefault(_MONITOR_SECTIONS[name], {})
+        if section.get("enabled") is False:
+            raise ConfigError(f"recipe train.report_to lists {name} but the DeepSpeed config sets "
+                              f"{_MONITOR_SECTIONS[name]}.enabled=false (drop one of them)")
+        package = _MONITOR_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.report_to: {name} needs the {package} package: pip install "
+                              f"\"squad-ds[{package}]\"")
+        section["enabled"] = True
+        if name == "wandb":
+            section.setdefault("project", "squad-ds")
+            section.setdefault("group", Path(recipe.output.dir).name)
+        else:
+            section.setdefault("job_name", "squad-ds")
     for monitor in ("tensorboard", "csv_monitor"):
         m = ds.get(monitor)
         if isinstance(m, dict) and m.get("enabled") and m.get("output_path", "") in ("", "auto"):

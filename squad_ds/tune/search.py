@@ -1,6 +1,6 @@
 """`squad-ds tune`: timed trials over micro-batch × ZeRO stage × optimizer offload × activation checkpointing, at
 the recipe's global batch, each in its own process (tune/trial.py); then recipe variants at the winner. The winner is
-written as a DeepSpeed config for `squad-ds train --deepspeed_config`. How it searches, and why not DeepSpeed's own
+written as a DeepSpeed config for `squad-ds train --deepspeed-config`. How it searches, and why not DeepSpeed's own
 autotuner: docs/TUNE.md.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
-from squad_ds.errors import run_main
+from squad_ds.errors import emit_result, run_main
+from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
 from squad_ds.tune import report as tune_report
 
 HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"
@@ -246,7 +247,8 @@ def prepare(args: argparse.Namespace) -> Search:
     cuda = torch.cuda.is_available()
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: must be positive")
-    spec = resolve_run(args.recipe, args.overrides, args.deepspeed_config, world_size=args.nproc, cuda=cuda)
+    spec = resolve_run(args.recipe, args.overrides, deepspeed_config_arg(args), world_size=args.nproc, cuda=cuda,
+                       ds_overrides=args.ds_overrides)
     recipe, world = spec.recipe, args.nproc
     _, plan = spec.plan(1)
     bad = [s for s in args.stages if s not in (0, 1, 2, 3)]
@@ -353,7 +355,7 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
         launcher = (["squad-ds", "train"] if s.world == 1 else
                     ["deepspeed", "--num_gpus", str(s.world), "--module", "squad_ds.train"])
         command = shlex.join([*launcher, *(["--recipe", s.recipe_name] if s.recipe_name else []),
-                              *[a for o in sets for a in ("--set", o)], "--deepspeed_config", str(tuned)])
+                              *[a for o in sets for a in ("--set", o)], "--deepspeed-config", str(tuned)])
         summary.update(best=asdict(winner), ds_config=str(tuned), train_overrides=train_overrides(s.recipe, winner),
                        train_command=command)
     (s.out_dir / "trials.json").write_text(json.dumps(
@@ -367,8 +369,7 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, positional=True)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                   help="base DeepSpeed config (precision, optimizer, …); default: the recipe's, else the hardware's")
+    add_deepspeed_arguments(p)
     p.add_argument("--budget-s", type=float, default=300.0, help="stop launching trials after this (default 300)")
     p.add_argument("--trial-timeout-s", type=float, default=300.0, help="kill a trial after this (default 300)")
     p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch per device to try (default 256)")
@@ -393,12 +394,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     """`squad-ds tune`: trials on stderr, the summary JSON on stdout; exit 1 when no trial fitted."""
     summary = tune(args, say=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(summary))
+    emit_result(summary)
     return 0 if "best" in summary else 1
 
 
 def build_arg_parser(prog: str = "squad-ds tune") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=HELP)
+    p = ArgumentParser(prog=prog, description=HELP, epilog=SPELLING_NOTE)
     add_arguments(p)
     return p
 

@@ -1,14 +1,12 @@
-"""bench/plot_run.py reads a run directory as the trainer writes it (a resumed run's later loss lines win)."""
+"""`squad-ds plot` reads a run directory as the trainer writes it (a resumed run's later loss lines win)."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from trainer_util import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
-import plot_run  # noqa: E402
+from squad_ds import plot as plot_run
+from squad_ds.cli import main
 
 
 @pytest.fixture
@@ -31,6 +29,19 @@ def test_reads_losses_and_evaluations(run_dir):
 
 
 def test_writes_a_png(run_dir, tmp_path):
-    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[bench]'")
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[plot]'")
     out = plot_run.plot(run_dir, tmp_path / "plot.png", smooth=2)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_command(run_dir, capsys):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[plot]'")
+    assert main(["plot", str(run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"png": str(run_dir / "training.png"), "steps": 6, "evaluations": 2}
+    assert (run_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_command_on_a_directory_that_is_no_run(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no train_log.jsonl" in capsys.readouterr().err

