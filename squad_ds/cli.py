@@ -19,7 +19,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out_file and Path(args.out_file).is_dir():
         raise ConfigError(f"--out-file {args.out_file}: a directory; give the path of the file to write")
-    result = evaluate_files(resolve_data_path(args.data), args.predictions, na_prob_file=args.na_prob_file,
+    # A sample name in the predictions' place is a SQuAD file given second: resolved, the swap is recognised.
+    predictions = resolve_data_path(args.predictions) if args.predictions.startswith("sample:") else args.predictions
+    result = evaluate_files(resolve_data_path(args.data), predictions, na_prob_file=args.na_prob_file,
                             na_prob_thresh=args.na_prob_thresh, allow_missing=args.allow_missing)
     emit_result(result)
     if args.out_file:

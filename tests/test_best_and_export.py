@@ -2,6 +2,7 @@
 hand-off: `squad-ds export` from any checkpoint, the model card, ONNX, and --push-to-hub failing clearly offline."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_best_evaluation_is_kept_and_exported(best_run):
     assert any(not torch.equal(exported[k], last[k]) for k in exported)  # training moved on after step 2
     card = (out / "model" / "README.md").read_text()
     assert "| f1 | 30.00 |" in card and "CC BY-SA 4.0" in card and "AutoModelForQuestionAnswering" in card
+    if importlib.util.find_spec("matplotlib"):  # the plot extra: the run draws itself at the end
+        assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_export_command_from_any_checkpoint(best_run, tmp_path):
@@ -144,8 +147,6 @@ def test_onnx_export_matches_pytorch(best_run, tmp_path):
 def test_report_to_switches_on_deepspeed_monitors(tmp_path, model):
     """train.report_to, with no monitor in the DeepSpeed JSON: loss, lr, throughput and dev scores reach the CSV
     (and TensorBoard, where installed) files under OUTPUT/monitor."""
-    import importlib.util
-
     monitors = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
                           train={"max_steps": 4, "eval_steps": 2, "report_to": monitors})
@@ -170,3 +171,16 @@ def test_report_to_wandb_offline(tmp_path, model):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), proc.stderr[-2000:]
     assert json.loads(proc.stdout)["global_step"] == 2
+
+
+def test_a_resumed_run_remembers_its_best(tmp_path, model):
+    """The best evaluation travels in the checkpoint: a run continued with more steps still exports it, and keeps
+    its checkpoint, when no later evaluation beats it."""
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 4, "eval_steps": 2, "keep_last": 1, "keep_best": True},
+                          output={"export": "best"})
+    first = scripted_run(recipe, [30.0, 20.0])  # step 2: 30, the end (step 4): 20
+    assert first["exported"]["step"] == 2
+    second = scripted_run(recipe, [25.0, 10.0], "--set", "train.max_steps=8")  # step 6: 25, the end (8): 10
+    assert second["global_step"] == 8 and second["best"]["step"] == 2 and second["exported"]["step"] == 2
+    assert checkpoint.complete_tags(tmp_path / "out" / "checkpoints") == ["step00000002", "step00000008"]

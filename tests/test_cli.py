@@ -113,14 +113,25 @@ def test_ds_set_overrides_the_json_and_is_checked_like_it():
         resolve_run("demo", [], "cpu_fp32", world_size=1, cuda=False, ds_overrides=["train_batch_size.x=1"])
 
 
+def test_ds_set_reaches_the_commands(capsys):
+    assert main(["config", "tiny", "--num-features", "100", "--device", "cpu", "--deepspeed_config", "cpu_fp32",
+                 "--ds-set", "gradient_clipping=0.25"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["deepspeed"]["gradient_clipping"] == 0.25 and doc["deepspeed_overrides"] == ["gradient_clipping=0.25"]
+    assert main(["config", "tiny", "--num-features", "100", "--device", "cpu", "--ds-set",
+                 "train_batch_size=7"]) == 2
+    assert "train_batch_size 7" in capsys.readouterr().err
+
+
 def test_swapped_evaluate_arguments_are_recognised(tmp_path):
     from squad_ds.sample_data import SAMPLE_DEV
 
     preds = tmp_path / "predictions.json"
     preds.write_text(json.dumps({"x": "y"}))
-    proc = run_cli("evaluate", str(preds), str(SAMPLE_DEV))
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert "look swapped" in proc.stderr and "evaluate DATA PREDICTIONS" in proc.stderr, proc.stderr
+    for data in (str(SAMPLE_DEV), "sample:dev"):
+        proc = run_cli("evaluate", str(preds), data)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert "look swapped" in proc.stderr and "evaluate DATA PREDICTIONS" in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,24 @@ def test_keep_last_and_incomplete_checkpoints(tmp_path, tiny_model):
     assert find_resume("auto", ckpts) == (ckpts, "step00000004")
 
 
+def test_export_of_a_bf16_run_without_zero(tmp_path, tiny_model):
+    """bf16 without ZeRO keeps no fp32 shards zero_to_fp32 reads: the export takes the module's bf16 weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from squad_ds.training.checkpoint import complete_tags
+    from squad_ds.training.export import state_dict_from_checkpoint
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", output={"export": True},
+                          train={"max_steps": 2}, data={"max_eval_examples": 4})
+    run_train(recipe, ds_config="zero0_bf16")
+    tag = complete_tags(tmp_path / "out" / "checkpoints")[-1]
+    weights = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    saved = state_dict_from_checkpoint(tmp_path / "out" / "checkpoints", tag)
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in weights)
+    assert all(torch.equal(v, v.bfloat16().float()) for v in weights.values())  # bf16 values, stored as fp32
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_export_round_trip(tmp_path, tiny_model, stage):
     """The exported HF directory reloads with from_pretrained and gives the trained model's logits exactly."""

@@ -30,15 +30,24 @@ def state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tens
     tag_dir = Path(ckpt_dir) / tag
     if not (tag_dir / checkpoint.MARKER).is_file():
         raise CheckpointError(f"{tag_dir}: not a complete squad-ds checkpoint (no {checkpoint.MARKER})")
+    sd = None
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except (ValueError, FileNotFoundError, KeyError):
+            # bf16/fp16 without ZeRO writes its optimizer files in a layout zero_to_fp32 does not read: the
+            # module's half-precision weights below are then all there is.
+            sd = None
+    if sd is None:
         states = tag_dir / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise CheckpointError(f"{tag_dir}: neither ZeRO optimizer shards nor {states.name}")
         sd = checkpoint.safe_load(states)["module"]
+        empty = next((k for k, v in sd.items() if v.numel() == 0), None)
+        if empty is not None:  # ZeRO-3 keeps placeholders here; its weights are in the shards
+            raise CheckpointError(f"{tag_dir}: weight {empty} is a ZeRO-3 placeholder and the shards did not load")
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
