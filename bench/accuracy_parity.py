@@ -220,9 +220,19 @@ def warmup_steps_of(s: Settings, n_features: int) -> int:
     return max(1, int(s.warmup_proportion * total))
 
 
+def hf_trainer(s: Settings, model, tokenizer, train_feats, seed: int, warmup_steps: int, out: Path):
+    """The training Trainer as run_qa.py builds it, with dynamic padding, shuffled by `seed` and grouped by length
+    (tests/test_accuracy_parity.py checks both: a sequential sampler here once fed the windows in file order)."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    args = training_args(s, out, seed, warmup_steps, sampling="group_by_length")
+    return Trainer(model=model, args=args, train_dataset=train_feats, processing_class=tokenizer,
+                   data_collator=DataCollatorWithPadding(tokenizer))
+
+
 def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path) -> dict:
     import datasets
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer, set_seed
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -237,9 +247,7 @@ def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed:
     set_seed(seed)  # the QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
     warmup = warmup_steps_of(s, len(train_feats))
-    args = training_args(s, work / f"hf-{seed}", seed, warmup, sampling="sequential")
-    trainer = Trainer(model=model, args=args, train_dataset=train_feats, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}")
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train

@@ -91,3 +91,35 @@ def test_resume_keeps_rows_of_the_same_settings_only(tmp_path):
     other = {**header, "settings": {**header["settings"], "n_train": 49}}
     assert parity.kept_rows(out, other) == []
     assert parity.kept_rows(tmp_path / "missing.json", header) == []
+
+
+def test_hf_training_batches_are_shuffled_and_grouped_by_length(tmp_path):
+    """The Hugging Face side trains as the issue asks: shuffled by its seed and grouped by length (a sequential
+    sampler, run before this test existed, fed the first questions' windows in file order)."""
+    import datasets
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    s = parity.Settings(max_seq_length=192, doc_stride=64, micro_batch_size=4, gradient_accumulation_steps=2)
+    examples = parity.load_squad(parity.resolve_data_path("sample:train")).train_examples()[:120]
+    raw = datasets.Dataset.from_dict(parity.hf_rows(examples))
+    feats = raw.map(parity.prepare_train_features, batched=True, remove_columns=raw.column_names,
+                    fn_kwargs={"tokenizer": tok, "s": s})
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+
+    def batches(seed: int) -> list[list[list[int]]]:
+        trainer = parity.hf_trainer(s, model, tok, feats, seed, 1, tmp_path / f"hf-{seed}")
+        return [b["input_ids"].tolist() for b in trainer.get_train_dataloader()]
+
+    lengths = [len(x) for x in feats["input_ids"]]
+    b42 = batches(42)
+    assert sorted(row for b in b42 for row in _unpadded(b, tok.pad_token_id)) == sorted(feats["input_ids"])
+    assert b42 != batches(43)  # shuffled, by the seed
+    file_order = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    grouped = sum(len(b) * len(b[0]) for b in b42)
+    assert grouped < 0.9 * file_order, (grouped, file_order, sum(lengths))  # less padding than the file's order
+
+
+def _unpadded(batch: list[list[int]], pad: int) -> list[list[int]]:
+    return [row[:len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), len(row))] for row in batch]
