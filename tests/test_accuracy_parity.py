@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import accuracy_parity as parity  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_runs_both_sides(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy_parity.py"), "--smoke", "--work-dir",

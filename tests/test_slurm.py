@@ -214,6 +214,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, stand_in: Path, ho
         assert f'"step": {max_steps}' in done and '"resumed_from": 0' not in done, done
 
 
+@pytest.mark.slow
 def test_time_limit_signal_requeues_before_the_limit(slurm_cluster, stand_in: Path) -> None:
     """The directive path itself: --signal=B:USR1@100 with a 2-minute limit fires ~20 s in, long before the 400
     steps (100 s) end. SLURM checks time limits periodically, so the signal may come up to a minute early, never
@@ -269,6 +270,7 @@ def real_trainer(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_real_trainer_preempted_run_matches_uninterrupted(slurm_cluster, real_trainer: Path) -> None:
     """Two ranks of the real trainer: an uninterrupted run completes; a run sent USR1 after its first checkpoint
     saves, requeues itself, resumes and ends with the same weights."""

@@ -117,6 +117,7 @@ def test_trial_timeout(tmp_path, tiny_model):
     assert [t["status"] for t in report["trials"]] == ["timeout"]
 
 
+@pytest.mark.slow
 def test_cpu_tune_then_train_with_the_winner(tmp_path, tiny_model):
     """Stages 0 and 2 on the tiny recipe (global batch 4; --max-micro 2 → micro 1 × 4 and 2 × 2, both of which
     contradict the recipe's micro-batch 4, so the printed command must override it); the tuned JSON trains."""
