@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A recipe, override or DeepSpeed config that cannot be used; the message names the key."""
 
 
+class WorldSizeError(ConfigError):
+    """Batch settings written for another number of processes; the message says how to keep the global batch."""
+
+
 class SquadFormatError(ValueError):
     """A SQuAD file that cannot be read as SQuAD."""
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, list_recipes, load_recipe
 from squad_ds.data.files import resolve_data_path
+from squad_ds.errors import WorldSizeError
 from squad_ds.data.preprocess import load_features
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
@@ -61,9 +62,9 @@ def resolve_run(recipe_name: str | None, overrides: list[str], deepspeed_config:
     recipe = load_recipe(recipe_name, overrides)
     try:
         return run_spec(recipe, deepspeed_config, world_size=world_size, cuda=cuda, ds_overrides=ds_overrides)
-    except ConfigError as e:
+    except WorldSizeError as e:
         variant = f"{recipe_name}_large_batch"
-        if "written for" in str(e) and world_size == 1 and variant in list_recipes():
+        if world_size == 1 and variant in list_recipes():
             raise ConfigError(f"{e}; or use the recipe {variant} (the same global batch on one GPU)") from None
         raise
 

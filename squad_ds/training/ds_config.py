@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, parse_override
+from squad_ds.errors import WorldSizeError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -138,9 +139,10 @@ def _resolve_batch(ds: dict, recipe: Recipe, world_size: int) -> tuple[int, int,
     micro = DEFAULT_MICRO_BATCH if micro is None else micro
     accum = DEFAULT_ACCUMULATION if accum is None else accum
     if total is not None and micro * accum * world_size != total:
-        raise ConfigError(f"micro-batch {micro} × gradient_accumulation_steps {accum} × world size {world_size} = "
-                          f"{micro * accum * world_size}, not the train_batch_size {total}"
-                          + _way_out(recipe, world_size, micro, total))
+        way_out = _way_out(recipe, world_size, micro, total)
+        raise (WorldSizeError if way_out else ConfigError)(
+            f"micro-batch {micro} × gradient_accumulation_steps {accum} × world size {world_size} = "
+            f"{micro * accum * world_size}, not the train_batch_size {total}{way_out}")
     for name, v in (("micro-batch", micro), ("gradient_accumulation_steps", accum)):
         if not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
