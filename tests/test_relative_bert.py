@@ -205,9 +205,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = qa_model_from_config(tiny_bert_config("relative_key_query"))
     ckpt = qa_model_from_config(tiny_bert_config("relative_key_query"))
     ckpt.load_state_dict(plain.state_dict())
+    from squad_ds.config import load_recipe
+    from squad_ds.training.engine import prepare_model
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers 5.x renames it activation_checkpointing_enable
-        ckpt.gradient_checkpointing_enable()
+        warnings.simplefilter("error", FutureWarning)  # not through the deprecated gradient_checkpointing_enable
+        prepare_model(ckpt, load_recipe("tiny", ["train.activation_checkpointing=true", "data.unpad=false"]),
+                      train=True)
     assert all(layer.gradient_checkpointing for layer in ckpt.bert.encoder.layer)
     ids, mask, types = _batch()
     labels = dict(start_positions=torch.tensor([1, 2, 3]), end_positions=torch.tensor([2, 6, 3]))

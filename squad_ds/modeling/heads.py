@@ -121,5 +121,5 @@ def eval_outputs(family: str, model_output) -> dict[str, torch.Tensor]:
 
 def supports_activation_checkpointing(model) -> bool:
     """False for XLNet (transformers has no checkpointed XLNet layer); call
-    `model.gradient_checkpointing_enable()` only where this is True."""
+    activation checkpointing (`engine.prepare_model`) only where this is True."""
     return bool(getattr(model, "supports_gradient_checkpointing", False))

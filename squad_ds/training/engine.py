@@ -67,7 +67,11 @@ def prepare_model(model, recipe: Recipe, *, train: bool) -> None:
     if train and recipe.train.activation_checkpointing:
         if not supports_activation_checkpointing(model):
             raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_engine(model, ds: dict[str, Any], recipe: Recipe):
