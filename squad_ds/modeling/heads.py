@@ -120,6 +120,6 @@ def eval_outputs(family: str, model_output) -> dict[str, torch.Tensor]:
 
 
 def supports_activation_checkpointing(model) -> bool:
-    """False for XLNet (transformers has no checkpointed XLNet layer); call
+    """False for XLNet (transformers has no checkpointed XLNet layer); turn on
     activation checkpointing (`engine.prepare_model`) only where this is True."""
     return bool(getattr(model, "supports_gradient_checkpointing", False))
