@@ -54,7 +54,7 @@ from squad_ds.scoring.postprocess import postprocess_bert  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything both sides share. Defaults: ~1 hour for two seeds a side on 2 CPU cores."""
+    """Everything both sides share. Defaults: ~2 hours for two seeds a side on 2 CPU cores (26–35 min a row)."""
     n_train: int = 3000
     n_eval: int | None = None  # None: every dev question
     epochs: float = 2.0
