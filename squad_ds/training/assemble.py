@@ -13,8 +13,8 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, list_recipes, load_recipe
 from squad_ds.data.files import resolve_data_path
-from squad_ds.errors import WorldSizeError
 from squad_ds.data.preprocess import load_features
+from squad_ds.errors import WorldSizeError
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
