@@ -159,6 +159,17 @@ def test_report_to_switches_on_deepspeed_monitors(tmp_path, model):
     if "tensorboard" in monitors:
         assert list((tmp_path / "out" / "monitor" / "squad-ds").glob("events.out.tfevents.*"))
 
+    # --overwrite: the new run's monitors hold the new run only (no old rows or event files beside them)
+    recipe = write_recipe(tmp_path / "r2.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 2, "eval_steps": 2, "report_to": monitors})
+    proc = subprocess.run(train_cmd(recipe, "--overwrite"), env=env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (tmp_path / "out" / "monitor" / "squad-ds" / "Eval_f1.csv").read_text().strip().splitlines()
+    assert len(rows) == 2, rows  # a header and the new run's one evaluation
+    if "tensorboard" in monitors:
+        assert len(list((tmp_path / "out" / "monitor" / "squad-ds").glob("events.out.tfevents.*"))) == 1
+
 
 def test_report_to_wandb_offline(tmp_path, model):
     """WANDB_MODE=offline: the run logs to a local wandb directory without any network."""

@@ -19,9 +19,10 @@ from squad_ds.logs import log_main
 from squad_ds.training.checkpoint import complete_tags
 
 LOCK = ".squad_ds.lock"
-# Everything a run writes into output.dir (nothing else there is touched by --overwrite).
+# Everything a run writes into output.dir (nothing else there is touched by --overwrite): "monitor" is where
+# train.report_to's DeepSpeed monitors write (ds_config.py; its CSV files are appended to), "training.png" the plot.
 ARTEFACTS = ("checkpoints", "model", "model.tmp", "train_log.jsonl", "effective_config.json", "predictions.json",
-             "nbest_predictions.json", "null_odds.json", "eval_results.json")
+             "nbest_predictions.json", "null_odds.json", "eval_results.json", "monitor", "training.png")
 
 
 def lock(out: Path) -> IO[str]:
