@@ -113,7 +113,7 @@ def test_foundation_modules_import_nothing_of_the_package(module):
     assert import_graph()[f"squad_ds.{module}"] == {}
 
 
-# Lower layers first (modules and packages, as in README's architecture table); a module may import its own layer
+# Lower layers first (modules and packages; README's architecture table lists them top down); a module may import its own layer
 # and the ones before it, never a later one.
 LAYERS = [
     ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.options", "squad_ds.distributed",
@@ -155,3 +155,22 @@ def _imported_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
     return names
+
+
+def test_readme_lists_the_layers_top_down():
+    """README's architecture table is the layer order shown to readers: every module or folder it names belongs to
+    a layer, each row's layer is at or below the one above it, and every layer is there."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| folder / module | owns |", 1)[1].split("\n\n", 1)[0]
+    layers = []
+    for row in table.splitlines()[2:]:
+        named = re.match(r"\| \**`([\w/.]+)`", row)
+        if named:
+            path = named.group(1).removesuffix(".py").rstrip("/")
+            layers.append((path, layer_of("squad_ds." + path.replace("/", "."))))
+    assert len(layers) > 15
+    upward = [f"{a} above {b}" for (a, la), (b, lb) in zip(layers, layers[1:]) if lb > la]
+    assert not upward, "README's table lists a lower layer above a higher one: " + ", ".join(upward)
+    assert {layer for _, layer in layers} == set(range(len(LAYERS)))
