@@ -113,8 +113,8 @@ def test_foundation_modules_import_nothing_of_the_package(module):
     assert import_graph()[f"squad_ds.{module}"] == {}
 
 
-# Lower layers first (modules and packages; README's architecture table lists them top down); a module may import its own layer
-# and the ones before it, never a later one.
+# Lower layers first (modules and packages; README's architecture table lists them top down); a module may import
+# its own layer and the ones before it, never a later one.
 LAYERS = [
     ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.options", "squad_ds.distributed",
                     "squad_ds.logs", "squad_ds.preempt")),
