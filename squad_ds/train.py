@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     resume_from = run_dir.resume_mode(args.resume, args.overwrite, out)
     if args.overwrite:
         distributed.on_main(lambda: run_dir.clear(out))
+    if recipe.output.export_from is not None:  # found out now, not after training
+        export.check_target(out / "model")
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,39 @@ def test_export_command_from_any_checkpoint(best_run, tmp_path):
     assert latest["step"] == 6
     with pytest.raises(FileNotFoundError, match=r"--step 4: no complete checkpoint .* \(have: 2, 6\)"):
         export_command(str(out), step=4, best=False, out=None, push=None, onnx=False)
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("target", ["run", "cwd", "user_dir", "file", "user_staging"])
+def test_export_never_replaces_what_squad_ds_did_not_write(best_run, tmp_path, monkeypatch, target):
+    """squad-ds export --out X replaced X whole (rmtree): --out RUN_DIR deleted the run and exited 0. Anything but
+    an absent path, an empty directory or a model directory squad-ds wrote is refused, and left as it was."""
+    out, _ = best_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    dest = {"run": out, "cwd": Path("."), "user_dir": tmp_path, "file": tmp_path / "notes.txt",
+            "user_staging": tmp_path / "m"}[target]
+    if target == "user_staging":  # someone's directory under the export's staging name
+        (tmp_path / "m.tmp").mkdir()
+        (tmp_path / "m.tmp" / "data.bin").write_bytes(b"precious")
+    watched = out if target == "run" else tmp_path
+    before = _tree(watched)
+    with pytest.raises(ConfigError, match="squad-ds did not write|squad-ds wrote|not a directory"):
+        export_command(str(out), step=6, best=False, out=str(dest), push=None, onnx=False)
+    assert _tree(watched) == before
+
+
+def test_export_replaces_its_own_model_dir_and_fills_an_empty_one(best_run, tmp_path):
+    out, _ = best_run
+    (tmp_path / "empty").mkdir()
+    first = export_command(str(out), step=6, best=False, out=str(tmp_path / "empty"), push=None, onnx=False)
+    again = export_command(str(out), step=2, best=False, out=str(tmp_path / "empty"), push=None, onnx=False)
+    assert (first["step"], again["step"]) == (6, 2)
+    assert json.loads((tmp_path / "empty" / "squad_ds.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging directory left behind
 
 
 def test_export_cli_prints_its_result_json(best_run, tmp_path):

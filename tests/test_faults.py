@@ -130,17 +130,13 @@ def test_nan_weights_are_not_exported(tmp_path, model):
     assert not (tmp_path / "out" / "model").exists()
 
 
-@pytest.mark.parametrize("stale", ["file", "dir"])
-def test_stale_export_staging_is_replaced(tmp_path, model, stale):
-    """model.tmp is the export's staging name. Whatever a crash or a user left there is replaced: a file there
-    once made transformers' save_pretrained log an error and write nothing, and the export failed later on."""
+def test_a_killed_exports_staging_is_replaced(tmp_path, model):
+    """model.tmp is the export's staging name; what a killed export left there (its squad_ds.json is written
+    first, so it is provably squad-ds's) is replaced."""
     out = tmp_path / "out"
-    out.mkdir()
-    if stale == "file":
-        (out / "model.tmp").write_text("left behind")
-    else:
-        (out / "model.tmp").mkdir()
-        (out / "model.tmp" / "model.safetensors").write_text("half a file from a killed export")
+    (out / "model.tmp").mkdir(parents=True)
+    (out / "model.tmp" / "squad_ds.json").write_text(json.dumps({"recipe": {}, "step": 1}))
+    (out / "model.tmp" / "model.safetensors").write_text("half a file from a killed export")
     recipe = write_recipe(tmp_path / "r.yaml", model, out, train={"max_steps": 2}, data={"max_eval_examples": 4},
                           output={"export": True})
     run_train(recipe)
@@ -148,6 +144,27 @@ def test_stale_export_staging_is_replaced(tmp_path, model, stale):
 
     AutoModelForQuestionAnswering.from_pretrained(out / "model")
     assert not (out / "model.tmp").exists()
+
+
+@pytest.mark.parametrize("where, kind", [("model.tmp", "file"), ("model.tmp", "dir"), ("model", "dir")])
+def test_a_model_path_squad_ds_did_not_write_is_refused_before_training(tmp_path, model, where, kind):
+    """Whatever else sits where the export will write is the user's: refused before any training, left intact
+    (it used to be removed, at the end of the run)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "file":
+        (out / where).write_text("mine")
+    else:
+        (out / where).mkdir()
+        (out / where / "weights.bin").write_text("mine")
+    recipe = write_recipe(tmp_path / "r.yaml", model, out, train={"max_steps": 2}, data={"max_eval_examples": 4},
+                          output={"export": True})
+    for flags in ((), ("--overwrite",)):
+        proc = run_train(recipe, *flags, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{out / where}" in _last_error(proc) and "not" in _last_error(proc)
+        assert not (out / "train_log.jsonl").exists()  # refused before any training
+    assert (out / where / "weights.bin" if kind == "dir" else out / where).read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------------- resume rules
@@ -219,6 +236,24 @@ def test_a_new_run_in_a_finished_run_dir_continues_it_and_overwrite_starts_afres
     assert sorted(losses(tmp_path / "out")) == [1, 2, 3]  # the log holds this run only
     assert losses(tmp_path / "out")[1] == finished[1][1]  # same seed and data: a fresh start
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not squad-ds's: left alone
+
+
+def test_a_run_dir_with_results_but_no_checkpoint_is_not_overwritten(tmp_path, model, finished):
+    """A run directory holding model/ and logs but no checkpoint to continue from, started again without a flag,
+    was silently started afresh (model/ replaced, log cut). Refused, naming what is there; --overwrite replaces."""
+    recipe, ckpts = _copy_run(finished, tmp_path, model)
+    out = tmp_path / "out"
+    (out / "model").mkdir()
+    (out / "model" / "squad_ds.json").write_text(json.dumps({"recipe": {}, "step": 6}))
+    shutil.rmtree(ckpts)
+    log = (out / "train_log.jsonl").read_text()
+    proc = run_train(recipe, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds an earlier run's model, train_log.jsonl" in _last_error(proc)
+    assert "--overwrite" in _last_error(proc)
+    assert (out / "train_log.jsonl").read_text() == log and (out / "model" / "squad_ds.json").is_file()
+    run_train(recipe, "--overwrite")
+    assert losses(out) == finished[1]
 
 
 def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, model):

@@ -118,26 +118,58 @@ The full recipe is in `squad_ds.json` (`squad-ds predict DATA --model PATH` read
 """
 
 
-def _remove(path: Path) -> None:
-    """Delete a file, link or directory tree at `path`, if there is one."""
+RECORD = "squad_ds.json"  # in every model directory squad-ds writes, first: the proof that it wrote it
+
+
+def is_model_dir(path: Path) -> bool:
+    """`path` is a model directory squad-ds wrote (or began to write): its squad_ds.json names a recipe."""
+    try:
+        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "recipe" in record
+
+
+def _staging(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".tmp")
+
+
+def check_target(out_dir: str | Path) -> Path:
+    """Refuse a model directory to write that would replace something squad-ds did not write: `out_dir` and its
+    staging name must each be absent, an empty directory, or a model directory of squad-ds's."""
+    out_dir = Path(out_dir).absolute()  # "." has no name to stage beside
+    for path in (out_dir, _staging(out_dir)):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise ConfigError(f"{path} exists and is not a directory: not replacing it with a model directory "
+                              "(choose another path)")
+        if path.is_dir() and any(path.iterdir()) and not is_model_dir(path):
+            raise ConfigError(f"{path} is not empty and is not a model directory squad-ds wrote (no {RECORD} "
+                              "there): not replacing it (choose another path, or empty it yourself)")
+    return out_dir
+
+
+def _remove_own(path: Path) -> None:
+    """Remove `path` if check_target allowed it: an empty directory or a model directory of squad-ds's."""
     if path.is_dir() and not path.is_symlink():
+        if any(path.iterdir()) and not is_model_dir(path):  # checked again: never clear what is not ours
+            raise ConfigError(f"{path} is not a model directory squad-ds wrote: not removing it")
         shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def write_model_dir(model, tokenizer, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                     record: dict[str, Any]) -> Path:
-    """config + safetensors + tokenizer + squad_ds.json + README.md, staged and then moved into place."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    _remove(tmp)  # a killed export's leftovers, or anything else under our staging name
+    """config + safetensors + tokenizer + squad_ds.json + README.md, staged and then moved into place. Only an empty
+    directory or a model directory squad-ds wrote is ever replaced (check_target)."""
+    out_dir = check_target(out_dir)
+    tmp = _staging(out_dir)
+    _remove_own(tmp)  # a killed export's leftovers
     try:
+        tmp.mkdir(parents=True)
+        atomic.write_json(tmp / RECORD, record)  # first: what proves the directory is ours if this export dies
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         if not (tmp / "config.json").is_file():  # save_pretrained logs some failures and returns
             raise CheckpointError(f"exporting to {tmp}: transformers wrote no config.json there")
         tokenizer.save_pretrained(str(tmp))
-        atomic.write_json(tmp / "squad_ds.json", record)
         cfg = model.config
         (tmp / "README.md").write_text(model_card(record, cfg.model_type,
                                                   getattr(cfg, "position_embedding_type", None)), encoding="utf-8")
@@ -147,7 +179,7 @@ def write_model_dir(model, tokenizer, state_dict: dict[str, torch.Tensor], out_d
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk from e
-    shutil.rmtree(out_dir, ignore_errors=True)
+    _remove_own(out_dir)
     os.replace(tmp, out_dir)
     log_main("exported model to %s", out_dir)
     return out_dir
@@ -216,7 +248,7 @@ def export_command(source: str, step: int | None, best: bool, out: str | None, p
             "world_size": layout.get("world_size")}
     if None not in plan.values():
         plan["global_batch"] = plan["micro_batch"] * plan["accumulation"] * plan["world_size"]
-    out_dir = Path(out) if out else run / f"model-{tag}"
+    out_dir = check_target(Path(out) if out else run / f"model-{tag}")  # before the model is loaded
     name = recipe["model"]["name_or_path"]
     model = load_qa_model(name, attn_implementation=recipe["model"].get("attn_implementation", "sdpa"))
     tokenizer = load_tokenizer(recipe["model"].get("tokenizer") or name)

@@ -17,6 +17,7 @@ from typing import IO
 from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
 from squad_ds.training.checkpoint import complete_tags
+from squad_ds.training.export import is_model_dir
 
 LOCK = ".squad_ds.lock"
 # Everything a run writes into output.dir (nothing else there is touched by --overwrite): "monitor" is where
@@ -45,9 +46,24 @@ def lock(out: Path) -> IO[str]:
     return f
 
 
+def _own_model_path(p: Path) -> bool:
+    """model/ or model.tmp/ as squad-ds's export leaves it (or nothing there); anything else is the user's."""
+    if not p.exists() and not p.is_symlink():
+        return True
+    return p.is_dir() and not p.is_symlink() and (not any(p.iterdir()) or is_model_dir(p))
+
+
+def earlier_results(out: Path) -> list[str]:
+    """What an earlier run left in output.dir that a fresh start would replace or cut (its model, log, scores)."""
+    found = [name for name in ARTEFACTS if name not in ("effective_config.json", "model.tmp") and (out / name).exists()
+             and (name != "model" or _own_model_path(out / name))]
+    return found + sorted(p.name for p in out.glob("eval-*"))
+
+
 def resume_mode(resume: str | None, overwrite: bool, out: Path) -> str | None:
     """The --resume the run acts on: as given; 'auto' where output.dir already holds complete checkpoints and
-    neither flag was given; None (start afresh) otherwise."""
+    neither flag was given; None (start afresh) where it holds no earlier run's results. An earlier run's results
+    without a checkpoint to continue from are refused: a fresh start would replace them."""
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues a run: give one of them")
     if resume or overwrite:
@@ -56,13 +72,20 @@ def resume_mode(resume: str | None, overwrite: bool, out: Path) -> str | None:
         log_main("%s already holds checkpoints: continuing from the newest complete one, as --resume auto does "
                  "(--overwrite starts afresh, removing them)", out)
         return "auto"
+    found = earlier_results(out)
+    if found:
+        raise ConfigError(f"output.dir {out} holds an earlier run's {', '.join(found)} and no complete checkpoint to "
+                          "continue from: --overwrite replaces them, or choose another output.dir")
     return None
 
 
 def clear(out: Path) -> None:
-    """Remove what an earlier run wrote into output.dir (--overwrite)."""
+    """Remove what an earlier run wrote into output.dir (--overwrite). A model/ or model.tmp/ that squad-ds did
+    not write is left alone (the export refuses to replace it)."""
     removed = []
     for p in [*(out / name for name in ARTEFACTS), *sorted(out.glob("eval-*"))]:
+        if p.name in ("model", "model.tmp") and not _own_model_path(p):
+            continue
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
