@@ -229,3 +229,18 @@ def test_a_resumed_run_remembers_its_best(tmp_path, model):
     second = scripted_run(recipe, [25.0, 10.0], "--set", "train.max_steps=8")  # step 6: 25, the end (8): 10
     assert second["global_step"] == 8 and second["best"]["step"] == 2 and second["exported"]["step"] == 2
     assert checkpoint.complete_tags(tmp_path / "out" / "checkpoints") == ["step00000002", "step00000008"]
+
+
+def test_exported_files_follow_the_umask(best_run, tmp_path):
+    """model.safetensors was written 0600 under umask 022 (safetensors' own mode): not shareable as the rest."""
+    import os
+    import stat
+
+    out, _ = best_run
+    old = os.umask(0o022)
+    try:
+        export_command(str(out), step=6, best=False, out=str(tmp_path / "m"), push=None, onnx=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

@@ -156,6 +156,13 @@ def _remove_own(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _follow_umask(directory: Path) -> None:
+    """Files as an ordinary write under the user's umask: safetensors writes its file 0600."""
+    mask = atomic.umask()
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_model_dir(model, tokenizer, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                     record: dict[str, Any]) -> Path:
     """config + safetensors + tokenizer + squad_ds.json + README.md, staged and then moved into place. Only an empty
@@ -173,6 +180,7 @@ def write_model_dir(model, tokenizer, state_dict: dict[str, torch.Tensor], out_d
         cfg = model.config
         (tmp / "README.md").write_text(model_card(record, cfg.model_type,
                                                   getattr(cfg, "position_embedding_type", None)), encoding="utf-8")
+        _follow_umask(tmp)
     except Exception as e:  # safetensors reports a full disk in its own exception type
         disk = disk_error(e, tmp)
         if disk is None:
