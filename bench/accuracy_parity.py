@@ -183,10 +183,11 @@ def eval_arrays(features, examples: list[Example], length: int) -> tuple[np.ndar
 
 # ---------------------------------------------------------------------------------------------------- HF side
 
-def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str):
+def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str, bf16: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(
+        bf16=bf16,
         output_dir=str(out), per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps, per_device_eval_batch_size=s.eval_batch_size,
         learning_rate=s.lr, weight_decay=s.weight_decay, adam_beta1=s.adam_betas[0], adam_beta2=s.adam_betas[1],
@@ -220,17 +221,21 @@ def warmup_steps_of(s: Settings, n_features: int) -> int:
     return max(1, int(s.warmup_proportion * total))
 
 
-def hf_trainer(s: Settings, model, tokenizer, train_feats, seed: int, warmup_steps: int, out: Path):
+def hf_trainer(s: Settings, model, tokenizer, train_feats, seed: int, warmup_steps: int, out: Path,
+               bf16: bool = False):
     """The training Trainer as run_qa.py builds it, with dynamic padding, shuffled by `seed` and grouped by length
-    (tests/test_accuracy_parity.py checks both: a sequential sampler here once fed the windows in file order)."""
+    (tests/test_accuracy_parity.py checks both: a sequential sampler here once fed the windows in file order);
+    `bf16`: the Trainer's own bf16 mixed precision (its best CPU setting to compare with)."""
     from transformers import DataCollatorWithPadding, Trainer
 
-    args = training_args(s, out, seed, warmup_steps, sampling="group_by_length")
+    args = training_args(s, out, seed, warmup_steps, sampling="group_by_length", bf16=bf16)
     return Trainer(model=model, args=args, train_dataset=train_feats, processing_class=tokenizer,
                    data_collator=DataCollatorWithPadding(tokenizer))
 
 
-def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path) -> dict:
+def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
+           evaluate: bool = True, bf16: bool = False) -> dict:
+    """Train (and with `evaluate`, predict and score) the Hugging Face side; `bf16`: Trainer's bf16=True."""
     import datasets
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, set_seed
 
@@ -242,15 +247,19 @@ def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed:
     eval_raw = datasets.Dataset.from_dict(hf_rows(eval_set.examples))
     train_feats = train_raw.map(prepare_train_features, batched=True, remove_columns=train_raw.column_names,
                                 fn_kwargs={"tokenizer": tokenizer, "s": s})
-    eval_feats = eval_raw.map(prepare_eval_features, batched=True, remove_columns=eval_raw.column_names,
-                              fn_kwargs={"tokenizer": tokenizer, "s": s})
     set_seed(seed)  # the QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
     warmup = warmup_steps_of(s, len(train_feats))
-    trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}")
+    trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}", bf16=bf16)
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
+    timing = {"train_s": train_s, "steps": result.global_step, "train_features": len(train_feats),
+              "train_samples_per_s": len(train_feats) * s.epochs / train_s}
+    if not evaluate:
+        return {"side": "hf-bf16" if bf16 else "hf", "seed": seed, **timing}
+    eval_feats = eval_raw.map(prepare_eval_features, batched=True, remove_columns=eval_raw.column_names,
+                              fn_kwargs={"tokenizer": tokenizer, "s": s})
     start, end = hf_predict(trainer.model.eval(), tokenizer, s, eval_feats, work / f"hf-{seed}")
     example_index, offsets = eval_arrays(eval_feats, eval_set.examples, s.max_seq_length)
     preds = postprocess_bert(eval_set.examples, example_index, offsets, start, end,
@@ -267,7 +276,13 @@ def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed:
 _SPS = re.compile(r"\| ([0-9.]+) samples/s \|")
 
 
-def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path) -> dict:
+_TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
+
+
+def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
+                 evaluate: bool = True, sets: tuple[str, ...] = ()) -> dict:
+    """`squad-ds train` with the recipe both sides share (its CPU defaults, plus `sets` as --set overrides);
+    without `evaluate`, no eval file: the training loop's time only."""
     out = work / f"squad-ds-{seed}"
     recipe = {
         "model": {"name_or_path": model_dir},
@@ -283,17 +298,25 @@ def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str,
         "output": {"dir": str(out), "export": False},
         "deepspeed_config": "cpu_fp32",
     }
+    if not evaluate:
+        recipe["data"]["eval_file"] = None
     path = work / f"squad-ds-{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "squad_ds.train", "--recipe", str(path), "--overwrite"], env=env,
-                          cwd=work, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "squad_ds.train", "--recipe", str(path), "--overwrite",
+                           *(x for kv in sets for x in ("--set", kv))], env=env, cwd=work, capture_output=True,
+                          text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"squad-ds train exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     final = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     effective = json.loads((out / "effective_config.json").read_text())
+    if not evaluate:
+        steps, train_s = _TRAINED.findall(proc.stderr)[-1]
+        n = effective["plan"]["num_features"]
+        return {"side": "squad-ds", "seed": seed, "train_s": float(train_s), "steps": int(steps),
+                "train_features": n, "train_samples_per_s": n * s.epochs / float(train_s), "wall_s": wall}
     rates = [float(m) for m in _SPS.findall(proc.stderr)]
     return {"side": "squad-ds", "seed": seed, "exact_match": final["exact_match"], "f1": final["f1"],
             "train_samples_per_s": statistics.median(rates) if rates else None, "wall_s": wall,

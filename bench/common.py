@@ -118,7 +118,7 @@ def engine_for(model, ds_name: str, recipe, num_features: int, cuda: bool):
     from squad_ds.training.engine import build_engine
 
     ds_cfg, plan = run_spec(recipe, ds_name, world_size=distributed.world_size(), cuda=cuda).plan(num_features)
-    engine, _, _ = build_engine(model, ds_cfg, recipe)
+    engine, _, _ = build_engine(model, ds_cfg, recipe, cuda=cuda)
     return engine, ds_cfg, plan
 
 

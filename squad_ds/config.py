@@ -62,6 +62,10 @@ class ModelConfig:
     attn_implementation: AttnImplementation = "sdpa"
     # SDPA kernel tried first: auto (torch's order) | cudnn | flash | efficient | math (see modeling/sdpa.py)
     sdpa_backend: SdpaBackend = "auto"
+    # Dropout (hidden and attention) in training through squad-ds's CPU kernel (modeling/fused_dropout.py): the same
+    # keep probability and scaling, drawn from a hash instead of torch's Bernoulli sampler, attention fused per
+    # head. null: on on CPU, off on CUDA (whose SDPA kernels draw the mask in-kernel already); true needs a CPU.
+    fused_dropout: bool | None = None
 
     def __post_init__(self):
         _check_choices(self, "model")

@@ -124,3 +124,20 @@ def test_hf_training_batches_are_shuffled_and_grouped_by_length(tmp_path):
 
 def _unpadded(batch: list[list[int]], pad: int) -> list[list[int]]:
     return [row[:len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), len(row))] for row in batch]
+
+
+def test_speed_report_pairs_sides_within_a_repeat():
+    """bench/speed_parity.py: ratios are medians of same-repeat pairs; MFU is over the larger matmul peak."""
+    import speed_parity
+
+    s = parity.Settings(n_train=10, epochs=1.0)
+    rows = [{"side": side, "repeat": rep, "train_samples_per_s": sps, "train_s": 100 / sps, "steps": 4,
+             "peak_rss_gib": 1.0}
+            for rep, (a, b) in enumerate([(10.0, 4.0), (12.0, 4.0), (8.0, 2.0)])
+            for side, sps in (("squad-ds", a), ("hf", b))]
+    summary = speed_parity.report(rows, flops_per_epoch=1e12, peaks={"fp32": 200.0, "bf16": 100.0}, s=s)
+    assert summary["ratios"] == {"squad-ds / hf": 3.0}  # pairs 2.5, 3.0, 4.0 (not 10/4 … across repeats)
+    assert summary["sides"]["squad-ds"]["samples_per_s"] == 10.0
+    assert summary["sides"]["hf"]["s_per_step"] == 6.25  # median of 25/4, 25/4, 50/4
+    assert summary["sides"]["squad-ds"]["mfu"] == pytest.approx(100.0 / 200.0)  # 1e12 FLOPs in 10 s = 100 GFLOP/s
+    assert "squad-ds / hf: **3.00×**" in speed_parity.table(summary, {"fp32": 200.0, "bf16": 100.0})

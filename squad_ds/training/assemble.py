@@ -18,7 +18,7 @@ from squad_ds.errors import WorldSizeError
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
-from squad_ds.training.engine import build_engine
+from squad_ds.training.engine import build_engine, fused_dropout_policy
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ def run_spec(recipe: Recipe, deepspeed_config: str | None, *, world_size: int, c
     ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world_size)
     spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name, ds_overrides), world_size, cuda, tuple(ds_overrides))
     spec.plan(1)
+    fused_dropout_policy(recipe, cuda)
     return spec
 
 
@@ -112,7 +113,7 @@ def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
     ds_config, plan = spec.plan(len(train))
     model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
-    engine, _, _ = build_engine(model, ds_config, recipe)
+    engine, _, _ = build_engine(model, ds_config, recipe, cuda=spec.cuda)
     return Run(spec, tokenizer, train, eval_features, eval_set, ds_config, plan, model, model_family(model.config),
                engine)
 

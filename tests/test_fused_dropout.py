@@ -1,0 +1,143 @@
+"""The fused CPU dropout (squad_ds/modeling/fused_dropout.py, csrc/attention_dropout.cpp): the same computation as
+torch's dropout and SDPA math path, with the keep-mask from a counter hash. Checked against a numpy transcription
+of that hash: outputs and gradients equal the reference with the same mask, the keep rate is 1 - p, kept values
+are scaled by 1/(1 - p), backward uses the forward's mask, and the masks follow torch's seed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from squad_ds.config import ConfigError, load_recipe
+from squad_ds.modeling import fused_dropout as fd
+from squad_ds.training.engine import fused_dropout_policy
+
+
+def keep_mask(seed: int, n: int, p: float, first: int = 0) -> np.ndarray:
+    """The kernel's mask for elements first … first + n - 1: splitmix64's output function on the counter."""
+    idx = np.arange(first, first + n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        r = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+    return r >= np.uint64(round(p * 2 ** 32))
+
+
+def transformers_layout(b, h, s, d, gen):
+    """q, k, v as transformers hands them to an attention function: [B, H, S, D] views of [B, S, H*D] projections."""
+    x = torch.randn(b, s, 3 * h * d, generator=gen)
+    return [x[..., i * h * d:(i + 1) * h * d].reshape(b, s, h, d).transpose(1, 2).detach().requires_grad_()
+            for i in range(3)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("mask_kind", ["bool", "none", "float"])
+def test_attention_equals_the_math_path_with_the_same_mask(p, mask_kind):
+    gen = torch.Generator().manual_seed(int(p * 100) + len(mask_kind))
+    b, h, s, d = 3, 4, 45, 16  # lengths that are not multiples of the vector width
+    q, k, v = transformers_layout(b, h, s, d, gen)
+    allowed = torch.ones(b, 1, s, s, dtype=torch.bool)
+    allowed[0, ..., 37:] = False  # padding keys
+    allowed[2, ..., 3:] = False
+    allowed[1, :, 5, :] = False  # a query row with no key at all: zeros, as SDPA's math path gives
+    mask = {"bool": allowed, "none": None,
+            "float": torch.zeros(b, 1, s, s).masked_fill(~allowed, float("-inf"))}[mask_kind]
+    seed = 987654321
+    out = fd._AttentionDropout.apply(q, k, v, fd._additive_mask(mask, q, k), d ** -0.5, p, seed)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    keep = torch.from_numpy(keep_mask(seed, b * h * s * s, p).reshape(b, h, s, s))
+    scores = q2 @ k2.transpose(-1, -2) * d ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, -1))  # the fully masked row: 0, not NaN
+    ref = ((probs * keep / (1 - p)) @ v2).transpose(1, 2)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for a, r in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, r.grad, atol=2e-5, rtol=1e-4)
+    if mask is not None:
+        assert out[1, 5].abs().max() == 0
+
+
+def test_dropout_layer_keep_rate_scaling_and_backward_mask():
+    p = 0.1
+    layer = fd.Dropout(p).train()
+    x = torch.rand(1 << 25) + 0.5  # 33.5M elements: the keep rate's standard error is 5e-5
+    x.requires_grad_()
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 1e-4
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, kept)  # backward drops exactly what forward dropped
+    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / (1 - p)))
+    # the threshold itself: 1 - p to 2^-32, whatever the sample
+    assert abs(round(p * 2 ** 32) / 2 ** 32 - p) < 1e-9
+
+
+def test_masks_follow_torchs_seed_and_differ_between_calls():
+    layer = fd.Dropout(0.3).train()
+    x = torch.ones(4096)
+    torch.manual_seed(5)
+    a, b = layer(x), layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), a)  # the same seed: the same masks (what resume relies on)
+    assert not torch.equal(a, b)  # successive calls: fresh masks
+    seed = torch.Generator().manual_seed(5)
+    first = int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
+    assert torch.equal(a != 0, torch.from_numpy(keep_mask(first, 4096, 0.3)))
+
+
+def test_neighbouring_draws_are_uncorrelated():
+    keep = keep_mask(12345, 1 << 22, 0.5).astype(np.float64)
+    for lag in (1, 2, 64, 384):
+        assert abs(np.corrcoef(keep[:-lag], keep[lag:])[0, 1]) < 3e-3
+
+
+def test_eval_and_other_dtypes_are_torchs_own():
+    layer = fd.Dropout(0.5)
+    x = torch.randn(64)
+    assert torch.equal(layer.eval()(x), x)
+    layer.train()
+    torch.manual_seed(1)
+    got = layer(x.double())
+    torch.manual_seed(1)
+    assert torch.equal(got, torch.nn.functional.dropout(x.double(), 0.5, True))
+
+
+def test_model_switch_keeps_weights_and_eval_outputs(tmp_path):
+    from tiny_models import save_tiny_checkpoint, tiny_bert_config
+    from transformers import AutoModelForQuestionAnswering
+
+    cfg = tiny_bert_config(dropout=0.1)
+    path = save_tiny_checkpoint(tmp_path / "m", cfg, None)
+    ref = AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation="sdpa").eval()
+    model = AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation="sdpa")
+    fd.enable(model)
+    assert model.config._attn_implementation == fd.ATTN_NAME
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(5, cfg.vocab_size, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        a, b = model.eval()(input_ids=ids, attention_mask=mask), ref(input_ids=ids, attention_mask=mask)
+    assert torch.equal(a.start_logits, b.start_logits)
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([1, 2]),
+                end_positions=torch.tensor([3, 4]))
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_policy_follows_the_device():
+    assert fused_dropout_policy(load_recipe("tiny"), cuda=False) is True
+    assert fused_dropout_policy(load_recipe("tiny"), cuda=True) is False
+    assert fused_dropout_policy(load_recipe("tiny", ["model.fused_dropout=false"]), cuda=False) is False
+    with pytest.raises(ConfigError, match="model.fused_dropout=true: the fused dropout kernel is for CPUs"):
+        fused_dropout_policy(load_recipe("tiny", ["model.fused_dropout=true"]), cuda=True)
