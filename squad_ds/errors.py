@@ -51,12 +51,16 @@ class RendezvousError(Exception):
     """The ranks of a run did not all join its process group in time."""
 
 
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite: nothing after it is saved."""
+
+
 class DiskError(Exception):
     """Nothing more can be written where the run writes: a full, over-quota or read-only file system."""
 
 
 USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, PredictionsFormatError, MissingPredictionsError,
-               FileNotFoundError, CheckpointError, DiskError, RendezvousError)
+               FileNotFoundError, CheckpointError, DiskError, RendezvousError, TrainingDiverged)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}
 

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # `python -m squad_ds.train` and the launchers; `squ
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.data.features import Features
 from squad_ds.data.packing import is_packed
 from squad_ds.data.squad import SquadDataset
-from squad_ds.errors import ConfigError, emit_result, run_main
+from squad_ds.errors import ConfigError, TrainingDiverged, emit_result, run_main
 from squad_ds.options import deepspeed_config_arg, train_parser
 from squad_ds.logs import Throughput, format_step, log_main, progress, setup_logging
 from squad_ds.modeling import unpadded
@@ -307,6 +308,9 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
             stop = preemption.agreed(step, tr.log_steps)
             if (stop or last or early or (tr.save_steps and step % tr.save_steps == 0)
                     or (evaluated and loop.recipe.tracks_best)):
+                if state.pending:  # losses not yet logged: a diverged step is never saved (nor prunes a good one)
+                    first = step - len(state.pending) // plan.accumulation + 1
+                    _check_finite(_reduced_losses(state.pending, engine), first, plan.accumulation)
                 state.saved = checkpoint.save(engine, loop.ckpt_dir, step, _client_state(loop, state), tr.keep_last,
                                               keep=[state.best["tag"]] if state.best else [])
             if stop:
@@ -343,17 +347,33 @@ def _monitor_eval(engine, metrics: dict | None) -> None:
                                      if isinstance(v, (int, float))])
 
 
-def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
-    """One host sync per log interval: per-step losses averaged over ranks, appended to train_log.jsonl."""
+def _reduced_losses(pending, engine) -> list[float]:
+    """The pending micro-batch losses averaged over ranks (one host sync): every rank gets the same values."""
     losses = torch.stack(pending).float()
     if distributed.world_size() > 1:
         losses = losses.to(engine.device)
         torch.distributed.all_reduce(losses)
         losses = losses / distributed.world_size()
-    per_micro = losses.cpu().tolist()
+    return losses.cpu().tolist()
+
+
+def _check_finite(per_micro: list[float], first_step: int, accumulation: int) -> None:
+    """Stop, on every rank alike, at a NaN or infinite loss: before it is logged as a number or saved."""
+    bad = next((i for i, v in enumerate(per_micro) if not math.isfinite(v)), None)
+    if bad is not None:
+        step = first_step + bad // accumulation
+        raise TrainingDiverged(f"the training loss is {per_micro[bad]} at step {step}: stopping before "
+                               "anything more is saved (the checkpoints already complete are kept). Lower train.lr "
+                               "or check the starting weights and the data, then resume from the last checkpoint")
+
+
+def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:
+    """One host sync per log interval: per-step losses averaged over ranks, appended to train_log.jsonl."""
+    per_micro = _reduced_losses(pending, engine)
     acc = plan.accumulation
     per_step = [sum(per_micro[i:i + acc]) / len(per_micro[i:i + acc]) for i in range(0, len(per_micro), acc)]
     first = step - len(per_step) + 1
+    _check_finite(per_micro, first, acc)
     lr = engine.get_lr()[0]
     r = rates.measure()
     if distributed.is_main():

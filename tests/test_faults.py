@@ -112,21 +112,28 @@ def test_rng_files_are_plain_data(finished):
         torch.load(f, weights_only=True)  # no allow-list needed
 
 
-def test_nan_weights_are_not_exported(tmp_path, model):
-    """A run that diverged (here: a NaN in the starting weights) ends with an error, not a NaN model."""
+def _nan_model(tmp_path, model):
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "model"
     shutil.copytree(model, bad)
     sd = load_file(bad / "model.safetensors")
-    name = next(k for k in sd if k.endswith("attention.self.query.weight"))
-    sd[name][0, 0] = float("nan")
+    name = next(k for k in sd if k.endswith("embeddings.LayerNorm.weight"))
+    sd[name][0] = float("nan")  # every hidden state, so the very first loss, is NaN
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    recipe = write_recipe(tmp_path / "r.yaml", bad, tmp_path / "out", train={"max_steps": 2},
+    return bad
+
+
+def test_a_diverged_run_stops_before_saving(tmp_path, model):
+    """A run whose loss is NaN (here: a NaN in the starting weights) trained on, saved NaN checkpoints and pruned
+    the good ones (keep_last). It stops at the first save or log after the NaN, with one line, saving nothing."""
+    recipe = write_recipe(tmp_path / "r.yaml", _nan_model(tmp_path, model), tmp_path / "out",
+                          train={"max_steps": 4, "save_steps": 1, "keep_last": 1, "log_steps": 10},
                           data={"max_eval_examples": 4}, output={"export": True})
     proc = run_train(recipe, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "NaN or infinite" in proc.stderr.strip().splitlines()[-1]
+    assert "the training loss is nan at step 1: stopping before anything more is saved" in _last_error(proc)
+    assert complete_tags(tmp_path / "out" / "checkpoints") == []
     assert not (tmp_path / "out" / "model").exists()
 
 

@@ -80,6 +80,16 @@ def test_dropout_layer_keep_rate_scaling_and_backward_mask():
     assert abs(round(p * 2 ** 32) / 2 ** 32 - p) < 1e-9
 
 
+def test_nan_stays_nan_where_dropped_as_in_torch():
+    """x * 0 for a dropped NaN is NaN in torch's dropout; a select (keep ? x / (1 - p) : 0) would hide a diverged
+    run's NaN from the loss check."""
+    x = torch.full((4096,), float("nan"))
+    assert torch.isnan(fd.Dropout(0.5).train()(x)).all()
+    q = torch.full((1, 1, 8, 4), float("nan"))
+    out = fd._AttentionDropout.apply(q, q, q, fd._additive_mask(None, q, q), 0.5, 0.5, 3)
+    assert torch.isnan(out).all()
+
+
 def test_masks_follow_torchs_seed_and_differ_between_calls():
     layer = fd.Dropout(0.3).train()
     x = torch.ones(4096)

@@ -48,7 +48,7 @@ inline uint32_t draw(uint64_t seed, uint64_t index) {
 inline void apply_dropout(float* row, int64_t n, uint64_t seed, uint64_t counter, uint32_t threshold,
                           float inv_keep) {
   for (int64_t j = 0; j < n; ++j) {
-    row[j] = draw(seed, counter + j) >= threshold ? row[j] * inv_keep : 0.0f;
+    row[j] *= draw(seed, counter + j) >= threshold ? inv_keep : 0.0f;  // NaN * 0 stays NaN, as in torch
   }
 }
 
@@ -246,7 +246,7 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      yp[i] = draw(static_cast<uint64_t>(seed), static_cast<uint64_t>(i)) >= threshold ? xp[i] * inv_keep : 0.0f;
+      yp[i] = xp[i] * (draw(static_cast<uint64_t>(seed), static_cast<uint64_t>(i)) >= threshold ? inv_keep : 0.0f);
     }
   });
   return y;
