@@ -151,3 +151,21 @@ def test_policy_follows_the_device():
     assert fused_dropout_policy(load_recipe("tiny", ["model.fused_dropout=false"]), cuda=False) is False
     with pytest.raises(ConfigError, match="model.fused_dropout=true: the fused dropout kernel is for CPUs"):
         fused_dropout_policy(load_recipe("tiny", ["model.fused_dropout=true"]), cuda=True)
+
+
+def test_a_failed_build_is_one_user_error(monkeypatch):
+    """No compiler (or a broken one) on a user's machine: the package's error naming the way out, not a traceback."""
+    import subprocess
+
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(**kwargs):
+        raise subprocess.CalledProcessError(1, ["c++"], output=b"c++: not found")
+
+    monkeypatch.setattr(ext, "load", no_compiler)
+    fd.ops.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="could not be built .* set model.fused_dropout=false"):
+            fd.ops()
+    finally:
+        fd.ops.cache_clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def ops():
     try:
         return load(name=f"squad_ds_attention_dropout_{capability.lower()}", sources=[str(_SOURCE)],
                     extra_cflags=["-O3", *flags], verbose=False)
-    except (OSError, RuntimeError, ImportError) as e:  # no compiler, or a build error
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:  # no compiler, a build error
         raise ConfigError(f"model.fused_dropout: the CPU attention kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); set "
                           "model.fused_dropout=false to train with torch's SDPA instead") from e
