@@ -9,8 +9,9 @@ from torch's default generator, so runs are deterministic under `train.seed` and
 generator) draws the same masks.
 
 It is one registered attention function (ATTN_NAME) of transformers' own model, as packed batches are: same class,
-weights, checkpoints and export. Only training calls with attention dropout take the kernel; everything else
-(evaluation, dropout 0, non-float32 inputs cast back and forth) is transformers' SDPA attention, unchanged.
+weights, checkpoints and export. Only training calls with attention dropout take the kernel (computed in float32,
+cast back to the inputs' dtype); everything else (evaluation, dropout 0, grouped-query attention) is transformers'
+SDPA attention, unchanged.
 
 The kernel is built on first use with torch's C++ extension loader (as DeepSpeed builds its CPU ops), for this
 CPU's vector instructions, into TORCH_EXTENSIONS_DIR.
@@ -122,14 +123,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.to(dtype)
 
 
-def applies(module, query: torch.Tensor, dropout: float) -> bool:
-    """Whether the fused kernel computes this call: a training call with dropout, on the CPU, no GQA."""
-    return dropout > 0 and query.device.type == "cpu" and torch.is_grad_enabled()
+def applies(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Whether the fused kernel computes this call: a training call with dropout, on the CPU, as many key heads as
+    query heads."""
+    return dropout > 0 and query.device.type == "cpu" and torch.is_grad_enabled() and key.shape[1] == query.shape[1]
 
 
 def _attention_function(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface: the fused kernel where it applies, SDPA attention otherwise."""
-    if not applies(module, query, dropout) or key.shape[1] != query.shape[1]:
+    if not applies(query, key, dropout):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
