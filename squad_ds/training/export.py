@@ -134,25 +134,33 @@ def _staging(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".tmp")
 
 
+def replaceable(path: Path) -> bool:
+    """Whether a model directory may be written at `path`: nothing there, an empty directory, or a model directory
+    squad-ds wrote. Anything else (a file, a link, someone's directory) is the user's."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    return path.is_dir() and not path.is_symlink() and (not any(path.iterdir()) or is_model_dir(path))
+
+
 def check_target(out_dir: str | Path) -> Path:
     """Refuse a model directory to write that would replace something squad-ds did not write: `out_dir` and its
-    staging name must each be absent, an empty directory, or a model directory of squad-ds's."""
+    staging name must each be replaceable."""
     out_dir = Path(out_dir).absolute()  # "." has no name to stage beside
     for path in (out_dir, _staging(out_dir)):
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise ConfigError(f"{path} exists and is not a directory: not replacing it with a model directory "
                               "(choose another path)")
-        if path.is_dir() and any(path.iterdir()) and not is_model_dir(path):
+        if not replaceable(path):
             raise ConfigError(f"{path} is not empty and is not a model directory squad-ds wrote (no {RECORD} "
                               "there): not replacing it (choose another path, or empty it yourself)")
     return out_dir
 
 
 def _remove_own(path: Path) -> None:
-    """Remove `path` if check_target allowed it: an empty directory or a model directory of squad-ds's."""
-    if path.is_dir() and not path.is_symlink():
-        if any(path.iterdir()) and not is_model_dir(path):  # checked again: never clear what is not ours
-            raise ConfigError(f"{path} is not a model directory squad-ds wrote: not removing it")
+    """Remove `path` if it is replaceable (checked again here: never clear what is not ours)."""
+    if not replaceable(path):
+        raise ConfigError(f"{path} is not a model directory squad-ds wrote: not removing it")
+    if path.is_dir():
         shutil.rmtree(path)
 
 

@@ -17,7 +17,7 @@ from typing import IO
 from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
 from squad_ds.training.checkpoint import complete_tags
-from squad_ds.training.export import is_model_dir
+from squad_ds.training.export import is_model_dir, replaceable
 
 LOCK = ".squad_ds.lock"
 # Everything a run writes into output.dir (nothing else there is touched by --overwrite): "monitor" is where
@@ -46,17 +46,11 @@ def lock(out: Path) -> IO[str]:
     return f
 
 
-def _own_model_path(p: Path) -> bool:
-    """model/ or model.tmp/ as squad-ds's export leaves it (or nothing there); anything else is the user's."""
-    if not p.exists() and not p.is_symlink():
-        return True
-    return p.is_dir() and not p.is_symlink() and (not any(p.iterdir()) or is_model_dir(p))
-
-
 def earlier_results(out: Path) -> list[str]:
     """What an earlier run left in output.dir that a fresh start would replace or cut (its model, log, scores)."""
-    found = [name for name in ARTEFACTS if name not in ("effective_config.json", "model.tmp") and (out / name).exists()
-             and (name != "model" or _own_model_path(out / name))]
+    found = ["model"] if is_model_dir(out / "model") else []  # a model/ of someone else's is the export's to refuse
+    found += [name for name in ARTEFACTS if name not in ("effective_config.json", "model", "model.tmp")
+              and (out / name).exists()]
     return found + sorted(p.name for p in out.glob("eval-*"))
 
 
@@ -84,7 +78,7 @@ def clear(out: Path) -> None:
     not write is left alone (the export refuses to replace it)."""
     removed = []
     for p in [*(out / name for name in ARTEFACTS), *sorted(out.glob("eval-*"))]:
-        if p.name in ("model", "model.tmp") and not _own_model_path(p):
+        if p.name in ("model", "model.tmp") and not replaceable(p):
             continue
         if p.is_dir():
             shutil.rmtree(p)
