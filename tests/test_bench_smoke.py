@@ -28,6 +28,7 @@ def test_loop_overhead_smoke(tmp_path):
     assert {"overhead", "overhead_paired_median", "per_rep", "env", "model_config"} <= res.keys()
 
 
+@pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "128", "--stride", "64", "--steps", "2",
                "--warmup", "1", "--zero", "0", "--micro", "2", "--no-baseline", "--variants", "full,trim64_efficient,unpad64")
@@ -89,6 +90,7 @@ def test_max_micro_search_doubles_then_bisects():
     assert search(lambda m: False, 64, 1024, 16) is None
 
 
+@pytest.mark.slow
 def test_max_micro_smoke(tmp_path):
     """The plumbing on CPU: real probes (fresh processes) up to the simulated out-of-memory boundary."""
     from squad_ds.sample_data import SAMPLE_TRAIN

@@ -44,6 +44,7 @@ def best_run(tmp_path_factory, model):
     return d / "out", scripted_run(recipe, [30.0, 20.0, 25.0])
 
 
+@pytest.mark.slow
 def test_best_evaluation_is_kept_and_exported(best_run):
     out, final = best_run
     assert checkpoint.complete_tags(out / "checkpoints") == ["step00000002", "step00000006"]  # best + keep_last 1
@@ -178,6 +179,7 @@ def test_onnx_export_matches_pytorch(best_run, tmp_path):
     assert abs(end - ref.end_logits.numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_report_to_switches_on_deepspeed_monitors(tmp_path, model):
     """train.report_to, with no monitor in the DeepSpeed JSON: loss, lr, throughput and dev scores reach the CSV
     (and TensorBoard, where installed) files under OUTPUT/monitor."""
@@ -205,6 +207,7 @@ def test_report_to_switches_on_deepspeed_monitors(tmp_path, model):
         assert len(list((tmp_path / "out" / "monitor" / "squad-ds").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_report_to_wandb_offline(tmp_path, model):
     """WANDB_MODE=offline: the run logs to a local wandb directory without any network."""
     pytest.importorskip("wandb", reason="train.report_to: [wandb] needs wandb (pip install wandb)")
@@ -218,6 +221,7 @@ def test_report_to_wandb_offline(tmp_path, model):
     assert json.loads(proc.stdout)["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_run_remembers_its_best(tmp_path, model):
     """The best evaluation travels in the checkpoint: a run continued with more steps still exports it, and keeps
     its checkpoint, when no later evaluation beats it."""

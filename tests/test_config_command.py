@@ -71,6 +71,7 @@ def test_errors_exit_2(capsys, argv, message):
     assert message in err and err.startswith("squad-ds config: error:")
 
 
+@pytest.mark.slow
 def test_counts_features_and_matches_the_trainer(tmp_path, tiny_model):
     """Default: features counted with the cached featurizer; the document equals the trainer's effective_config."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"max_steps": 1},

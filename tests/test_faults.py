@@ -10,6 +10,8 @@ from trainer_util import final_json, losses, make_tiny_model, run_train, write_r
 
 from squad_ds.training.checkpoint import MARKER, complete_tags, file_digests
 
+pytestmark = pytest.mark.faults  # about 7 minutes on 2 cores: CI runs them after the fast suite (-m faults)
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):

@@ -39,6 +39,7 @@ def test_reference_learns(reference):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.slow
 def test_zero_stages_match(tmp_path, tiny_model, reference, stage):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 12})
     run_train(recipe, ds_config=f"cpu_fp32_zero{stage}" if stage else "cpu_fp32")
@@ -53,6 +54,7 @@ def test_accumulation_matches_large_batch(tmp_path, tiny_model, reference):
 
 
 @pytest.mark.parametrize("launcher,stage", [("torchrun", 2), ("deepspeed", 3)])
+@pytest.mark.slow
 def test_two_processes_match(tmp_path, tiny_model, reference, launcher, stage):
     # 2 ranks × micro-batch 6 = the reference's 12 per step; each rank sees its own shard.
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 6})
@@ -117,6 +119,7 @@ def test_resume_after_preemption_is_exact(tmp_path):
     assert resumed == uninterrupted  # bit-exact in fp32
 
 
+@pytest.mark.slow
 def test_resume_inside_an_accumulation_window_that_spans_epochs_is_exact(tmp_path):
     """An epoch of an odd number of micro-batches under accumulation 2: every other optimizer step takes its two
     micro-batches from two epochs. kill -9 mid-window, rerun: the same losses bit for bit (dropout on), so the
@@ -231,6 +234,7 @@ def test_export_of_a_bf16_run_without_zero(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.slow
 def test_export_round_trip(tmp_path, tiny_model, stage):
     """The exported HF directory reloads with from_pretrained and gives the trained model's logits exactly."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", output={"export": True},
@@ -278,6 +282,7 @@ def _srun_style(recipe, timeout=240, rank0_fault=None):
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
+@pytest.mark.slow
 def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
     """Two tasks started as srun starts them (no launcher watching): rank 0 hits a bad train file while building
     the cache the others wait for. Every rank must exit with rank 0's error; a barrier there left them to crash
@@ -290,6 +295,7 @@ def test_rank0_failure_while_featurizing_stops_every_rank(tmp_path, tiny_model):
         assert "missing 'qas' list" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_rank0_failure_while_exporting_stops_every_rank(tmp_path, tiny_model):
     """Only rank 0 writes the exported model; when that fails (here its disk fills while it writes), rank 1 must
     fail with rank 0's error rather than wait for it (NCCL) or die of a closed connection (gloo)."""
@@ -342,6 +348,7 @@ def test_predict_on_an_unlabelled_file(tmp_path, tiny_model):
     (["train.train_batch_size=10"], "cpu_fp32", "train_batch_size 10 is not divisible by micro-batch 4"),
     (["train.optimizer=apex_fused_adam"], "cpu_fp32", "NVIDIA apex is not importable"),
 ])
+@pytest.mark.slow
 def test_bad_configuration_fails_before_work(tmp_path, tiny_model, overrides, ds_config, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
     args = [a for o in overrides for a in ("--set", o)]
@@ -374,6 +381,7 @@ def test_csv_monitor_gets_train_and_eval_events(tmp_path, tiny_model):
     assert any("Eval_f1" in f for f in files), files
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_with_hostfile(tmp_path, tiny_model, reference):
     """`deepspeed --hostfile` naming localhost slots=2 runs the 2-process CPU job (gloo)."""
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
@@ -398,6 +406,7 @@ def test_zero2_cpu_offload_matches(tmp_path, tiny_model, reference):
     _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_fused_adamw_matches(tmp_path, tiny_model, reference):
     """train.optimizer=torch_fused_adamw: torch's fused AdamW kernel through DeepSpeed's torch_adam switch."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
@@ -406,6 +415,7 @@ def test_torch_fused_adamw_matches(tmp_path, tiny_model, reference):
     _assert_same(reference, losses(tmp_path / "out"), tol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_model_matches(tmp_path, tiny_model, reference):
     """train.compile=true: engine.compile() (torch.compile, inductor) trains to the eager losses; evaluation and
     checkpointing run on the compiled engine."""
@@ -424,6 +434,7 @@ def test_sdpa_backend_preference_trains_alike(tmp_path, tiny_model, reference):
     _assert_same(reference, losses(tmp_path / "out"), tol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_length_and_bucketed_batches_train_alike(tmp_path, tiny_model):
     """data.trim_padding=false (the CUDA default) and trimming to a multiple of 16 compute what trimmed batches do:
     same losses and the same evaluation, in the same (ungrouped) order."""
@@ -440,6 +451,7 @@ def test_full_length_and_bucketed_batches_train_alike(tmp_path, tiny_model):
         assert runs[name][1]["exact_match"] == pytest.approx(runs["trim"][1]["exact_match"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_unpadded_batches_train_like_sequences_alone(tmp_path, tiny_model):
     """data.unpad=true: micro-batches of 12 packed sequences compute what micro-batches of one sequence (no
     padding at all) compute over 12 accumulation steps — same losses, same evaluation — on one process and on two

@@ -21,6 +21,7 @@ def _predict_matches_training(tmp_path, out_dir, data="sample:dev"):
 
 
 @pytest.mark.parametrize("kind,unpad", [("relative_key", False), ("relative_key_query", True)])
+@pytest.mark.slow
 def test_relative_bert_checkpoint_trains_under_zero3_and_exports(tmp_path, kind, unpad):
     """Both relative types; relative_key_query on packed batches (data.unpad), which the exported model's
     predictions (packed again, from the saved recipe) must reproduce."""

@@ -198,6 +198,7 @@ def test_budget_stops_launching_trials(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("entry", [["-m", "squad_ds.tune"], ["-m", "squad_ds.cli", "tune"]])
+@pytest.mark.slow
 def test_tune_entry_points_share_the_user_error_exit(entry):
     """`python -m squad_ds.tune` owns its parser and exits through the same boundary as `squad-ds tune`."""
     proc = subprocess.run([sys.executable, *entry, "no_such_recipe"], cwd=REPO, env=env(1), capture_output=True,
