@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from squad_ds import __version__
 from squad_ds.errors import emit_result, emit_text
 from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
+
+DESCRIPTION = ("Fine-tune BERT-family encoders for extractive question answering (SQuAD v1.1 and v2.0) with DeepSpeed; "
+               "evaluate, predict, export and plot the runs. Every command prints its result as one JSON document on "
+               "stdout, everything else on stderr.")
+START = (("squad-ds train", "train and score the embedded demo (about 3 minutes on 2 CPU cores)"),
+         ("squad-ds recipes", "the named recipes, with the scores they were published with"),
+         ("squad-ds train --help", "every training option (`squad-ds COMMAND --help` for the others)"))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -96,7 +104,10 @@ _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 def build_parser() -> argparse.ArgumentParser:
     from squad_ds.config import DataConfig, add_recipe_arguments
 
-    p = ArgumentParser(prog="squad-ds", description=__doc__, epilog=SPELLING_NOTE)
+    starts = "\n".join(f"  {command:<24}{what}" for command, what in START)
+    p = ArgumentParser(prog="squad-ds", description=textwrap.fill(DESCRIPTION, 100),
+                       epilog=f"start with:\n{starts}\n\n{SPELLING_NOTE}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"squad-ds {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune with DeepSpeed (`squad-ds train --help`); no arguments: embedded demo",
@@ -165,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def guide(parser: argparse.ArgumentParser) -> str:
+    """What `squad-ds` alone prints: the sub-commands with their one-line help, and the commands to start with."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = "\n".join(f"  {c.dest:<12}{c.help}" for c in sub._choices_actions)
+    starts = "\n".join(f"  {command:<24}{what}" for command, what in START)
+    return (f"squad-ds {__version__}: {DESCRIPTION.split(';')[0]}.\n\ncommands:\n{commands}\n\n"
+            f"start with:\n{starts}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _DELEGATED:
@@ -180,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             preempt.install()  # before the trainer's heavy imports
         return importlib.import_module(_DELEGATED[argv[0]]).run_parsed(args)
     parser = build_parser()
+    if not argv:
+        emit_text(guide(parser))
+        return 0
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

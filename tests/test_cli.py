@@ -69,6 +69,22 @@ def test_both_spellings_everywhere():
     assert train_parser().parse_args(["--deepspeed"]).deepspeed_flag is True  # DeepSpeed's bare flag
 
 
+def test_squad_ds_alone_is_a_short_guide_and_help_speaks_to_users(capsys):
+    """`squad-ds` with no sub-command: every sub-command with one line, and the commands to start with; --help
+    describes the tool, not the module (it used to print the module's docstring about argument parsing)."""
+    assert main([]) == 0
+    guide = capsys.readouterr().out
+    for command in ("train", "predict", "evaluate", "preprocess", "config", "recipes", "export", "plot", "tune"):
+        assert f"\n  {command} " in guide, command
+    assert "squad-ds train " in guide and "squad-ds recipes " in guide and "--help" in guide
+    assert len(guide.splitlines()) <= 30
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "question answering" in text and "argument parsing" not in text
+    assert "squad-ds train" in text  # where to start
+
+
 def test_train_help_is_instant_and_free_of_deprecated_flags():
     code = ("import sys\nfrom squad_ds.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
             "    pass\nprint('HEAVY', sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
