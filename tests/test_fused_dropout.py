@@ -31,11 +31,12 @@ def transformers_layout(b, h, s, d, gen):
             for i in range(3)]
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize(("p", "d", "s"), [(0.1, 16, 45), (0.5, 16, 45), (0.1, 24, 45), (0.1, 64, 150)])
 @pytest.mark.parametrize("mask_kind", ["bool", "none", "float"])
-def test_attention_equals_the_math_path_with_the_same_mask(p, mask_kind):
-    gen = torch.Generator().manual_seed(int(p * 100) + len(mask_kind))
-    b, h, s, d = 3, 4, 45, 16  # lengths that are not multiples of the vector width
+def test_attention_equals_the_math_path_with_the_same_mask(p, d, s, mask_kind):
+    """Lengths and head dims that are not multiples of a vector width, and BERT-base's head dim at a longer length."""
+    gen = torch.Generator().manual_seed(int(p * 100) + len(mask_kind) + d + s)
+    b, h = 3, 4
     q, k, v = transformers_layout(b, h, s, d, gen)
     allowed = torch.ones(b, 1, s, s, dtype=torch.bool)
     allowed[0, ..., 37:] = False  # padding keys
