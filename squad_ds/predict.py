@@ -5,6 +5,12 @@ involved, so it loads the exported HF directory directly.
 """
 from __future__ import annotations
 
+# ruff: noqa: E402 - run as a module, the arguments are parsed before the heavy imports
+if __name__ == "__main__":  # `python -m squad_ds.predict` and the launchers
+    from squad_ds.options import predict_parser as _parser
+
+    _ARGS = _parser().parse_args()  # --help and a mistyped option answer before torch is imported
+
 import argparse
 import json
 import sys
@@ -73,4 +79,4 @@ def run_parsed(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_parsed(_ARGS))

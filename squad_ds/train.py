@@ -11,6 +11,9 @@ from squad_ds import preempt
 
 if __name__ == "__main__":  # `python -m squad_ds.train` and the launchers; `squad-ds train` installed them already
     preempt.install()
+    from squad_ds.options import train_parser as _parser
+
+    _ARGS = _parser().parse_args()  # --help and a mistyped option answer before torch is imported
 
 import argparse
 import json
@@ -398,4 +401,4 @@ def run_parsed(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_parsed(_ARGS))

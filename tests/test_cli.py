@@ -94,6 +94,18 @@ def test_train_help_is_instant_and_free_of_deprecated_flags():
     assert "deepscale" not in proc.stdout
 
 
+@pytest.mark.parametrize("module", ["squad_ds.train", "squad_ds.predict"])
+def test_module_help_answers_before_torch_is_imported(module):
+    """`python -m squad_ds.train --help` (how launchers run it) took 6.7 s: it imported torch, DeepSpeed and
+    transformers before parsing. Now --help and a mistyped option answer first (-X importtime lists every import)."""
+    for argv, code in ((["--help"], 0), (["--no-such-option"], 2)):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *argv], env=env(),
+                              capture_output=True, text=True, timeout=120)
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert not imported & {"torch", "deepspeed", "transformers", "numpy"}, sorted(imported)[:50]
+
+
 def test_unknown_set_key_is_blamed_on_the_flag():
     with pytest.raises(ConfigError) as e:
         load_recipe("demo", ["train.bogus=1"])
