@@ -3,31 +3,62 @@ PNG (written at the end of training too, when matplotlib is installed: the `plot
 
 Reads RUN_DIR/train_log.jsonl (one line per step; a resumed run appends, and the later line for a step wins),
 RUN_DIR/eval-STEP/eval_results.json (evaluations during the run) and RUN_DIR/eval_results.json (the final one, at the
-step given by RUN_DIR/effective_config.json's plan).
+step given by RUN_DIR/effective_config.json's plan). What cannot be read (a line cut by a kill, a damaged file) is
+skipped and counted; the rest is drawn.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
-def read_losses(run_dir: Path) -> dict[int, float]:
+def _skip(skipped: list[str] | None, what: str) -> None:
+    if skipped is not None:
+        skipped.append(what)
+
+
+def read_losses(run_dir: Path, skipped: list[str] | None = None) -> dict[int, float]:
+    """step -> loss; a line that cannot be read (cut by a kill, garbage, no step or loss) is named in `skipped`."""
     losses: dict[int, float] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+    text = (run_dir / "train_log.jsonl").read_text(encoding="utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            rec = json.loads(line)
-            losses[int(rec["step"])] = float(rec["loss"])
+            try:
+                rec = json.loads(line)
+                losses[int(rec["step"])] = float(rec["loss"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                _skip(skipped, f"train_log.jsonl line {n}")
     return dict(sorted(losses.items()))
 
 
-def read_evals(run_dir: Path) -> dict[int, dict]:
-    """step -> eval_results.json, the final evaluation at the plan's last step."""
-    evals = {int(d.name.split("-", 1)[1]): json.loads((d / "eval_results.json").read_text())
-             for d in run_dir.glob("eval-*") if (d / "eval_results.json").is_file()}
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_evals(run_dir: Path, skipped: list[str] | None = None) -> dict[int, dict]:
+    """step -> eval_results.json, the final evaluation at the plan's last step; what cannot be read is named in
+    `skipped`."""
+    evals: dict[int, dict] = {}
+    for d in run_dir.glob("eval-*"):
+        if not (d / "eval_results.json").is_file():
+            continue
+        step, doc = d.name.split("-", 1)[1], _read_json(d / "eval_results.json")
+        if not step.isdigit() or doc is None:
+            _skip(skipped, f"{d.name}/eval_results.json")
+            continue
+        evals[int(step)] = doc
     final = run_dir / "eval_results.json"
     if final.is_file():
-        plan = json.loads((run_dir / "effective_config.json").read_text())["plan"]
-        evals[int(plan["total_steps"])] = json.loads(final.read_text())
+        config, doc = _read_json(run_dir / "effective_config.json"), _read_json(final)
+        try:
+            evals[int(config["plan"]["total_steps"])] = dict(doc)  # type: ignore[index, arg-type]
+        except (TypeError, KeyError, ValueError):
+            _skip(skipped, "eval_results.json (or the plan in effective_config.json)")
     return dict(sorted(evals.items()))
 
 
@@ -59,7 +90,7 @@ def plot(run_dir: Path, out: Path, title: str | None = None, smooth: int = 25) -
     if evals:
         ev = ax.twinx()
         for key, color in (("f1", "tab:red"), ("exact_match", "tab:orange")):
-            xs = [s for s, m in evals.items() if key in m]
+            xs = [s for s, m in evals.items() if isinstance(m.get(key), (int, float))]
             ys = [evals[s][key] for s in xs]
             ev.plot(xs, ys, "o-", color=color, label=f"dev {key}")
             for x, y in zip(xs, ys):
@@ -84,9 +115,17 @@ def plot_command(run_dir: str, out: str | None, title: str | None, smooth: int) 
     run = Path(run_dir)
     if not (run / "train_log.jsonl").is_file():
         raise FileNotFoundError(f"{run}: no train_log.jsonl (not a squad-ds run directory?)")
+    if out and Path(out).is_dir():
+        raise ConfigError(f"--out {out}: a directory; give the path of the PNG to write")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("squad-ds plot needs matplotlib: pip install \"squad-ds[plot]\"") from None
     png = plot(run, Path(out) if out else run / "training.png", title, max(1, smooth))
-    return {"png": str(png), "steps": len(read_losses(run)), "evaluations": len(read_evals(run))}
+    skipped: list[str] = []
+    result = {"png": str(png), "steps": len(read_losses(run, skipped)), "evaluations": len(read_evals(run, skipped))}
+    if skipped:
+        print(f"squad-ds plot: skipped {len(skipped)} unreadable part(s) of {run}: {', '.join(skipped[:10])}"
+              + (" …" if len(skipped) > 10 else ""), file=sys.stderr)
+        result["skipped"] = len(skipped)
+    return result

@@ -45,3 +45,29 @@ def test_plot_command(run_dir, capsys):
 def test_plot_command_on_a_directory_that_is_no_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no train_log.jsonl" in capsys.readouterr().err
+
+
+def test_unreadable_parts_are_skipped_counted_and_the_rest_drawn(run_dir, capsys):
+    """A truncated, garbage or incomplete log line, a non-numeric eval-* directory, a corrupt eval_results.json and a
+    final result without a readable plan were tracebacks; now each is skipped, counted, and the rest is drawn."""
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[plot]'")
+    with open(run_dir / "train_log.jsonl", "ab") as f:
+        f.write(b'{"step": 7, "loss": 1.0}\n{"step": 8, "lo\n\xff\xfe garbage\n{"step": 9}\n[1, 2]\n')
+    (run_dir / "eval-latest").mkdir()
+    (run_dir / "eval-latest" / "eval_results.json").write_text("{}")
+    (run_dir / "eval-6").mkdir()
+    (run_dir / "eval-6" / "eval_results.json").write_text('{"f1": 5')
+    (run_dir / "effective_config.json").write_text("{not json")
+    assert main(["plot", str(run_dir)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result == {"png": str(run_dir / "training.png"), "steps": 7, "evaluations": 1, "skipped": 7}
+    assert "skipped 7 unreadable" in captured.err and "train_log.jsonl line 9" in captured.err
+    assert (run_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_naming_a_directory_is_refused(run_dir, tmp_path, capsys):
+    """`--out EXISTING_DIR` wrote DIR.png and reported DIR."""
+    assert main(["plot", str(run_dir), "--out", str(tmp_path)]) == 2
+    assert "a directory" in capsys.readouterr().err
+    assert not (tmp_path.parent / f"{tmp_path.name}.png").exists()
