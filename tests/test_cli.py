@@ -126,6 +126,38 @@ def test_published_multi_gpu_recipe_on_one_gpu_names_the_way_out():
     assert spec.plan(1000)[1].global_batch == 24
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("gradient_clipping=eight", r"gradient_clipping='eight': a number >= 0"),
+    ("gradient_clipping=-1", r"gradient_clipping=-1: a number >= 0"),
+    ("optimizer.params.lr=eight", r"optimizer.params.lr='eight': a number > 0"),
+    ("optimizer.params.betas=eight", r"optimizer.params.betas='eight': two numbers in \[0, 1\)"),
+    ("optimizer.params.betas=[0.9,1.5]", r"optimizer.params.betas=\[0.9, 1.5\]: two numbers in \[0, 1\)"),
+    ("optimizer.params.weight_decay=eight", r"optimizer.params.weight_decay='eight': a number >= 0"),
+    ("train_batch_size=eight", r"train_batch_size='eight': a positive integer"),
+    ("gradient_accumulation_steps=eight", r"gradient_accumulation_steps='eight': a positive integer"),
+    ("train_micro_batch_size_per_gpu=eight", r"train_micro_batch_size_per_gpu='eight': a positive integer"),
+    ("optimizer.type=Foo", r"optimizer.type='Foo': not an optimizer DeepSpeed knows"),
+    ("scheduler.type=OneCycle", r"scheduler.type='OneCycle': squad-ds plans the schedule of WarmupLR and "
+                                r"WarmupDecayLR"),
+    ("zero_optimisation.stage=2", r"unknown key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"),
+    ("bf16.enabled=maybe", r"bf16.enabled='maybe': true or false"),
+])
+def test_bad_deepspeed_values_are_one_line_before_any_work(override, message):
+    """Each was found by hand (issue 23): a traceback, an error after minutes of start-up (optimizer.type=Foo after
+    160 s), or silently accepted (a misspelt top-level key trained at ZeRO-0; gradient_clipping=-1)."""
+    with pytest.raises(ConfigError, match=message):
+        resolve_run("demo", [], "cpu_fp32", world_size=1, cuda=False, ds_overrides=[override])
+
+
+def test_a_deepspeed_json_file_is_checked_alike(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "eight", "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ConfigError, match=r"ds.json: train_micro_batch_size_per_gpu='eight': a positive integer"):
+        resolve_run("demo", [], str(path), world_size=1, cuda=False)
+    path.write_text(json.dumps({"optimizer": {"type": "SGD", "params": {"lr": "auto"}}, "gradient_clipping": 1}))
+    resolve_run("demo", ["train.warmup_proportion=0"], str(path), world_size=1, cuda=False)  # torch.optim's SGD
+
+
 def test_ds_set_overrides_the_json_and_is_checked_like_it():
     spec = resolve_run("demo", [], "cpu_fp32", world_size=1, cuda=False,
                        ds_overrides=["zero_optimization.stage=2", "gradient_clipping=0.5"])

@@ -5,6 +5,7 @@ imports DeepSpeed; engine.py builds the engine from what this returns.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from collections.abc import Sequence
@@ -75,7 +76,93 @@ def load_ds_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str
             raise ConfigError(f"{where}: \"{section}\" needs a \"type\" (e.g. \"AdamW\", \"WarmupDecayLR\")")
         if section in cfg and not isinstance(cfg[section].get("params", {}), dict):
             raise ConfigError(f"{where}: \"{section}.params\" must be a JSON object")
+    _check_keys_and_values(cfg, where)
     return cfg
+
+
+# DeepSpeed's top-level keys (its config documentation, 0.19): an unknown key close to one of these is a misspelling
+# that DeepSpeed would ignore in silence (`zero_optimisation` trained at ZeRO-0); other unknown keys pass through.
+_TOP_LEVEL_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "zero_optimization", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "activation_checkpointing", "flops_profiler", "tensorboard", "csv_monitor", "wandb", "comet",
+    "comms_logger", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "communication_data_type", "memory_breakdown", "elasticity",
+    "checkpoint", "data_types", "aio", "autotuning", "compression_training", "data_efficiency",
+    "curriculum_learning", "pipeline", "torch_autocast", "compile", "timers", "dataloader_drop_last",
+    "disable_allgather", "gradient_allreduce_op", "seq_parallel_communication_data_type", "hybrid_engine",
+    "use_data_before_expert_parallelism", "weight_quantization", "nebula", "log_level")
+# Schedulers whose parameters squad-ds plans (warmup and total steps, warmup_max_lr from the recipe's lr).
+PLANNED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_keys_and_values(cfg: dict[str, Any], where: str) -> None:
+    """The keys and values squad-ds or DeepSpeed reads, checked for type and range before any work (DeepSpeed would
+    fail on them with a traceback, minutes into start-up, or not at all)."""
+    for key in cfg:
+        if key not in _TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, _TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"{where}: unknown key {key!r} (did you mean {close[0]!r}?); DeepSpeed would "
+                                  "ignore it")
+
+    def bad(path: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {path}={value!r}: {expected}")
+
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = cfg.get(key, "auto")
+        if v != "auto" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise bad(key, v, "a positive integer or \"auto\"")
+    if "gradient_clipping" in cfg and not (_is_number(cfg["gradient_clipping"]) and cfg["gradient_clipping"] >= 0):
+        raise bad("gradient_clipping", cfg["gradient_clipping"], "a number >= 0 (0: no clipping)")
+    for section in ("bf16", "fp16"):
+        v = (cfg.get(section) or {}).get("enabled", False)
+        if v not in (True, False, "auto"):
+            raise bad(f"{section}.enabled", v, "true or false")
+    opt = cfg.get("optimizer")
+    if opt:
+        name, params = opt["type"], opt.get("params", {})
+        if name.lower() not in _DEEPSPEED_OPTIMIZERS and not _is_torch_optimizer(name):
+            raise bad("optimizer.type", name, "not an optimizer DeepSpeed knows (its own: "
+                      f"{', '.join(_DEEPSPEED_OPTIMIZERS)}, any case; or a torch.optim class name such as SGD)")
+        for key, low, text in (("lr", 0.0, "a number > 0"), ("weight_decay", None, "a number >= 0"),
+                               ("eps", 0.0, "a number > 0")):
+            v = params.get(key, "auto")
+            if v != "auto" and not (_is_number(v) and (v > low if low is not None else v >= 0)):
+                raise bad(f"optimizer.params.{key}", v, f"{text} or \"auto\"")
+        betas = params.get("betas")
+        if betas is not None and not (isinstance(betas, list) and len(betas) == 2
+                                      and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise bad("optimizer.params.betas", betas, "two numbers in [0, 1) expected, e.g. [0.9, 0.999]")
+    sched = cfg.get("scheduler")
+    if sched:
+        if sched["type"] not in PLANNED_SCHEDULERS:
+            raise ConfigError(f"{where}: scheduler.type={sched['type']!r}: squad-ds plans the schedule of "
+                              f"{' and '.join(PLANNED_SCHEDULERS)} (warmup from train.warmup_proportion, decay to the "
+                              "planned last step); use one of them, or no scheduler for a constant lr")
+        params = sched.get("params", {})
+        for key in ("warmup_min_lr", "warmup_max_lr"):
+            v = params.get(key, "auto")
+            if v != "auto" and not (_is_number(v) and v >= 0):
+                raise bad(f"scheduler.params.{key}", v, "a number >= 0 or \"auto\"")
+        if params.get("warmup_type", "linear") not in ("linear", "log"):
+            raise bad("scheduler.params.warmup_type", params["warmup_type"], "\"linear\" or \"log\"")
+
+
+# DeepSpeed's own optimizers (deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS, 0.19); any other name DeepSpeed looks up
+# in torch.optim.
+_DEEPSPEED_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+
+
+def _is_torch_optimizer(name: str) -> bool:
+    import torch.optim
+
+    cls = getattr(torch.optim, name, None)
+    return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
 
 
 def _set_path(cfg: dict[str, Any], text: str, path: Path) -> None:
