@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
-from trainer_util import final_json, losses, make_tiny_model, run_train, write_recipe
+from trainer_util import env, final_json, losses, make_tiny_model, run_train, write_recipe
 
 from squad_ds.training.checkpoint import MARKER, complete_tags, file_digests
 
@@ -328,6 +330,19 @@ def test_disk_full_mid_save_is_one_line_and_the_run_resumes_exactly(tmp_path, mo
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     run_train(recipe, "--resume", "auto")
     assert losses(disk / "out") == finished[1]
+
+
+def test_disk_full_during_export_is_one_line_and_leaves_no_staging(tmp_path, model, finished, mount):
+    """`squad-ds export --out` onto a disk too small for the weights: one line naming the directory, exit 2, and no
+    half-written model.tmp left behind (the issue saw a SafetensorError traceback and model.tmp/ left)."""
+    disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
+    proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "export", str(finished[0]), "--out",
+                           str(disk / "model")], env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    err = _last_error(proc)
+    assert err.startswith("squad-ds export: error: cannot write") and "no space left on the device" in err, err
+    assert sorted(p.name for p in disk.iterdir()) == []
 
 
 def test_read_only_output_dir_is_one_line(tmp_path, model, mount):
