@@ -398,9 +398,9 @@ def test_outputs_follow_the_umask(tmp_path):
 _IMPORT_WITHOUT_TORCH = """
 import runpy, signal, sys
 sys.modules["torch"] = None  # importing torch now fails: what ran before it is all that ran
-sys.argv = ["squad-ds", "train"]
+sys.argv = ["squad_ds/train.py"]  # as `python -m squad_ds.train` with no options sees it (the demo)
 try:
-    if sys.argv[1:] and "{entry}" == "cli":
+    if "{entry}" == "cli":
         from squad_ds import cli
         cli.main(["train"])
     else:
