@@ -335,6 +335,19 @@ def test_predict_on_an_unlabelled_file(tmp_path, tiny_model):
     assert "f1" in results["labelled"] and (tmp_path / "labelled" / "eval_results.json").is_file()
     assert set(results["unlabelled"]) == {"predictions"}
     assert not (tmp_path / "unlabelled" / "eval_results.json").exists()
+    # JSON lines of bare questions, without an answers column or with empty answers: predicted, not scored (failed)
+    rows = [{"id": q["id"], "title": a["title"], "context": p["context"], "question": q["question"]}
+            for a in doc["data"] for p in a["paragraphs"] for q in p["qas"]]
+    for name, extra in (("bare", {}), ("empty", {"answers": {"text": [], "answer_start": []}})):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**r, **extra}) + "\n" for r in rows))
+        proc = subprocess.run(["python", "-m", "squad_ds.cli", "predict", str(path), "--model", str(tiny_model),
+                               "--out-dir", str(tmp_path / name), *sets], env=env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert set(json.loads(proc.stdout.strip().splitlines()[-1])) == {"predictions"}
+        got = json.loads((tmp_path / name / "predictions.json").read_text())
+        assert got == json.loads((tmp_path / "unlabelled" / "predictions.json").read_text())
     labelled = json.loads((tmp_path / "labelled" / "predictions.json").read_text())
     assert json.loads((tmp_path / "unlabelled" / "predictions.json").read_text()) == labelled
     assert len(labelled) == 12

@@ -4,8 +4,9 @@ context, question, answers{text[], answer_start[]}`), and Hugging Face datasets 
 
 Rows are regrouped into SQuAD's nested object (articles by title, paragraphs by context) and go through the same
 parser as a SQuAD file, so every format gets the same checks and the same typed examples; the feature cache is keyed
-by the examples' content, so the same questions in any format share one cache entry. A row with no answers makes
-the data SQuAD v2.0 (an unanswerable question), as in `rajpurkar/squad_v2`.
+by the examples' content, so the same questions in any format share one cache entry. A row with empty answers makes
+the data SQuAD v2.0 (an unanswerable question), as in `rajpurkar/squad_v2` — unless no row has an answer: then, as
+for rows without an answers column, the questions are unlabelled (predicted, not scored).
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def _answers(row: Mapping[str, Any], col: str, where: str) -> tuple[list[str], l
 
 def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str, str]) -> dict:
     articles: dict[str, dict[str, list]] = {}
-    any_unanswerable = False
+    any_unanswerable = any_answered = False
     n = 0
     for n, row in enumerate(rows, 1):
         line = row.get("_line")
@@ -186,16 +187,25 @@ def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str,
         for c in ("context", "question"):
             if not isinstance(row[names[c]], str):
                 raise SquadFormatError(f"{where}: {names[c]!r} must be text, got {type(row[names[c]]).__name__}")
-        texts, starts = _answers(row, names["answers"], where)
-        qa: dict[str, Any] = {"id": str(row[names["id"]]), "question": row[names["question"]],
-                              "answers": [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]}
-        if not texts:
-            qa["is_impossible"] = True
-            any_unanswerable = True
+        qa: dict[str, Any] = {"id": str(row[names["id"]]), "question": row[names["question"]]}
+        if row.get(names["answers"]) is not None:  # no answers column: a question to predict, not to score
+            texts, starts = _answers(row, names["answers"], where)
+            qa["answers"] = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
+            any_answered = any_answered or bool(texts)
+            if not texts:
+                qa["is_impossible"] = True
+                any_unanswerable = True
         title = str(row.get(names["title"]) or "")
         articles.setdefault(title, {}).setdefault(row[names["context"]], []).append(qa)
     if n == 0:
         raise SquadFormatError(f"{source}: no rows")
+    if any_unanswerable and not any_answered:  # every answers list empty: questions without labels, as no column
+        for paras in articles.values():
+            for qas in paras.values():
+                for qa in qas:
+                    qa.pop("is_impossible", None)
+                    qa.pop("answers", None)
+        any_unanswerable = False
     data = [{"title": t, "paragraphs": [{"context": c, "qas": qas} for c, qas in paras.items()]}
             for t, paras in articles.items()]
     return {"version": "v2.0" if any_unanswerable else "1.1", "data": data}
