@@ -93,6 +93,18 @@ def test_saved_hugging_face_dataset_with_split(tmp_path, reference):
     same(load_squad(f"hf:{tmp_path / 'squad'}@validation"), reference)
     with pytest.raises(SquadFormatError, match="no split 'test'"):
         load_squad(f"hf:{tmp_path / 'squad'}@test")
+    # README's own form, DIR@SPLIT without hf:, said "no such file"
+    at = resolve_data_path(f"{tmp_path / 'squad'}@validation")
+    same(load_squad(at), reference)
+
+
+def test_a_split_of_a_single_split_dataset_is_checked(tmp_path, reference):
+    """hf:DIR@validation on a dataset saved without splits returned every row whatever the split named."""
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need the datasets extra")
+    datasets.Dataset.from_list(flat_rows(SAMPLE_DEV)).save_to_disk(str(tmp_path / "one"))
+    same(load_squad(f"hf:{tmp_path / 'one'}"), reference)
+    with pytest.raises(SquadFormatError, match="saved without splits: no split 'validation'"):
+        load_squad(f"hf:{tmp_path / 'one'}@validation")
 
 
 def test_v2_is_recognised_from_empty_answers(tmp_path):

@@ -27,7 +27,7 @@ def resolve_data_path(name: str | None, key: str = "data file") -> str:
     expanded = os.path.expandvars(os.path.expanduser(name))
     if "$" in expanded:
         raise ConfigError(f"data file {name!r}: an environment variable in it is not set (e.g. SQUAD_DIR)")
-    if Path(expanded).is_dir():
+    if Path(expanded).is_dir() or (not Path(expanded).exists() and formats.is_saved_dataset(expanded)):  # DIR@SPLIT
         if not formats.is_flat(expanded):
             raise ConfigError(f"data file {expanded}: a directory, but not a dataset saved with save_to_disk")
         return expanded

@@ -30,11 +30,15 @@ HF_PREFIX = "hf:"
 def is_flat(source: str | os.PathLike) -> bool:
     """A source this module reads (anything else is SQuAD JSON)."""
     s = str(source)
-    return s.startswith(HF_PREFIX) or s.lower().endswith(FLAT_SUFFIXES) or _is_saved_dataset(Path(s))
+    return s.startswith(HF_PREFIX) or s.lower().endswith(FLAT_SUFFIXES) or is_saved_dataset(s)
 
 
-def _is_saved_dataset(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+def is_saved_dataset(source: str) -> bool:
+    """A folder written by save_to_disk, named alone or as DIR@SPLIT."""
+    def saved(p: Path) -> bool:
+        return p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+    return saved(Path(source)) or ("@" in source and saved(Path(source.rpartition("@")[0])))
 
 
 def read_flat(source: str | os.PathLike, columns: Mapping[str, str] | None = None, split: str = "train") -> dict:
@@ -50,7 +54,7 @@ def read_flat(source: str | os.PathLike, columns: Mapping[str, str] | None = Non
 
 def _rows(source: str, split: str) -> Iterable[Mapping[str, Any]]:
     low = source.lower()
-    if source.startswith(HF_PREFIX) or _is_saved_dataset(Path(source)):
+    if source.startswith(HF_PREFIX) or is_saved_dataset(source):
         return _hf_rows(source, split)
     if low.endswith((".jsonl", ".jsonl.gz")):
         return _jsonl_rows(Path(source))
@@ -117,7 +121,8 @@ def _hf_rows(source: str, default_split: str) -> Iterable[Mapping[str, Any]]:
     except ImportError:
         raise SquadFormatError(f"{source}: Hugging Face datasets need the datasets extra: "
                                "pip install \"squad-ds[datasets]\"") from None
-    name, _, split = source.removeprefix(HF_PREFIX).partition("@")
+    name, _, split = source.removeprefix(HF_PREFIX).rpartition("@") if "@" in source else (source.removeprefix(
+        HF_PREFIX), "", "")
     try:
         if source.startswith(HF_PREFIX) and not Path(name).is_dir():
             ds = datasets.load_dataset(name, split=split or default_split)
@@ -129,6 +134,9 @@ def _hf_rows(source: str, default_split: str) -> Iterable[Mapping[str, Any]]:
                     raise SquadFormatError(f"{source}: no split {split!r} (it has {', '.join(ds)}); name one as "
                                            f"{name}@SPLIT")
                 ds = ds[split]
+            elif split and str(ds.split or "") != split:
+                raise SquadFormatError(f"{source}: a dataset saved without splits: no split {split!r} (name the "
+                                       f"folder alone, {name})")
     except SquadFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - the datasets library's errors differ by cause and release
