@@ -190,7 +190,7 @@ def to_squad(rows: Iterable[Mapping[str, Any]], source: str, names: Mapping[str,
         missing = [c for c in ("id", "context", "question") if row.get(names[c]) in (None, "")]
         if missing:
             raise SquadFormatError(f"{where}: no {', '.join(repr(names[c]) for c in missing)} (columns: "
-                                   f"{', '.join(k for k in row if k != '_line')}; map others with data.columns)")
+                                   f"{', '.join(str(k) for k in row if k != '_line')}; map others with data.columns)")
         where = f"{where} (id {row[names['id']]!r})"
         for c in ("context", "question"):
             if not isinstance(row[names[c]], str):

@@ -135,17 +135,29 @@ def _choose(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
 
 
 def marker(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    return json.loads((ckpt_dir / tag / MARKER).read_text(encoding="utf-8"))
+    """The tag's marker as written by save(); an unreadable or foreign one is a CheckpointError."""
+    path = ckpt_dir / tag / MARKER
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"its marker {path} is unreadable ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"its marker {path} is not a squad-ds marker (a JSON object expected)")
+    return doc
 
 
 def check(tag_dir: Path) -> str | None:
-    """What makes a complete tag unusable (a file missing, changed since it was saved, or not plain data), or
-    None. Tags saved before squad-ds recorded checksums are only checked for plain data."""
+    """What makes a complete tag unusable (a marker that cannot be read, a file missing, changed since it was saved,
+    or not plain data), or None. Tags saved before squad-ds recorded checksums are only checked for plain data."""
     try:
-        digests = json.loads((tag_dir / MARKER).read_text(encoding="utf-8")).get("sha256")
-    except (OSError, ValueError, AttributeError) as e:
-        return f"its marker {tag_dir / MARKER} is unreadable ({e})"
-    for name, digest in (digests or {}).items():
+        digests = marker(tag_dir.parent, tag_dir.name).get("sha256") or {}
+    except CheckpointError as e:
+        return str(e)
+    if not isinstance(digests, dict) or not all(
+            isinstance(name, str) and isinstance(digest, str) and name not in ("", ".", "..")
+            and Path(name).name == name for name, digest in digests.items()):
+        return f"its marker {tag_dir / MARKER} records checksums that are not file names of this directory"
+    for name, digest in digests.items():
         f = tag_dir / name
         if not f.is_file():
             return f"{f} is missing"

@@ -233,7 +233,10 @@ def locate(source: str | Path, step: int | None = None, best: bool = False) -> t
         if not recorded:
             raise CheckpointError(f"--best: {ckpt_dir / tag} records no best evaluation (the run had no evaluation "
                                   "during training); give --step")
-        tag = recorded["tag"]
+        tag = recorded.get("tag") if isinstance(recorded, dict) else None
+        if not isinstance(tag, str) or Path(tag).name != tag or not tag.startswith("step"):
+            raise CheckpointError(f"--best: the marker of {ckpt_dir} records its best evaluation in a form squad-ds "
+                                  "did not write; give --step")
         if not (ckpt_dir / tag / checkpoint.MARKER).is_file():
             raise FileNotFoundError(f"--best: the best evaluation's checkpoint {ckpt_dir / tag} was pruned (set "
                                     "train.keep_best: true to keep it)")
