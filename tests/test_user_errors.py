@@ -125,6 +125,30 @@ def test_train_errors_before_training(tmp_path, tiny, data, expected):
     assert not (tmp_path / "out" / "checkpoints").exists(), last
 
 
+def test_training_on_misaligned_answers_counts_right(tmp_path, tiny):
+    """Every answer off its context and data.max_train_examples set: the error said "0 questions gave no training
+    window (3 answers do not match their context)"."""
+    rows = tmp_path / "off.jsonl"
+    rows.write_text("".join(json.dumps({"id": str(i), "title": "T", "context": "The cat sat on the mat.",
+                                        "question": "Who sat?", "answers": {"text": ["dog"], "answer_start": [4]}})
+                            + "\n" for i in range(3)))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out",
+                          data={"train_file": str(rows), "max_train_examples": 2})
+    last = _one_line(_train(recipe), "train", "off.jsonl", "3 questions gave no training window",
+                     "3 answers do not match their context")
+    assert "0 questions" not in last
+
+
+def test_columns_for_a_squad_json_file_are_refused():
+    """data.columns renames flat files' columns; given for a SQuAD JSON file it was silently ignored."""
+    from squad_ds.data.squad import load_squad
+    from squad_ds.errors import SquadFormatError
+    from squad_ds.sample_data import SAMPLE_DEV
+
+    with pytest.raises(SquadFormatError, match="data.columns renames the columns of flat files"):
+        load_squad(SAMPLE_DEV, columns={"question": "query"})
+
+
 def test_predict_errors(tmp_path, tiny):
     import shutil
 

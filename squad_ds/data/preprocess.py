@@ -89,12 +89,13 @@ def load_features(path: str, tokenizer: Any, data: DataConfig, split: str,
     if not dataset.examples:
         what = "train on" if split == "train" else "predict"
         raise SquadFormatError(f"{path}: holds no questions: nothing to {what}")
+    questions = len(dataset.examples)  # of the file, for the message below
     if limit is not None:
         features, dataset = _first_examples(features, dataset, split, limit)
     if d.version and dataset.version != d.version:
         raise ConfigError(f"data.version={d.version} but {path} is SQuAD v{dataset.version}")
     if split == "train" and len(features) == 0:
-        raise ConfigError(f"data.train_file {path}: nothing to train on: {len(dataset.examples)} questions gave no "
+        raise ConfigError(f"data.train_file {path}: nothing to train on: {questions} questions gave no "
                           f"training window ({len(dataset.misaligned_ids)} answers do not match their context)")
     log_main("%s features: %s", split, json.dumps(info))
     return features, dataset

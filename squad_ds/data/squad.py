@@ -240,6 +240,9 @@ def load_squad(path: str | Path, labelled: bool = True, columns: Mapping[str, st
     of a dataset with several). `labelled=False` also reads questions without answers (see parse_squad)."""
     # Hundreds of thousands of small acyclic objects: the cyclic collector would rescan them over and over (most
     # of the parse time on train-v1.1: bench/RESULTS.md). Nothing here creates cycles.
+    if columns and not formats.is_flat(path):
+        raise SquadFormatError(f"{path}: data.columns renames the columns of flat files (JSON lines, CSV, Parquet, "
+                               "Hugging Face datasets); a SQuAD JSON file has fixed keys: remove data.columns")
     was_enabled = gc.isenabled()
     gc.disable()
     try:
