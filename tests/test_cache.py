@@ -65,6 +65,21 @@ def test_hit_returns_identical_features(data, tok, tmp_path):
     assert len(f1) > ds.__len__()  # the long context overflows into several windows
 
 
+def test_an_unwritable_cache_reports_no_cache_file(data, tok, tmp_path, monkeypatch):
+    """A read-only or full cache directory costs the cache, not the run; `preprocess` reported a cache_file that
+    did not exist."""
+    import errno
+
+    from squad_ds.data import cache
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache, "save", refuse)
+    features, _, info = build(data, tok, tmp_path / "c")
+    assert len(features) > 0 and info["cached"] is False and info["cache_file"] is None
+
+
 def test_misaligned_dropped_and_example_index_convention(data, tok, tmp_path):
     f, ds, info = build(data, tok, tmp_path / "c")
     assert ds.misaligned_ids == {"q3"} and info["examples"] == 3

@@ -44,6 +44,7 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
                            "split": split, **params, **cache.tokenizer_fingerprint(tokenizer)})
     path = cache.entry_path(cache_dir, key, prefix=split)
     hit = cache.load(path, key)
+    written = hit is not None
     if hit is not None:
         features = Features.from_arrays(hit[0])
     else:
@@ -52,13 +53,15 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
         try:
             cache.save(path, key, features.arrays(), {"data": os.fspath(data_path), "split": split,
                                                        "squad_version": dataset.version, **params})
+            written = True
         except OSError as e:  # a read-only or full cache directory costs the cache, not the run
             log.warning("feature cache not written (%s: %s): continuing without it", path.parent,
                         e.strerror or e)
     n_examples = len(dataset.examples) - (len(dataset.misaligned_ids) if split == "train" else 0)
     info: dict[str, Any] = {"examples": n_examples, "features": len(features), "in_span": None, "at_cls": None,
                             "seconds": round(time.perf_counter() - t0, 3), "cached": hit is not None,
-                            "cache_file": str(path), "key": key, "squad_version": dataset.version, "split": split}
+                            "cache_file": str(path) if written else None, "key": key,
+                            "squad_version": dataset.version, "split": split}
     if features.is_impossible is not None:
         info["at_cls"] = int(features.is_impossible.sum())
         info["in_span"] = len(features) - info["at_cls"]
