@@ -1,10 +1,10 @@
 """`squad-ds plot RUN_DIR`: the training loss over optimizer steps and the dev scores of the run's evaluations, as a
 PNG (written at the end of training too, when matplotlib is installed: the `plot` extra).
 
-Reads RUN_DIR/train_log.jsonl (one line per step; a resumed run appends, and the later line for a step wins),
-RUN_DIR/eval-STEP/eval_results.json (evaluations during the run) and RUN_DIR/eval_results.json (the final one, at the
-step given by RUN_DIR/effective_config.json's plan). What cannot be read (a line cut by a kill, a damaged file) is
-skipped and counted; the rest is drawn.
+Reads RUN_DIR/train_log.jsonl (one line per step: a resumed run cuts it back to its checkpoint first; a later line
+for a step wins), RUN_DIR/eval-STEP/eval_results.json (evaluations during the run) and RUN_DIR/eval_results.json (the
+final one, at the step given by RUN_DIR/effective_config.json's plan). What cannot be read (a line cut by a kill, a
+damaged file) is skipped and counted; the rest is drawn.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from squad_ds import distributed, plot
+from squad_ds import atomic, distributed, plot
 from squad_ds.config import Recipe, dump_recipe
 from squad_ds.data.batching import BatchLoader, epoch_order, trim_policy
 from squad_ds.data.features import Features
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     state = _resume(loop, found) if found else LoopState()
     if not found:
         distributed.on_main(lambda: (out / "train_log.jsonl").unlink(missing_ok=True))  # a log of this run only
+    else:  # steps logged after the checkpoint (then killed) are trained and logged again: one line per step
+        distributed.on_main(lambda: _cut_log(out / "train_log.jsonl", engine.global_steps))
 
     with sdpa_preference(recipe.model.sdpa_backend):
         if cuda or recipe.model.sdpa_backend != "auto":
@@ -368,6 +370,21 @@ def _check_finite(per_micro: list[float], first_step: int, accumulation: int) ->
         raise TrainingDiverged(f"the training loss is {per_micro[bad]} at step {step}: stopping before "
                                "anything more is saved (the checkpoints already complete are kept). Lower train.lr "
                                "or check the starting weights and the data, then resume from the last checkpoint")
+
+
+def _cut_log(log_file: Path, step: int) -> None:
+    """Keep train_log.jsonl's lines up to `step` (the resumed checkpoint's); drop later ones and unreadable ones
+    (a line half-written when the run was killed)."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic.write_text(log_file, "".join(line + "\n" for line in kept))
 
 
 def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:

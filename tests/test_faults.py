@@ -38,6 +38,20 @@ def _copy_run(finished, tmp_path, model):
     return recipe, out / "checkpoints"
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path, model, finished):
+    """Killed after step 6 was logged but before its checkpoint (the newest left: step 4), the resumed run logged
+    steps 5 and 6 again: train_log.jsonl held them twice. Now the log is cut back to the checkpoint's step on resume
+    (a line half-written by the kill goes too), and ends as the uninterrupted run's, one line per step."""
+    recipe, ckpts = _copy_run(finished, tmp_path, model)
+    shutil.rmtree(ckpts / "step00000006")
+    with open(tmp_path / "out" / "train_log.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 7, "lo')  # the kill's half line
+    run_train(recipe, "--resume", "auto")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "out") == finished[1]
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
