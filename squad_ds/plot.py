@@ -56,7 +56,9 @@ def read_evals(run_dir: Path, skipped: list[str] | None = None) -> dict[int, dic
     if final.is_file():
         config, doc = _read_json(run_dir / "effective_config.json"), _read_json(final)
         try:
-            evals[int(config["plan"]["total_steps"])] = dict(doc)  # type: ignore[index, arg-type]
+            at = doc["global_step"] if isinstance(doc, dict) and "global_step" in doc else config["plan"][
+                "total_steps"]  # an early-stopped run's result says its step
+            evals[int(at)] = dict(doc)  # type: ignore[index, arg-type, arg-type]
         except (TypeError, KeyError, ValueError):
             _skip(skipped, "eval_results.json (or the plan in effective_config.json)")
     return dict(sorted(evals.items()))

@@ -237,13 +237,15 @@ def _resume(loop: Loop, found: tuple[Path, str]) -> LoopState:
     if best and not (loop.ckpt_dir / best["tag"] / checkpoint.MARKER).is_file():
         best = None  # saved before keep_best was on, and pruned since: the best is sought afresh
     return LoopState(epoch=client["epoch"], position=client["position"], best=best,
-                     since_best=client.get("since_best", 0))
+                     since_best=client.get("since_best", 0), stopped_early=bool(client.get("stopped_early")),
+                     metrics=client.get("metrics"))
 
 
 def _client_state(loop: Loop, state: LoopState) -> dict:
     epoch, position = state.resume_point()
     return {"epoch": epoch, "position": position, "seed": loop.recipe.train.seed, "recipe": loop.recipe.to_dict(),
-            "layout": loop.layout, "best": state.best, "since_best": state.since_best}
+            "layout": loop.layout, "best": state.best, "since_best": state.since_best,
+            "stopped_early": state.stopped_early, "metrics": state.metrics if state.stopped_early else None}
 
 
 def _log_changes(changes: list[str]) -> None:
@@ -299,7 +301,7 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
     log_file = loop.out / "train_log.jsonl"
     t0 = time.perf_counter()
     try:
-        while engine.global_steps < plan.total_steps:
+        while engine.global_steps < plan.total_steps and not state.stopped_early:
             step = optimizer_step(loop, batches, state, rates)
             bar.update(1)
             last = step >= plan.total_steps
@@ -310,6 +312,7 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
             if evaluated:
                 state.track(step, _evaluate(loop, trim, loop.out / f"eval-{step}"), tr.metric_for_best)
             early = bool(evaluated and tr.early_stopping_patience and state.since_best >= tr.early_stopping_patience)
+            state.stopped_early = early  # recorded by the checkpoint below: a resumed run does not train on
             stop = preemption.agreed(step, tr.log_steps)
             if (stop or last or early or (tr.save_steps and step % tr.save_steps == 0)
                     or (evaluated and loop.recipe.tracks_best)):
@@ -325,7 +328,6 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
             if early:
                 log_main("early stopping at step %d: %d evaluations without a better %s than %.4f (step %d)", step,
                          state.since_best, tr.metric_for_best, state.best["value"], state.best["step"])
-                state.stopped_early = True
                 break
     finally:
         bar.close()  # its last line before any error's, not after it
@@ -335,6 +337,9 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
     log_main("trained %d steps in %.1f s", engine.global_steps, time.perf_counter() - t0)
     if loop.eval_features is not None and not state.stopped_early:
         state.track(engine.global_steps, _evaluate(loop, trim, loop.out), tr.metric_for_best)
+    elif state.stopped_early and state.metrics and distributed.is_main():  # the run's result: its last evaluation
+        atomic.write_json(loop.out / "eval_results.json",
+                          {**state.metrics, "global_step": engine.global_steps, "stopped_early": True})
     return state
 
 

@@ -126,6 +126,15 @@ def test_early_stopping_after_patience_evaluations(tmp_path, model):
     assert final["stopped_early"] is True and final["global_step"] == 4  # 30 at step 2; 20, 15: two without better
     assert final["best"]["step"] == 2 and final["f1"] == 15.0
     assert "step00000002" in checkpoint.complete_tags(tmp_path / "out" / "checkpoints")
+    # the run directory's eval_results.json is the last evaluation's (it had none), at the step it stopped
+    top = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert top["f1"] == 15.0 and top["global_step"] == 4 and top["stopped_early"] is True
+    # the same command again (as after a kill during the export that follows): the run is over, it does not train
+    # on (it added steps each time: the checkpoint did not record the stop)
+    again = scripted_run(recipe, [10.0, 30.0, 20.0, 15.0, 40.0])
+    assert again["stopped_early"] is True and again["global_step"] == 4 and again["f1"] == 15.0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("overrides, message", [
