@@ -45,6 +45,7 @@ from squad_ds.modeling.sdpa import sdpa_preference
 from squad_ds.training import checkpoint, export, resume, run_dir
 from squad_ds.training.assemble import build_run, resolve_run
 from squad_ds.training.ds_config import TrainPlan
+from squad_ds.training.engine import scheduler_rate
 from squad_ds.training.flops import batch_flops, detect_peak_tflops
 from squad_ds.training.inference import evaluate
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(r.ds_config, indent=2))
 
     loop = Loop(engine, recipe, r.plan, r.train_features, r.family, device, out, r.eval_features, r.eval_set,
-                resume.layout(r.plan, len(r.train_features)))
+                resume.layout(r.plan, len(r.train_features)), resume.deepspeed_settings(r.ds_config))
     found = checkpoint.find_resume(resume_from, loop.ckpt_dir)
     state = _resume(loop, found) if found else LoopState()
     if not found:
@@ -181,6 +182,7 @@ class Loop:
     eval_features: Features | None = None
     eval_set: SquadDataset | None = None
     layout: dict = field(default_factory=dict)  # the data layout a checkpoint records (resume.layout)
+    deepspeed: dict = field(default_factory=dict)  # the DeepSpeed settings it records (resume.deepspeed_settings)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -227,12 +229,16 @@ def _resume(loop: Loop, found: tuple[Path, str]) -> LoopState:
     where = found[0] / found[1]
     recipe = loop.recipe.to_dict()
     marker = checkpoint.marker(*found)
+    saved_ds = marker.get("deepspeed")
     if "recipe" in marker:  # checked before DeepSpeed loads anything (another world size would fail there)
-        _log_changes(resume.check(marker["recipe"], marker["layout"], recipe, loop.layout, where))
+        _log_changes(resume.check(marker["recipe"], marker["layout"], recipe, loop.layout, where, saved_ds,
+                                  loop.deepspeed))
     client = checkpoint.load(loop.engine, *found)
     if "recipe" not in marker:  # saved by a squad-ds that kept the settings in the client state only
         saved = {"world_size": marker.get("world_size"), **client.get("layout", {})}
         _log_changes(resume.check(client.get("recipe"), saved, recipe, loop.layout, where))
+    if resume.replanned(saved_ds, loop.deepspeed):
+        _log_replanned(saved_ds["scheduler"], loop.deepspeed["scheduler"], marker.get("step", 0))
     best = client.get("best")
     if best and not (loop.ckpt_dir / best["tag"] / checkpoint.MARKER).is_file():
         best = None  # saved before keep_best was on, and pruned since: the best is sought afresh
@@ -244,8 +250,19 @@ def _resume(loop: Loop, found: tuple[Path, str]) -> LoopState:
 def _client_state(loop: Loop, state: LoopState) -> dict:
     epoch, position = state.resume_point()
     return {"epoch": epoch, "position": position, "seed": loop.recipe.train.seed, "recipe": loop.recipe.to_dict(),
-            "layout": loop.layout, "best": state.best, "since_best": state.since_best,
+            "layout": loop.layout, "deepspeed": loop.deepspeed, "best": state.best, "since_best": state.since_best,
             "stopped_early": state.stopped_early, "metrics": state.metrics if state.stopped_early else None}
+
+
+def _log_replanned(saved: dict, now: dict, step: int) -> None:
+    """Say what a changed train.max_steps / train.epochs does to the learning rate of a resumed run."""
+    a, b = saved["params"], now["params"]
+    log_main(
+        "the learning-rate schedule is re-planned (train.max_steps or train.epochs changed): %s total steps "
+        "(saved plan: %s), warmup %s (saved plan: %s): step %d trains at lr %.3e where the saved plan had %.3e. "
+        "To keep the saved schedule, resume with the settings it was saved with",
+        b.get("total_num_steps", "unbounded"), a.get("total_num_steps", "unbounded"), b["warmup_num_steps"],
+        a["warmup_num_steps"], step + 1, scheduler_rate(now, step), scheduler_rate(saved, step))
 
 
 def _log_changes(changes: list[str]) -> None:

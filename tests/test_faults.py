@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -219,7 +220,35 @@ def test_resume_refuses_settings_that_change_the_data_order(tmp_path, model, fin
     proc = run_train(longer, "--resume", "auto")
     assert "resuming with changed settings: " in proc.stderr
     assert "train.max_steps: 6 → 8" in proc.stderr and "train.save_steps: 2 → 3" in proc.stderr
+    # What a longer run does to the learning rate is said, not only the key (issue 23: "max_steps: 60 → 200"): step
+    # 5 trains at lr 1e-3 × (8 - 4) / (8 - 2) instead of × (6 - 4) / (6 - 2) (DeepSpeed warms up over 2 steps at
+    # least), as the step log shows it.
+    assert ("the learning-rate schedule is re-planned (train.max_steps or train.epochs changed): 8 total steps "
+            "(saved plan: 6), warmup 1 (saved plan: 1): step 5 trains at lr 6.667e-04 where the saved plan had "
+            "5.000e-04") in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"step 6/8 \| loss [0-9.]+ \| lr 5\.000e-04", proc.stderr)  # the saved plan's: 2.5e-04
     assert final_json(proc)["global_step"] == 8
+
+
+@pytest.mark.parametrize("flags, ds_config, change", [
+    (("--ds-set", "optimizer.params.betas=[0.8, 0.99]"), "cpu_fp32",
+     "deepspeed.optimizer.params.betas: saved [0.9, 0.999], now [0.8, 0.99]"),
+    (("--ds-set", "scheduler.params.warmup_type=log"), "cpu_fp32",
+     "deepspeed.scheduler.params.warmup_type: saved 'linear', now 'log'"),
+    (("--ds-set", "gradient_clipping=0.5"), "cpu_fp32", "deepspeed.gradient_clipping: saved 1.0, now 0.5"),
+    ((), "cpu_fp32_zero1", "deepspeed.zero_optimization.stage: saved 0, now 1"),
+], ids=["betas", "warmup-type", "clipping", "zero-stage"])
+def test_resume_refuses_deepspeed_settings_that_change_the_optimizer_state_or_step(tmp_path, model, finished,
+                                                                                   flags, ds_config, change):
+    """The DeepSpeed JSON's optimizer, scheduler, clipping and ZeRO stage were not compared on resume: other betas or
+    another warmup were taken in silence, and a ZeRO-0 run resumed at ZeRO-1 failed with "[Errno 2] No such file
+    ...optim_states.pt". Each is refused before DeepSpeed loads anything, naming the change."""
+    recipe, ckpts = _copy_run(finished, tmp_path, model)
+    proc = run_train(recipe, "--resume", "auto", *flags, ds_config=ds_config, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = _last_error(proc)
+    assert "cannot resume" in err and change in err, err
+    assert "Errno" not in proc.stderr
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, model, finished):

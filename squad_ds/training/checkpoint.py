@@ -74,6 +74,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
         atomic.write_json(ckpt_dir / tag / MARKER, {"step": step, "world_size": distributed.world_size(),
                                                      "recipe": client_state.get("recipe"),
                                                      "layout": client_state.get("layout", {}),
+                                                     "deepspeed": client_state.get("deepspeed"),
                                                      "best": client_state.get("best"),
                                                      "sha256": file_digests(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last, keep)

@@ -110,3 +110,16 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
         # for no effect, at a measurable cost per step on CPU (bench/RESULTS.md, "Loop overhead").
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def scheduler_rate(scheduler: dict[str, Any] | None, step: int) -> float | None:
+    """The learning rate that DeepSpeed's scheduler, as a resolved config's "scheduler" section describes it, gives
+    after `step` optimizer steps (its own class computes it: the same numbers as in training)."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    if not scheduler:
+        return None
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    sched = getattr(lr_schedules, scheduler["type"])(opt, **scheduler.get("params", {}), last_batch_iteration=step)
+    return float(sched.get_lr()[0])
