@@ -42,7 +42,7 @@ from squad_ds.modeling import unpadded
 from squad_ds.modeling.heads import forward_keys, model_inputs
 from squad_ds.modeling.sdpa import current_order as current_sdpa_order
 from squad_ds.modeling.sdpa import sdpa_preference
-from squad_ds.training import checkpoint, export, resume, run_dir
+from squad_ds.training import checkpoint, export, resume, run_dir, run_logs
 from squad_ds.training.assemble import build_run, resolve_run
 from squad_ds.training.ds_config import TrainPlan
 from squad_ds.training.engine import scheduler_rate
@@ -116,12 +116,14 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         distributed.on_main(lambda: (out / "train_log.jsonl").unlink(missing_ok=True))  # a log of this run only
     else:  # steps logged after the checkpoint (then killed) are trained and logged again: one line per step
-        distributed.on_main(lambda: _cut_log(out / "train_log.jsonl", engine.global_steps))
+        distributed.on_main(lambda: run_logs.cut_train_log(out / "train_log.jsonl", engine.global_steps))
+        _tidy_monitor(engine, upto=engine.global_samples)
 
     with sdpa_preference(recipe.model.sdpa_backend):
         if cuda or recipe.model.sdpa_backend != "auto":
             log_main("SDPA backends in the order torch tries them: %s", ", ".join(current_sdpa_order()))
         train_loop(loop, state, preemption)
+    _tidy_monitor(engine)
     if state.preempted:
         return EXIT_REQUEUE
     exported = _export(loop, state, found, r.tokenizer)
@@ -138,6 +140,17 @@ def run(args: argparse.Namespace) -> int:
             final["exported"] = exported
         emit_result(final)
     return 0
+
+
+def _tidy_monitor(engine, upto: int | None = None) -> None:
+    """DeepSpeed's CSV monitor files (report_to: csv) as one series each: cut back to `upto` samples on resume,
+    its first column named "samples" (run_logs.tidy_monitor_dir)."""
+    csv_monitor = getattr(engine.monitor, "csv_monitor", None)  # rank 0's only
+    if csv_monitor is None or not csv_monitor.log_dir:
+        return
+    stems = run_logs.tidy_monitor_dir(Path(csv_monitor.log_dir), upto)
+    # DeepSpeed writes a file's header the first time its process writes to it; these have theirs.
+    csv_monitor.filenames.extend(s for s in stems if s not in csv_monitor.filenames)
 
 
 def _plot(out: Path) -> None:
@@ -392,21 +405,6 @@ def _check_finite(per_micro: list[float], first_step: int, accumulation: int) ->
         raise TrainingDiverged(f"the training loss is {per_micro[bad]} at step {step}: stopping before "
                                "anything more is saved (the checkpoints already complete are kept). Lower train.lr "
                                "or check the starting weights and the data, then resume from the last checkpoint")
-
-
-def _cut_log(log_file: Path, step: int) -> None:
-    """Keep train_log.jsonl's lines up to `step` (the resumed checkpoint's); drop later ones and unreadable ones
-    (a line half-written when the run was killed)."""
-    if not log_file.is_file():
-        return
-    kept = []
-    for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic.write_text(log_file, "".join(line + "\n" for line in kept))
 
 
 def _log_losses(pending, step, plan, engine, rates, log_file, bar) -> None:

@@ -613,3 +613,33 @@ def test_a_rank_killed_mid_training_stops_the_other(tmp_path, model):
             p.kill()
     assert procs[1].returncode == -9
     assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
+
+
+def test_csv_monitor_files_are_one_clean_series_after_a_resume(tmp_path, model):
+    """`report_to: [csv]` killed and resumed: each monitor CSV got a second header mid-file and the rows logged after
+    the checkpoint twice, under a first column named "step" that holds samples. Now a resumed run's files equal the
+    uninterrupted run's (the throughput files aside: timings), one header, first, its first column "samples"."""
+    def run(out, *flags):
+        recipe = write_recipe(tmp_path / f"{out.name}.yaml", model, out, data={"max_eval_examples": 4},
+                              train={"max_steps": 6, "save_steps": 2, "keep_last": 3, "eval_steps": 2,
+                                     "report_to": ["csv"]})
+        return run_train(recipe, *flags)
+
+    def series(out):
+        files = sorted((out / "monitor").rglob("*.csv"))
+        return {p.name: p.read_text() for p in files if "_per_s" not in p.name and "tflop" not in p.name.lower()}
+
+    whole = tmp_path / "whole"
+    run(whole)
+    killed = tmp_path / "killed"
+    run(killed)
+    shutil.rmtree(killed / "checkpoints" / "step00000006")  # killed after logging step 6, before its checkpoint
+    run(killed, "--resume", "auto")
+    expected = series(whole)
+    assert {"Train_Samples_train_loss.csv", "Train_Samples_lr.csv", "Eval_f1.csv"} <= set(expected), expected
+    assert series(killed) == expected
+    loss = expected["Train_Samples_train_loss.csv"].splitlines()
+    assert loss[0] == "samples,train_loss" and len(loss) == 7 and loss[1].startswith("4,")  # global batch 4
+    for p in (killed / "monitor").rglob("*.csv"):
+        text = p.read_text()
+        assert text.startswith("samples,") and text.count("samples,") == 1, (p, text)

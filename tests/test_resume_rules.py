@@ -70,3 +70,20 @@ def test_scheduler_rate_is_deepspeeds_own():
     assert scheduler_rate({"type": "WarmupLR", "params": {"warmup_num_steps": 6, "warmup_max_lr": 1e-3,
                                                           "warmup_type": "linear"}}, 100) == pytest.approx(1e-3)
     assert scheduler_rate(None, 5) is None
+
+
+def test_a_monitor_csv_is_cut_back_to_the_resumed_samples_with_one_header(tmp_path):
+    from squad_ds.training.run_logs import tidy_monitor_dir
+
+    d = tmp_path / "monitor"
+    d.mkdir()
+    (d / "Train_Samples_lr.csv").write_text("step,lr\n4,0.1\n8,0.2\n12,0.3\nstep,lr\n12,0.3\n16,0.4\n20,0.")
+    (d / "mine.csv").write_text("name,score\nx,1\n")  # not a monitor file: left as it is
+    (d / "Eval_f1.csv").write_bytes(b"\xff\xfe")
+    assert tidy_monitor_dir(d, upto=8) == ["Train_Samples_lr"]
+    assert (d / "Train_Samples_lr.csv").read_text() == "samples,lr\n4,0.1\n8,0.2\n"
+    assert (d / "mine.csv").read_text() == "name,score\nx,1\n"
+    assert (d / "Eval_f1.csv").read_bytes() == b"\xff\xfe"
+    (d / "Train_Samples_lr.csv").write_text("samples,lr\n4,0.1\n8,0.2\nstep,lr\n12,0.3\n")
+    tidy_monitor_dir(d)
+    assert (d / "Train_Samples_lr.csv").read_text() == "samples,lr\n4,0.1\n8,0.2\n12,0.3\n"
