@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
+import time
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from squad_ds.errors import RendezvousError
+from squad_ds.errors import RankLost, RendezvousError
 
 T = TypeVar("T")
 
@@ -56,18 +58,61 @@ def init(cuda: bool, timeout_s: float = 1800.0, rendezvous_timeout_s: float = 60
         # torch has no public way to change a group's timeout once it exists: join with the rendezvous bound,
         # then give the group its collective timeout (private API; without it both are timeout_s).
         settable = hasattr(dist.distributed_c10d, "_set_pg_timeout")
-        try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=rendezvous_timeout_s) if settable
-                                    else collective)
-        except (RuntimeError, dist.DistError) as e:
-            raise RendezvousError(
+        start = time.monotonic()
+        deadline = start + rendezvous_timeout_s
+
+        def late(reason: str) -> RendezvousError:
+            return RendezvousError(
                 f"rank {rank()} of {world_size()}: the other ranks did not all join at {os.environ['MASTER_ADDR']}:"
                 f"{os.environ['MASTER_PORT']} within distributed.rendezvous_timeout_s={rendezvous_timeout_s:g} s "
-                f"(did one fail to start? see its log) [{str(e).strip().splitlines()[0][:200]}]") from None
+                f"(waited {time.monotonic() - start:.0f} s; did one fail to start? see its log) [{reason}]")
+
+        # c10d's own connect retries back off up to a minute between tries and overshoot the bound by as much:
+        # the other ranks wait for rank 0's store here, trying each second, and join with what is left.
+        if rank() != 0 and not _wait_for_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), deadline):
+            raise late("nothing listens there: rank 0 has not started its store")
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=left) if settable else collective)
+        except (RuntimeError, dist.DistError) as e:
+            raise late(str(e).strip().splitlines()[0][:200]) from None
         if settable:
             dist.distributed_c10d._set_pg_timeout(collective)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=collective)
+
+
+def _wait_for_port(addr: str, port: int, deadline: float) -> bool:
+    """Whether something accepts connections at addr:port before `deadline` (time.monotonic), trying each second."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(5.0, left))):
+                return True
+        except OSError:
+            if left <= 0:
+                return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+# What gloo and NCCL say when a collective fails because another rank is gone (killed, its host down or cut off).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
+              "NCCL communicator was aborted", "gloo/transport")
+
+
+def lost_rank_as_error(fn: Callable[[], T]) -> T:
+    """Run `fn`; a collective that fails because another rank is gone ends this rank with one line (RankLost)
+    instead of gloo's or NCCL's traceback. Alone, or for any other error, the exception goes on as it is."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        text = str(e).strip()
+        if world_size() <= 1 or not (isinstance(e, dist.DistError) or any(s in text for s in _PEER_GONE)):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+        raise RankLost(f"rank {rank()} of {world_size()}: another rank stopped answering in a collective "
+                       f"({first[:200]}): its log says why; the run continues from its last complete checkpoint "
+                       "with --resume auto once every rank can run") from None
 
 
 def rank() -> int:

@@ -51,6 +51,10 @@ class RendezvousError(Exception):
     """The ranks of a run did not all join its process group in time."""
 
 
+class RankLost(Exception):
+    """Another rank of the run stopped answering mid-run (killed, its host down or cut off): a collective failed."""
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite: nothing after it is saved."""
 
@@ -60,7 +64,8 @@ class DiskError(Exception):
 
 
 USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, PredictionsFormatError, MissingPredictionsError,
-               FileNotFoundError, CheckpointError, DiskError, RendezvousError, TrainingDiverged)
+               FileNotFoundError, CheckpointError, DiskError, RendezvousError, RankLost,
+               TrainingDiverged)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}
 

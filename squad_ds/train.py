@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_parsed(args: argparse.Namespace) -> int:
-    return run_main("squad-ds train", lambda: run(args))
+    return run_main("squad-ds train", lambda: distributed.lost_rank_as_error(lambda: run(args)))
 
 
 if __name__ == "__main__":
