@@ -90,6 +90,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from squad_ds.ask import ask_command
+
+    return ask_command(args.model, question=args.question, context=args.context, context_file=args.context_file,
+                       input_path=args.input, top_k=args.top_k, version=args.squad_version, recipe=args.recipe,
+                       overrides=args.overrides, emit=emit_result)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from squad_ds.plot import plot_command
 
@@ -160,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", action="store_true", help="also write model.onnx (BERT family; the onnx extra)")
     ex.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload it to this Hub repository")
     ex.set_defaults(func=_cmd_export)
+
+    ak = sub.add_parser("ask", help="answer questions about a text with a trained model (one JSON line each)")
+    ak.add_argument("--model", required=True, help="model directory: an export, or any local QA checkpoint")
+    ak.add_argument("--question", default=None, help="the question (with --context or --context-file)")
+    ak.add_argument("--context", default=None, help="the text to find the answer in")
+    ak.add_argument("--context-file", default=None, metavar="FILE", help="the text, from a UTF-8 file")
+    ak.add_argument("--input", default=None, metavar="JSONL",
+                    help="many questions: JSON lines of {\"question\", \"context\"[, \"id\"]} (- for stdin)")
+    ak.add_argument("--top-k", type=int, default=1, help="answers per question, best first (default 1)")
+    ak.add_argument("--squad-version", choices=["1.1", "2.0"], default=None,
+                    help="2.0: the model may abstain (default: the model's recipe or scores, else 1.1)")
+    add_recipe_arguments(ak, recipe_help="recipe for the windows and post-processing (default: the one the model "
+                         "was exported with, else the embedded demo's)")
+    ak.set_defaults(func=_cmd_ask)
 
     pl = sub.add_parser("plot", help="PNG of a run's training loss and dev scores over steps (the plot extra)")
     pl.add_argument("run_dir", help="the run's output.dir")

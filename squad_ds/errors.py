@@ -43,6 +43,10 @@ class MissingPredictionsError(ValueError):
                          "pass allow_missing (--allow-missing) to score only the predicted ids")
 
 
+class QuestionError(ValueError):
+    """A question or context that cannot be answered as given (not text, empty, longer than allowed)."""
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be used as it is: damaged, unsafe, or from a run that differs in what it means."""
 
@@ -63,8 +67,8 @@ class DiskError(Exception):
     """Nothing more can be written where the run writes: a full, over-quota or read-only file system."""
 
 
-USER_ERRORS = (ConfigError, SquadFormatError, ModelLoadError, PredictionsFormatError, MissingPredictionsError,
-               FileNotFoundError, CheckpointError, DiskError, RendezvousError, RankLost,
+USER_ERRORS = (ConfigError, QuestionError, SquadFormatError, ModelLoadError, PredictionsFormatError,
+               MissingPredictionsError, FileNotFoundError, CheckpointError, DiskError, RendezvousError, RankLost,
                TrainingDiverged)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}

@@ -29,9 +29,11 @@ def log_main(msg: str, *args) -> None:
         _log.info(msg, *args)
 
 
-def progress(total: int, initial: int = 0, desc: str = "train"):
-    """A tqdm bar on rank 0 (a no-op bar elsewhere); sparse updates when not writing to a terminal."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not distributed.is_main(), dynamic_ncols=True,
+def progress(total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+    """A tqdm bar on rank 0 (a no-op bar elsewhere, or when not `enabled`); sparse updates when not writing to a
+    terminal."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and distributed.is_main()),
+                dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, leave=True)
 
 

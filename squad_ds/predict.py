@@ -12,18 +12,17 @@ if __name__ == "__main__":  # `python -m squad_ds.predict` and the launchers
     _ARGS = _parser().parse_args()  # --help and a mistyped option answer before torch is imported
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from squad_ds import distributed
-from squad_ds.config import apply_overrides, load_recipe, recipe_from_dict
+from squad_ds.config import recipe_for_model
 from squad_ds.data.batching import trim_policy
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
-from squad_ds.errors import ConfigError, emit_result, run_main
+from squad_ds.errors import emit_result, run_main
 from squad_ds.logs import setup_logging
 from squad_ds.options import predict_parser
 from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
@@ -33,22 +32,8 @@ from squad_ds.training.engine import prepare_model
 from squad_ds.training.inference import evaluate
 
 
-def _recipe_for(model_dir: str, recipe_name: str | None, overrides: list[str]):
-    if recipe_name:
-        return load_recipe(recipe_name, overrides)
-    saved = Path(model_dir) / "squad_ds.json"
-    if saved.is_file():
-        try:
-            raw = json.loads(saved.read_text(encoding="utf-8"))["recipe"]
-        except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, or no recipe in it
-            raise ConfigError(f"{saved}: not a squad-ds model record with its recipe ({type(e).__name__}: {e}); "
-                              "give --recipe, or remove the file to predict with default settings") from None
-        return recipe_from_dict(apply_overrides(raw, overrides), str(saved))
-    return load_recipe(None, overrides)
-
-
 def run(args: argparse.Namespace) -> int:
-    recipe = _recipe_for(args.model, args.recipe, args.overrides)
+    recipe = recipe_for_model(args.model, args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()

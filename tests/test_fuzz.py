@@ -192,3 +192,17 @@ def test_checkpoint_marker(body):
     assert problem is None or isinstance(problem, str)
     works_or_user_error(lambda: checkpoint.find_resume("auto", ckpt))
     works_or_user_error(lambda: export.locate(str(ckpt.parent), best=True))
+
+
+@FUZZ
+@given(lines=st.lists(st.fixed_dictionaries({}, optional={"question": json_values | st.text(max_size=20),
+                                                          "context": json_values | st.text(max_size=40),
+                                                          "id": json_values}) | json_values, max_size=5),
+       tail=st.binary(max_size=20))
+def test_ask_input_lines(lines, tail):
+    """`squad-ds ask --input`: every row either reads as a question with its context or is a one-line error."""
+    from squad_ds.ask import read_rows
+
+    path = _workdir() / "in.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in lines).encode() + tail)
+    works_or_user_error(lambda: list(read_rows(str(path))))

@@ -144,6 +144,11 @@ def _placeholder() -> dict:
     return {"text": "empty", "probability": 1.0, "start_logit": 0.0, "end_logit": 0.0, "offsets": [0, 0]}
 
 
+def is_placeholder(entry: dict) -> bool:
+    """Whether an n-best entry is HF's placeholder for "no valid span" rather than a span of the context."""
+    return entry == _placeholder()
+
+
 def _nbest(examples: Sequence[Any], c: _Candidates, n_best_size: int,
            null: tuple[np.ndarray, np.ndarray] | None) -> dict[str, list[dict]]:
     """Format the n-best lists with softmax probabilities, the null answer included when given.

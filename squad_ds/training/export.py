@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from squad_ds import atomic, distributed
+from squad_ds.config import MODEL_RECORD
 from squad_ds.errors import CheckpointError, ConfigError, ModelLoadError, disk_error
 from squad_ds.logs import log_main
 from squad_ds.training import checkpoint
@@ -118,7 +119,7 @@ The full recipe is in `squad_ds.json` (`squad-ds predict DATA --model PATH` read
 """
 
 
-RECORD = "squad_ds.json"  # in every model directory squad-ds writes, first: the proof that it wrote it
+RECORD = MODEL_RECORD  # in every model directory squad-ds writes, first: the proof that it wrote it
 
 
 def is_model_dir(path: Path) -> bool:

@@ -42,7 +42,7 @@ def _untrim(family: str, outputs: dict[str, torch.Tensor], full: int, offset: in
 
 @torch.no_grad()
 def predict_arrays(model, features, family: str, batch_size: int, device: torch.device,
-                   trim: TrimPolicy = TrimPolicy()) -> dict[str, np.ndarray]:
+                   trim: TrimPolicy = TrimPolicy(), show_progress: bool = True) -> dict[str, np.ndarray]:
     """Model outputs for all features, in feature order, on every rank.
 
     Each rank takes its contiguous slice, runs it longest-first so batches hold similar lengths, trims or packs
@@ -58,7 +58,7 @@ def predict_arrays(model, features, family: str, batch_size: int, device: torch.
     was_training = model.training
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
-    bar = progress(n_batches, desc="eval")
+    bar = progress(n_batches, desc="eval", enabled=show_progress)
     for b in range(n_batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         dummy = len(idx) == 0  # this rank's slice is used up; still join the collective forward

@@ -1,0 +1,201 @@
+"""Asking a model (squad_ds/ask.py): the Python API and `squad-ds ask` answer as `squad-ds predict` does for the same
+questions in a SQuAD file, for every model family the suite trains; bad input is one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from trainer_util import REPO, env, make_tiny_model
+
+from squad_ds.ask import MAX_CONTEXT_CHARS, QuestionAnswerer, ask_command
+from squad_ds.data.files import resolve_data_path
+from squad_ds.data.squad import read_json
+from squad_ds.errors import ConfigError, QuestionError
+
+# Short windows: a SQuAD context spans several of them, so answers are chosen across windows as in evaluation.
+WINDOWS = ["data.max_seq_length=64", "data.doc_stride=32", "data.max_query_length=16"]
+
+
+def _subset(tmp_path, sample: str, n: int, name: str):
+    """The first n questions of a shipped sample as a SQuAD file, and their (id, question, context)."""
+    raw = read_json(resolve_data_path(sample))
+    qas, rows = [], []
+    for article in raw["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                if len(rows) < n:
+                    qas.append((article["title"], para["context"], qa))
+                    rows.append((qa["id"], qa["question"], para["context"]))
+    data = [{"title": t, "paragraphs": [{"context": c, "qas": [qa]}]} for t, c, qa in qas]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"version": raw.get("version", "1.1"), "data": data}))
+    return path, rows
+
+
+def _predict(tmp_path, model, data, name, extra=()):
+    out = tmp_path / f"pred-{name}"
+    cmd = [sys.executable, "-m", "squad_ds.cli", "predict", str(data), "--model", str(model), "--out-dir", str(out)]
+    for s in (*WINDOWS, *extra):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    odds = out / "null_odds.json"
+    return json.loads((out / "predictions.json").read_text()), json.loads(odds.read_text()) if odds.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("bert") / "model")
+
+
+@pytest.fixture(scope="module")
+def qa(bert):
+    return QuestionAnswerer(bert, overrides=WINDOWS)
+
+
+def test_one_dev_question_is_answered_as_predict_answers_it(tmp_path, bert, qa):
+    """The API's answer for a dev question equals `squad-ds predict` on a one-question SQuAD file, and the CLI's
+    equals both (its stdout: one JSON document)."""
+    data, [(qid, question, context)] = _subset(tmp_path, "sample:dev", 1, "one")
+    predicted, _ = _predict(tmp_path, bert, data, "one")
+    answer = qa(question, context)
+    assert answer.text == predicted[qid] and answer.abstained is None
+    assert context[answer.start:answer.end] == answer.text
+    proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "ask", "--model", str(bert), "--question", question,
+                           "--context", context, *[a for s in WINDOWS for a in ("--set", s)]],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc == {"question": question, **answer.to_dict()}
+
+
+def test_a_batch_of_questions_is_answered_as_predict_answers_the_file(tmp_path, bert, qa):
+    """Eight dev questions in one call equal predict's predictions for the eight-question file; top_k lists the
+    n-best in order, the prediction first; JSON lines in give JSON lines out, ids carried."""
+    data, rows = _subset(tmp_path, "sample:dev", 8, "eight")
+    predicted, _ = _predict(tmp_path, bert, data, "eight")
+    answers = qa([q for _, q, _ in rows], [c for _, _, c in rows], top_k=3)
+    assert [a[0].text for a in answers] == [predicted[qid] for qid, _, _ in rows]
+    for a, (_, _, context) in zip(answers, rows):
+        assert len(a) == 3 and a[0].score >= max(x.score for x in a[1:])
+        assert all(context[x.start:x.end] == x.text for x in a)
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("".join(json.dumps({"id": qid, "question": q, "context": c}) + "\n" for qid, q, c in rows))
+    out: list[dict] = []
+    ask_command(str(bert), question=None, context=None, context_file=None, input_path=str(lines), top_k=1,
+                version=None, recipe=None, overrides=WINDOWS, emit=out.append, chunk=3)
+    assert [(d["id"], d["text"]) for d in out] == [(qid, predicted[qid]) for qid, _, _ in rows]
+
+
+def test_a_v2_model_abstains_as_predict_does(tmp_path, bert):
+    """SQuAD v2.0 (version="2.0"): the null answer competes; abstentions and null odds equal predict's on the
+    v2.0 sample, at a threshold (eval.null_score_diff_threshold) where the random model abstains on some questions
+    and answers the others."""
+    data, rows = _subset(tmp_path, "sample:dev-v2", 12, "v2")
+    questions, contexts = [q for _, q, _ in rows], [c for _, _, c in rows]
+    odds = sorted(a.null_odds for a in QuestionAnswerer(bert, overrides=WINDOWS, version="2.0")(questions, contexts))
+    threshold = f"eval.null_score_diff_threshold={(odds[5] + odds[6]) / 2}"
+    qa = QuestionAnswerer(bert, overrides=[*WINDOWS, threshold], version="2.0")
+    answers = qa(questions, contexts)
+    predicted, null_odds = _predict(tmp_path, bert, data, "v2", [threshold])
+    assert [a.text for a in answers] == [predicted[qid] for qid, _, _ in rows]
+    assert [a.abstained for a in answers] == [predicted[qid] == "" for qid, _, _ in rows]
+    assert [a.null_odds for a in answers] == pytest.approx([null_odds[qid] for qid, _, _ in rows], rel=1e-6)
+    abstained = [a for a in answers if a.abstained]
+    assert len(abstained) == 6  # both ways of ending are exercised
+    assert all(a.start is None and a.end is None and a.text == "" for a in abstained)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda qa: qa("", "Some text."), "question: empty"),
+    (lambda qa: qa("Who?", "   "), "context: empty"),
+    (lambda qa: qa("Who?", 5), "context: expected text, got int"),
+    (lambda qa: qa(7, "Some text."), "question: expected text or a list of texts, got int"),
+    (lambda qa: qa(["Who?", "Why?"], ["One text."] * 3), "2 questions and 3 contexts"),
+    (lambda qa: qa(["Who?", None], "Some text."), "question 1: expected text, got NoneType"),
+    (lambda qa: qa("Who?", "x" * (MAX_CONTEXT_CHARS + 1)), "more than the 200,000 allowed"),
+    (lambda qa: qa("Who?", "Some text.", top_k=0), "top_k=0"),
+    (lambda qa: qa("Who?", "Some text.", top_k=True), "top_k=True"),
+], ids=["empty-q", "blank-context", "int-context", "int-question", "lengths", "none-in-list", "too-long", "top-k-0",
+        "top-k-bool"])
+def test_bad_questions_are_the_packages_error(qa, call, message):
+    with pytest.raises(QuestionError, match=message.replace("(", r"\(")):
+        call(qa)
+    assert qa([], []) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "give --question"),
+    (dict(question="Who?"), "--question needs one of --context"),
+    (dict(question="Who?", context="x", context_file="f"), "--question needs one of --context"),
+    (dict(input_path="f", context="x"), "--input rows carry their own contexts"),
+])
+def test_ask_refuses_contradicting_options_before_loading_anything(kwargs, message):
+    args = dict(question=None, context=None, context_file=None, input_path=None)
+    with pytest.raises(ConfigError, match=message):
+        ask_command("/nonexistent", **{**args, **kwargs}, top_k=1, version=None, recipe=None, overrides=[],
+                    emit=print)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"question": "Who?", "context": "Ann."}\n[1, 2]\n', "line 2: expected an object"),
+    (b'{"question": "Who?"}\n', "line 1: expected an object with \"question\" and \"context\""),
+    (b'{"question": "Who?", "context": "Ann."}\n{"question": "Who?", "con', "line 2: not JSON"),
+    (b'{"question": "", "context": "Ann."}\n', "line 1: question: empty"),
+    (b'{"question": "Who?", "context": ["Ann."]}\n', "line 1: context: expected text, got list"),
+    (b'\xff\xfe{"question"\n', "not UTF-8"),
+], ids=["list-row", "no-context", "cut-line", "empty-question", "list-context", "not-utf8"])
+def test_bad_input_lines_are_named_by_their_line(tmp_path, bert, content, message):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(QuestionError, match=message):
+        ask_command(str(bert), question=None, context=None, context_file=None, input_path=str(path), top_k=1,
+                    version=None, recipe=None, overrides=WINDOWS, emit=lambda d: None)
+
+
+def test_missing_context_file_and_input_are_one_line(tmp_path, bert):
+    for kwargs in (dict(question="Who?", context_file=str(tmp_path / "none.txt")),
+                   dict(input_path=str(tmp_path / "none.jsonl"))):
+        args = {**dict(question=None, context=None, context_file=None, input_path=None), **kwargs}
+        with pytest.raises(QuestionError, match="No such file"):
+            ask_command(str(bert), **args, top_k=1, version=None, recipe=None, overrides=WINDOWS,
+                        emit=lambda d: None)
+
+
+def _family_checkpoint(tmp_path, family):
+    from tiny_models import (relative_bert_state_dict, save_state_dict_checkpoint, save_tiny_checkpoint,
+                             tiny_bert_config, tiny_xlnet_config)
+    from tokenizers_util import build_xlnet_tokenizer, squad_sentences
+
+    from squad_ds.data.squad import load_squad
+    from squad_ds.modeling.factory import load_tokenizer
+
+    if family == "xlnet":
+        tok = build_xlnet_tokenizer(squad_sentences(load_squad(resolve_data_path("sample:train")), limit=3000),
+                                    vocab_size=2000)
+        return save_tiny_checkpoint(tmp_path / "xlnet", tiny_xlnet_config(tokenizer=tok), tok)
+    tok = load_tokenizer("all-MiniLM-L6-v2")
+    cfg = tiny_bert_config(family, tokenizer=tok, max_position_embeddings=64)
+    ckpt = save_state_dict_checkpoint(tmp_path / family, cfg, relative_bert_state_dict(cfg))
+    tok.save_pretrained(ckpt)
+    return ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, sample", [("relative_key_query", "sample:dev"), ("relative_key", "sample:dev"),
+                                            ("xlnet", "sample:dev"), ("xlnet", "sample:dev-v2")])
+def test_every_family_is_answered_as_predict_answers_it(tmp_path, family, sample):
+    """Relative-position BERT (squad-ds's own attention) and XLNet's beam heads (v1.1 and v2.0): eight questions
+    asked at once equal predict's predictions, null odds included."""
+    model = _family_checkpoint(tmp_path, family)
+    data, rows = _subset(tmp_path, sample, 8, "eight")
+    version = "2.0" if sample.endswith("v2") else None
+    predicted, odds = _predict(tmp_path, model, data, "eight")
+    qa = QuestionAnswerer(model, overrides=WINDOWS, version=version)
+    answers = qa([q for _, q, _ in rows], [c for _, _, c in rows], top_k=2)
+    assert [a[0].text for a in answers] == [predicted[qid] for qid, _, _ in rows]
+    if version:
+        assert [a[0].null_odds for a in answers] == pytest.approx([odds[qid] for qid, _, _ in rows], rel=1e-6)
+        assert [a[0].abstained for a in answers] == [predicted[qid] == "" for qid, _, _ in rows]
