@@ -163,7 +163,8 @@ class QuestionAnswerer:
         return [chosen, *rest][:top_k]
 
 
-def _result(question: str, answers: list[Answer], qid: Any = None) -> dict[str, Any]:
+def result_document(question: str, answers: list[Answer], qid: Any = None) -> dict[str, Any]:
+    """One question's answers as `ask` and `serve` print them: the best one's fields, then the alternatives."""
     out = {"id": qid} if qid is not None else {}
     out.update(question=question, **answers[0].to_dict())
     if len(answers) > 1:
@@ -222,14 +223,14 @@ def ask_command(model: str, *, question: str | None, context: str | None, contex
             raise QuestionError(f"--context-file {context_file}: {getattr(e, 'strerror', None) or e}") from None
     qa = QuestionAnswerer(model, recipe=recipe, overrides=overrides, version=version)
     if question is not None:
-        emit(_result(question, qa.answer_many([question], [context], top_k=top_k)[0]))
+        emit(result_document(question, qa.answer_many([question], [context], top_k=top_k)[0]))
         return 0
     rows: list[tuple[int, dict]] = []
 
     def flush() -> None:
         answers = qa.answer_many([r["question"] for _, r in rows], [r["context"] for _, r in rows], top_k=top_k)
         for (_, row), a in zip(rows, answers):
-            emit(_result(row["question"], a, row.get("id")))
+            emit(result_document(row["question"], a, row.get("id")))
         rows.clear()
 
     for n, row in read_rows(input_path):

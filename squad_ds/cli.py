@@ -98,6 +98,14 @@ def _cmd_ask(args: argparse.Namespace) -> int:
                        overrides=args.overrides, emit=emit_result)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from squad_ds.serve import serve_command
+
+    emit_result(serve_command(args.model, host=args.host, port=args.port, recipe=args.recipe,
+                              overrides=args.overrides, version=args.squad_version))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from squad_ds.plot import plot_command
 
@@ -182,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(ak, recipe_help="recipe for the windows and post-processing (default: the one the model "
                          "was exported with, else the embedded demo's)")
     ak.set_defaults(func=_cmd_ask)
+
+    sv = sub.add_parser("serve", help="a small web server to try a model: a page and a JSON API (the serve extra)")
+    sv.add_argument("--model", required=True, help="model directory: an export, or any local QA checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--squad-version", choices=["1.1", "2.0"], default=None,
+                    help="2.0: the model may abstain (default: the model's recipe or scores, else 1.1)")
+    add_recipe_arguments(sv, recipe_help="recipe for the windows and post-processing (default: the one the model "
+                         "was exported with, else the embedded demo's)")
+    sv.set_defaults(func=_cmd_serve)
 
     pl = sub.add_parser("plot", help="PNG of a run's training loss and dev scores over steps (the plot extra)")
     pl.add_argument("run_dir", help="the run's output.dir")

@@ -122,7 +122,8 @@ LAYERS = [
     ("scoring", ("squad_ds.scoring",)),
     ("modeling", ("squad_ds.modeling",)),
     ("training", ("squad_ds.training",)),
-    ("entry points", ("squad_ds.plot", "squad_ds.train", "squad_ds.predict", "squad_ds.ask", "squad_ds.effective")),
+    ("entry points", ("squad_ds.plot", "squad_ds.train", "squad_ds.predict", "squad_ds.ask", "squad_ds.serve",
+                      "squad_ds.effective")),
     ("tune", ("squad_ds.tune",)),
     ("cli", ("squad_ds.cli",)),
 ]

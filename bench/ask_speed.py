@@ -1,0 +1,102 @@
+"""Answers per second: squad-ds's Python API (QuestionAnswerer: windows with stride, n-best spans across windows)
+against the "do it yourself" path that transformers 5's migration guide shows in place of the removed QA pipeline
+(tokenizer + AutoModelForQuestionAnswering + argmax of the start and end logits), on the same model and dev
+questions, in one process, interleaved and repeated; each side's F1 on those questions; and the first-answer
+latency of `squad-ds ask` (a fresh process: start-up, model load and one answer).
+
+    python bench/ask_speed.py --model runs/demo/model [--questions 200] [--reps 3] [--out result.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def diy_answers(model, tokenizer, questions, contexts, max_length: int, batch_size: int) -> list[str]:
+    """The migration guide's recipe, batched: one window per question (the context truncated to max_length),
+    the argmax start and end tokens, the text between their character offsets."""
+    import torch
+
+    out = []
+    for i in range(0, len(questions), batch_size):
+        q, c = questions[i:i + batch_size], contexts[i:i + batch_size]
+        enc = tokenizer(q, c, truncation="only_second", max_length=max_length, padding=True,
+                        return_offsets_mapping=True, return_tensors="pt")
+        offsets = enc.pop("offset_mapping")
+        with torch.no_grad():
+            logits = model(**enc)
+        starts, ends = logits.start_logits.argmax(-1), logits.end_logits.argmax(-1)
+        for k, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+            seq = enc.sequence_ids(k)
+            if e < s or seq[s] != 1 or seq[e] != 1:
+                out.append("")  # the argmax fell outside the context or ran backwards: no answer
+            else:
+                out.append(c[k][offsets[k, s, 0]:offsets[k, e, 1]])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from squad_ds.ask import QuestionAnswerer
+    from squad_ds.data.files import resolve_data_path
+    from squad_ds.data.squad import load_squad
+    from squad_ds.scoring.metrics import score
+
+    dataset = load_squad(resolve_data_path("sample:dev"))
+    dataset.examples = dataset.examples[:args.questions]
+    questions = [e.question for e in dataset.examples]
+    contexts = [e.context for e in dataset.examples]
+    qa = QuestionAnswerer(args.model)
+    d = qa.recipe.data
+    times: dict[str, list[float]] = {"squad_ds": [], "diy": []}
+    answers: dict[str, list[str]] = {}
+    for _ in range(args.reps):
+        for side in ("squad_ds", "diy"):
+            t0 = time.perf_counter()
+            if side == "squad_ds":
+                got = [a.text for a in qa(questions, contexts)]
+            else:
+                got = diy_answers(qa.model, qa.tokenizer, questions, contexts, d.max_seq_length,
+                                  qa.recipe.eval.batch_size)
+            times[side].append(time.perf_counter() - t0)
+            answers[side] = got
+    result = {"model": args.model, "questions": len(questions), "reps": args.reps,
+              "windows": {"max_seq_length": d.max_seq_length, "doc_stride": d.doc_stride},
+              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    for side in times:
+        ids = [e.id for e in dataset.examples]
+        result[side] = {"answers_per_s": round(len(questions) / statistics.median(times[side]), 1),
+                        "seconds": [round(t, 2) for t in times[side]],
+                        **{k: round(v, 2) for k, v in score(dataset, dict(zip(ids, answers[side]))).items()
+                           if k in ("exact_match", "f1")}}
+    result["ratio"] = round(statistics.median(times["diy"]) / statistics.median(times["squad_ds"]), 2)
+    del qa
+    q, c = questions[0], contexts[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "ask", "--model", args.model, "--question", q,
+                           "--context", c], capture_output=True, text=True)
+    result["ask_first_answer_s"] = round(time.perf_counter() - t0, 2)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
