@@ -113,8 +113,8 @@ def test_foundation_modules_import_nothing_of_the_package(module):
     assert import_graph()[f"squad_ds.{module}"] == {}
 
 
-# Lower layers first (modules and packages; README's architecture table lists them top down); a module may import
-# its own layer and the ones before it, never a later one.
+# Lower layers first (modules and packages; docs/ARCHITECTURE.md's table, and README's short list by these names,
+# show them top down); a module may import its own layer and the ones before it, never a later one.
 LAYERS = [
     ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.options", "squad_ds.distributed",
                     "squad_ds.logs", "squad_ds.preempt")),
@@ -160,13 +160,16 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
-def test_readme_lists_the_layers_top_down():
-    """README's architecture table is the layer order shown to readers: every module or folder it names belongs to
+ROOT = PACKAGE.parent
+
+
+def test_architecture_page_lists_the_layers_top_down():
+    """docs/ARCHITECTURE.md's table is the layer order shown to readers: every module or folder it names belongs to
     a layer, each row's layer is at or below the one above it, and every layer is there."""
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    table = readme.split("| folder / module | owns |", 1)[1].split("\n\n", 1)[0]
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = page.split("| folder / module | owns |", 1)[1].split("\n\n", 1)[0]
     layers = []
     for row in table.splitlines()[2:]:
         named = re.match(r"\| \**`([\w/.]+)`", row)
@@ -175,5 +178,48 @@ def test_readme_lists_the_layers_top_down():
             layers.append((path, layer_of("squad_ds." + path.replace("/", "."))))
     assert len(layers) > 15
     upward = [f"{a} above {b}" for (a, la), (b, lb) in zip(layers, layers[1:]) if lb > la]
-    assert not upward, "README's table lists a lower layer above a higher one: " + ", ".join(upward)
+    assert not upward, "docs/ARCHITECTURE.md's table lists a lower layer above a higher one: " + ", ".join(upward)
     assert {layer for _, layer in layers} == set(range(len(LAYERS)))
+
+
+def readme_layer_list(readme: str) -> list[tuple[str, list[str]]]:
+    """README's short list under "## Architecture": (layer name, the modules and folders it names), in order."""
+    import re
+
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^- \*\*([\w ]+)\*\* \(([^)]*)\)", section, re.M)
+    return [(name, re.findall(r"`([\w/.]+)`", named)) for name, named in items]
+
+
+def layer_list_problems(items: list[tuple[str, list[str]]]) -> list[str]:
+    names = [name for name, _ in LAYERS][::-1]  # top down
+    problems = []
+    if [name for name, _ in items] != names:
+        problems.append(f"layers {[name for name, _ in items]}, expected top down {names}")
+    index = {name: i for i, (name, _) in enumerate(LAYERS)}
+    for name, paths in items:
+        for path in paths:
+            layer = layer_of("squad_ds." + path.removesuffix(".py").rstrip("/").replace("/", "."))
+            if name in index and layer != index[name]:
+                problems.append(f"{path} is in {LAYERS[layer][0]}, listed under {name}")
+    return problems
+
+
+def test_readme_lists_the_layers_top_down():
+    """README's short layer list names every layer, top down, each with modules that are in it, and links the full
+    table."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](docs/ARCHITECTURE.md)" in readme
+    items = readme_layer_list(readme)
+    problems = layer_list_problems(items)
+    assert not problems, "README's layer list: " + "; ".join(problems)
+    assert sum(len(paths) for _, paths in items) >= len(LAYERS)
+
+
+def test_the_layer_list_check_sees_a_wrong_order_and_a_misplaced_module():
+    good = readme_layer_list((ROOT / "README.md").read_text(encoding="utf-8"))
+    swapped = [good[1], good[0], *good[2:]]
+    assert any("expected top down" in p for p in layer_list_problems(swapped))
+    misplaced = [(name, ["train.py"] if name == "scoring" else paths) for name, paths in good]
+    assert layer_list_problems(misplaced) == ["train.py is in entry points, listed under scoring"]
+    assert any("expected top down" in p for p in layer_list_problems(good[:-1]))
