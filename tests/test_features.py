@@ -19,7 +19,7 @@ from squad_ds.data.features import Features, featurize, make_spec
 from squad_ds.data.squad import load_squad, read_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tokenizers_util import build_xlnet_tokenizer, squad_sentences  # noqa: E402
+from tokenizers_util import build_family_tokenizer, build_xlnet_tokenizer, squad_sentences  # noqa: E402
 
 # Inputs come from $SQUAD_DIR when it is set, else from the shipped samples: CI runs this module both ways.
 pytestmark = pytest.mark.squad_dir_inputs
@@ -270,6 +270,46 @@ def test_xlnet_left_padding_matches_run_qa(xlnet_tokenizer, config, split):
         labelled = feats.is_impossible == 0
         assert labelled.any()
         assert np.all(feats.p_mask[labelled, feats.start_positions[labelled]] == 0)
+
+
+FAMILIES = ["electra", "distilbert", "roberta", "modernbert", "deberta-v2", "albert"]
+_FAMILY_TOKENIZERS: dict[str, object] = {}
+
+
+def family_tokenizer(family: str):
+    """A small tokenizer of the family's real kind (tokenizers_util.build_family_tokenizer), built once."""
+    if family not in _FAMILY_TOKENIZERS:
+        _FAMILY_TOKENIZERS[family] = build_family_tokenizer(
+            family, squad_sentences(_dataset(str(REPO / "squad_ds" / "sample_data" / "train-v1.1-sample.json.gz")),
+                                    3000), vocab_size=1500)
+    return _FAMILY_TOKENIZERS[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sample", ["train-v1.1-sample.json.gz", "dev-v2.0-sample.json.gz"])
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_every_tokenizer_kind_matches_run_qa(family, sample, split):
+    """WordPiece (ELECTRA, DistilBERT without token types), byte-level BPE with trimmed offsets (RoBERTa's
+    `<s> q </s></s> c </s>`, ModernBERT's `[CLS] q [SEP] c [SEP]`), Unigram with Metaspace (DeBERTa-v3; ALBERT,
+    lower-cased): ids, token types where the family has them, labels, CLS and context tokens equal run_qa.py's, at
+    windows small enough that answers start or end inside a token and windows cut answers."""
+    tok = family_tokenizer(family)
+    L, S, Q = 96, 32, 24
+    examples = _sample(str(REPO / "squad_ds" / "sample_data" / sample), split)
+    exact = [e for e in examples if cut_is_exact(tok, e, Q)]
+    assert len(exact) > 0.9 * len(examples)
+    examples = reference_safe(tok, exact, L)
+    feats = featurize(examples, tok, max_seq_length=L, doc_stride=S, max_query_length=Q, split=split,
+                      num_workers=1, progress=False)
+    assert len(examples) >= 20 and len(feats) > 1.5 * len(examples)  # many windows
+    ref = reference_features(examples, tok, L, S, Q, split)
+    if family == "roberta":  # one segment only: no token types (squad-ds keeps the template's segments, which the
+        ref["token_type_ids"] = None  # model side drops for models without them: DistilBERT, ModernBERT)
+    assert_matches_reference(feats, ref, split, tok)
+    assert (feats.token_type_ids is None) == (family == "roberta")
+    if split == "train":
+        answered = feats.is_impossible == 0
+        assert answered.any() and (~answered).any()  # windows that hold the answer and windows that cut it
 
 
 def test_unanswerable_labelled_at_cls(bert_tokenizer):
