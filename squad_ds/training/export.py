@@ -313,6 +313,7 @@ def export_onnx(model_dir: Path, out_file: Path, opset: int = 17) -> Path:
     """model_dir (an exported BERT-family model) as ONNX: input_ids/attention_mask/token_type_ids in,
     start_logits/end_logits out, batch and sequence dimensions dynamic."""
     from squad_ds.modeling.factory import load_qa_model
+    from squad_ds.modeling.heads import forward_keys
 
     try:
         import onnx  # noqa: F401 - torch.onnx.export needs it; a missing extra is the user's to install
@@ -321,7 +322,11 @@ def export_onnx(model_dir: Path, out_file: Path, opset: int = 17) -> Path:
     model = load_qa_model(str(model_dir), attn_implementation="eager").eval()
     if model.config.model_type == "xlnet":
         raise ConfigError("--onnx: XLNet's beam-search heads are not exported (BERT-family models only)")
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 1 else [])
+    # Token types where the model takes them and has more than one (RoBERTa has one; DistilBERT and ModernBERT
+    # take none: `getattr`, since their configs have no type_vocab_size).
+    takes_types = "token_type_ids" in forward_keys("bert", train=False, config=model.config)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if takes_types and
+                                               getattr(model.config, "type_vocab_size", 0) > 1 else [])
 
     class Logits(torch.nn.Module):
         def __init__(self, m):
