@@ -70,7 +70,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], family: str, config) -> t
     """One micro-batch: forward, engine.backward, engine.step (DeepSpeed decides whether the step is an optimizer
     step). Returns the loss, detached and left on the device (no host sync)."""
     if is_packed(batch):
-        loss = unpadded.qa_loss(engine(**unpadded.model_inputs(batch)), batch)
+        loss = unpadded.qa_loss(engine(**unpadded.model_inputs(batch, config)), batch)
     else:
         loss = engine(**model_inputs(family, batch, train=True, config=config)).loss
     engine.backward(loss)

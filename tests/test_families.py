@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # about 15 s per run on 2 cores: CI runs them wit
 FAMILIES = ["roberta", "electra", "albert", "distilbert", "deberta-v2", "modernbert"]
 
 
-def family_checkpoint(directory, family: str):
+def family_checkpoint(directory, family: str, **config):
     from tiny_models import save_tiny_checkpoint, tiny_config
     from tokenizers_util import build_family_tokenizer, squad_sentences
 
@@ -28,8 +28,7 @@ def family_checkpoint(directory, family: str):
                                  vocab_size=1500)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("pad", "cls", "sep", "bos", "eos")}
     extra = {f"{k}_token_id": v for k, v in ids.items() if v is not None}
-    config = tiny_config(family, tokenizer=tok, **extra)
-    return save_tiny_checkpoint(directory, config, tok)
+    return save_tiny_checkpoint(directory, tiny_config(family, tokenizer=tok, **extra, **config), tok)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -90,3 +89,26 @@ def test_family_exports_to_onnx(tmp_path, checkpoint):
         out = model(**{k: torch.from_numpy(enc[k]) for k in wanted})
     np.testing.assert_allclose(start, out.start_logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(end, out.end_logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra"])
+def test_packed_batches_train_like_the_windows_one_by_one(tmp_path, family):
+    """data.unpad for RoBERTa (positions after the padding index) and ELECTRA, which share BERT's attention: a
+    packed micro-batch of 12 trains exactly like 12 accumulated micro-batches of one window (no padding at all)."""
+    from trainer_util import losses
+
+    # Dropout 0: packed and one-by-one batches draw their dropout masks in other shapes.
+    ckpt = family_checkpoint(tmp_path / "ckpt", family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    alone = write_recipe(tmp_path / "alone.yaml", ckpt, tmp_path / "alone", data={"trim_padding": True},
+                         train={"max_steps": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 12,
+                                "group_by_length": False})
+    ref = final_json(run_train(alone))
+    packed = write_recipe(tmp_path / "packed.yaml", ckpt, tmp_path / "packed",
+                          data={"unpad": True, "pad_to_multiple_of": 16},
+                          train={"max_steps": 4, "micro_batch_size": 12, "group_by_length": False})
+    got = final_json(run_train(packed))
+    a, b = losses(tmp_path / "alone"), losses(tmp_path / "packed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a), (a, b)
+    assert got["f1"] == pytest.approx(ref["f1"], abs=1e-6) and got["exact_match"] == pytest.approx(ref["exact_match"],
+                                                                                                   abs=1e-6)

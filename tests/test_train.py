@@ -486,14 +486,15 @@ def test_unpadded_batches_train_like_sequences_alone(tmp_path, tiny_model):
 
 
 def test_unpad_refuses_a_model_it_cannot_pack(tmp_path):
-    """A RoBERTa checkpoint with data.unpad=true: one clear line naming the setting, exit status 2."""
+    """A DistilBERT checkpoint with data.unpad=true: one clear line naming the setting and the reason, exit 2."""
     from tiny_models import save_tiny_checkpoint, tiny_config
 
     from squad_ds.modeling.factory import load_tokenizer
 
     tok = load_tokenizer("all-MiniLM-L6-v2")
-    model_dir = save_tiny_checkpoint(tmp_path / "roberta", tiny_config("roberta", tokenizer=tok), tok)
+    model_dir = save_tiny_checkpoint(tmp_path / "distilbert", tiny_config("distilbert", tokenizer=tok), tok)
     recipe = write_recipe(tmp_path / "r.yaml", model_dir, tmp_path / "out", data={"unpad": True})
     proc = run_train(recipe, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "data.unpad: RobertaForQuestionAnswering (roberta) is not transformers' BERT" in proc.stderr
+    assert ("data.unpad: DistilBERT's attention is its own module, not called through transformers' "
+            "AttentionInterface; set data.unpad=false for this model") in proc.stderr

@@ -33,13 +33,17 @@ def _batch(lengths=LENGTHS, full=FULL, seed=0):
             "end_positions": ends}
 
 
-@pytest.fixture(params=[("bert", "sdpa"), ("bert-relative_key", "sdpa"), ("bert-relative_key_query", "sdpa"),
-                        ("bert-relative_key_query", "eager")], ids=lambda p: "-".join(p))
+@pytest.fixture(params=[("bert", "sdpa"), ("roberta", "sdpa"), ("electra", "sdpa"), ("bert-relative_key", "sdpa"),
+                        ("bert-relative_key_query", "sdpa"), ("bert-relative_key_query", "eager")],
+                ids=lambda p: "-".join(p))
 def model(request):
-    """transformers' BERT (through the registered attention) and squad-ds's relative-position BERT (its own)."""
+    """transformers' BERT, RoBERTa (positions after the padding index) and ELECTRA through the registered attention,
+    and squad-ds's relative-position BERT (its own)."""
     model_type, attn = request.param
     torch.manual_seed(0)
-    return qa_model_from_config(tiny_config(model_type), attn_implementation=attn)
+    no_dropout = {} if model_type.startswith("bert") else {"hidden_dropout_prob": 0.0,
+                                                          "attention_probs_dropout_prob": 0.0}
+    return qa_model_from_config(tiny_config(model_type, **no_dropout), attn_implementation=attn)
 
 
 def test_pack_batch_keeps_real_tokens_in_order():
@@ -91,7 +95,7 @@ def test_packed_forward_equals_the_padded_model_on_real_tokens(model, multiple):
         ref = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
         unpadded.enable(model)
         p = pack_batch(batch, multiple)
-        got = unpadded.per_sequence_logits(model(**unpadded.model_inputs(p)), p)
+        got = unpadded.per_sequence_logits(model(**unpadded.model_inputs(p, model.config)), p)
         # Padded batches still work on the switched model, and still give transformers' SDPA result.
         again = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
     for name in ("start_logits", "end_logits"):
@@ -127,7 +131,7 @@ def test_packed_loss_is_each_sequence_alone(model, checkpointing):
     if checkpointing:
         packed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     p = pack_batch(batch, 8)
-    loss = unpadded.qa_loss(packed(**unpadded.model_inputs(p)), p)
+    loss = unpadded.qa_loss(packed(**unpadded.model_inputs(p, packed.config)), p)
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss, atol=1e-6, rtol=1e-6)
     grads = {k: q.grad for k, q in packed.named_parameters() if q.grad is not None}
@@ -144,7 +148,7 @@ def test_packed_loss_ignores_positions_outside_the_window(model):
     batch["end_positions"] = torch.tensor([3, 50])
     unpadded.enable(model)
     p = pack_batch(batch)
-    out = model(**unpadded.model_inputs(p))
+    out = model(**unpadded.model_inputs(p, model.config))
     logits = unpadded.per_sequence_logits(out, p)
     expected = (torch.nn.functional.cross_entropy(logits["start_logits"][:1], batch["start_positions"][:1])
                 + torch.nn.functional.cross_entropy(logits["end_logits"][:1], batch["end_positions"][:1])) / 2
@@ -152,12 +156,18 @@ def test_packed_loss_ignores_positions_outside_the_window(model):
 
 
 @pytest.mark.parametrize("model_type,attn,match", [
-    ("xlnet", "eager", "is not transformers' BERT"),
+    ("xlnet", "eager", "is not one of transformers' BERT, RoBERTa or ELECTRA"),
     ("bert", "eager", "attention is 'eager'"),
-    ("roberta", "sdpa", "is not transformers' BERT"),
+    ("roberta", "eager", "attention is 'eager'"),
+    ("distilbert", "sdpa", "DistilBERT's attention is its own module"),
+    ("albert", "sdpa", "ALBERT's attention is its own module"),
+    ("deberta-v2", "eager", "DeBERTa's disentangled attention"),
+    ("modernbert", "sdpa", "only under flash_attention_2"),
 ])
 def test_models_that_cannot_be_packed_are_refused_by_name(model_type, attn, match):
-    m = qa_model_from_config(tiny_config(model_type), attn_implementation=attn)
+    extra = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3} \
+        if model_type == "modernbert" else {}
+    m = qa_model_from_config(tiny_config(model_type, **extra), attn_implementation=attn)
     with pytest.raises(ConfigError, match=match):
         unpadded.enable(m)
 

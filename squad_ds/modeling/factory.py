@@ -86,7 +86,7 @@ def load_config(name_or_path: str):
 
 
 # Position ids of these start after the padding index (pad_token_id + 1), so that many positions are unusable.
-_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
 
 
 def check_max_seq_length(name_or_path: str, max_seq_length: int) -> None:
@@ -95,7 +95,7 @@ def check_max_seq_length(name_or_path: str, max_seq_length: int) -> None:
     limit = getattr(config, "max_position_embeddings", None)  # XLNet: none or -1 (relative positions only)
     if not limit or limit < 0:
         return
-    if config.model_type in _POSITION_OFFSET_TYPES:
+    if config.model_type in POSITION_OFFSET_TYPES:
         limit -= (config.pad_token_id or 0) + 1
     if max_seq_length > limit:
         raise ConfigError(f"data.max_seq_length={max_seq_length} exceeds the {limit} positions of {name_or_path} "

@@ -1,4 +1,5 @@
-"""Unpadded BERT: transformers' own model, fed packed batches (squad_ds/data/packing.py), through one attention hook.
+"""Unpadded BERT, RoBERTa and ELECTRA: transformers' own models, fed packed batches (squad_ds/data/packing.py),
+through one attention hook (the three share BERT's attention, called through transformers' AttentionInterface).
 
 The embeddings, Q/K/V and output projections, feed-forward layers, layer norms and the QA head run on [1, T]
 real tokens. Attention is registered with transformers' AttentionInterface as ATTN_NAME: given `packed_index`
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from squad_ds.data.packing import PACKED_KEYS, pad_heads, unpack, unpad_heads
 from squad_ds.errors import ConfigError
+from squad_ds.modeling.factory import POSITION_OFFSET_TYPES
 from squad_ds.modeling.relative_bert import RelativeBertForQuestionAnswering
 
 ATTN_NAME = "squad_ds_unpadded"
@@ -47,16 +49,29 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)  # padded batches build SDPA's mask as before
 
 
-def unsupported_reason(model) -> str | None:
-    """Why `model` cannot run packed batches, or None: transformers' absolute-position BERT with SDPA, and
-    squad-ds's relative-position BERT (either attention implementation: its attention is its own)."""
-    from transformers import BertForQuestionAnswering
+# transformers' QA models whose self-attention is BERT's, called through AttentionInterface: the packed attention
+# serves them as it is. Others, with the reason they are not packed:
+PACKABLE = ("BertForQuestionAnswering", "RobertaForQuestionAnswering", "ElectraForQuestionAnswering")
+REFUSED = {
+    "modernbert": "ModernBERT unpads by itself, but only under flash_attention_2 (CUDA); its SDPA and eager paths "
+                  "take padded batches, and its local-window attention is not BERT's",
+    "deberta-v2": "DeBERTa's disentangled attention adds position-to-content terms of its own, not through "
+                  "transformers' AttentionInterface",
+    "distilbert": "DistilBERT's attention is its own module, not called through transformers' AttentionInterface",
+    "albert": "ALBERT's attention is its own module, not called through transformers' AttentionInterface",
+}
 
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot run packed batches, or None: transformers' absolute-position BERT, RoBERTa and ELECTRA
+    with SDPA, and squad-ds's relative-position BERT (either attention implementation: its attention is its own)."""
     config = model.config
     if isinstance(model, RelativeBertForQuestionAnswering):
         return None
-    if not isinstance(model, BertForQuestionAnswering):
-        return f"{type(model).__name__} ({getattr(config, 'model_type', None)}) is not transformers' BERT"
+    model_type = getattr(config, "model_type", None)
+    if type(model).__name__ not in PACKABLE:
+        return REFUSED.get(model_type) or (f"{type(model).__name__} ({model_type}) is not one of transformers' "
+                                           "BERT, RoBERTa or ELECTRA")
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"position_embedding_type {config.position_embedding_type!r} is not absolute"
     if config._attn_implementation not in ("sdpa", ATTN_NAME):
@@ -76,9 +91,13 @@ def enable(model) -> None:
     model.set_attn_implementation(ATTN_NAME)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Forward keyword arguments for a packed batch (labels stay out: the loss is `qa_loss`'s)."""
-    return {k: batch[k] for k in PACKED_KEYS}
+def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
+    """Forward keyword arguments for a packed batch (labels stay out: the loss is `qa_loss`'s). With the model's
+    `config`, positions are numbered as the model numbers them: RoBERTa's start after the padding index."""
+    out = {k: batch[k] for k in PACKED_KEYS}
+    if config is not None and config.model_type in POSITION_OFFSET_TYPES:
+        out["position_ids"] = out["position_ids"] + (config.pad_token_id or 0) + 1
+    return out
 
 
 def per_sequence_logits(model_output, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

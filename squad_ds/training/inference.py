@@ -66,7 +66,7 @@ def predict_arrays(model, features, family: str, batch_size: int, device: torch.
                                     left, trim)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if is_packed(batch):
-            outputs = unpadded.per_sequence_logits(model(**unpadded.model_inputs(batch)), batch)
+            outputs = unpadded.per_sequence_logits(model(**unpadded.model_inputs(batch, config)), batch)
         else:
             outputs = eval_outputs(family, model(**model_inputs(family, batch, train=False, config=config)))
         if not dummy:
