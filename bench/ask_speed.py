@@ -9,13 +9,13 @@ latency of `squad-ds ask` (a fresh process: start-up, model load and one answer)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import report
 
 
 def diy_answers(model, tokenizer, questions, contexts, max_length: int, batch_size: int) -> list[str]:
@@ -92,10 +92,7 @@ def main() -> None:
     result["ask_first_answer_s"] = round(time.perf_counter() - t0, 2)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -190,3 +190,9 @@ def write_json(path: str | None, obj: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def report(obj: Any, path: str | None) -> None:
+    """A bench's result: printed as JSON, and written to `path` (--out) when given."""
+    print(json.dumps(obj, indent=2))
+    write_json(path, obj)

@@ -9,11 +9,11 @@ the weights per window and the median milliseconds of a training forward + backw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
+
+from common import report
 
 SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
              max_position_embeddings=514, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -81,10 +81,7 @@ def main() -> None:
         row["packed_vs_trimmed"] = round(row["trimmed"]["ms_per_step"] / row["packed"]["ms_per_step"], 2)
         row["packed_vs_full"] = round(row["full"]["ms_per_step"] / row["packed"]["ms_per_step"], 2)
         result["families"][family] = row
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+
+from common import report
 
 
 def free_port() -> int:
@@ -159,10 +160,7 @@ def main() -> None:
     result["server"] = served
     result["per_batch"] = round(served["answered"] / max(1, served["batches"]), 2)
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": os.environ.get("OMP_NUM_THREADS")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 _DELEGATED = {"train": "squad_ds.train", "predict": "squad_ds.predict"}
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and its settings, for the commands that ask a trained model (ask, serve)."""
+    from squad_ds.config import add_recipe_arguments
+
+    p.add_argument("--model", required=True, help="model directory: an export, or any local QA checkpoint")
+    p.add_argument("--squad-version", choices=["1.1", "2.0"], default=None,
+                   help="2.0: the model may abstain (default: the model's recipe or scores, else 1.1)")
+    add_recipe_arguments(p, recipe_help="recipe for the windows and post-processing (default: the one the model "
+                         "was exported with, else the embedded demo's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from squad_ds.config import DataConfig, add_recipe_arguments
 
@@ -178,27 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     ak = sub.add_parser("ask", help="answer questions about a text with a trained model (one JSON line each)")
-    ak.add_argument("--model", required=True, help="model directory: an export, or any local QA checkpoint")
+    _add_model_arguments(ak)
     ak.add_argument("--question", default=None, help="the question (with --context or --context-file)")
     ak.add_argument("--context", default=None, help="the text to find the answer in")
     ak.add_argument("--context-file", default=None, metavar="FILE", help="the text, from a UTF-8 file")
     ak.add_argument("--input", default=None, metavar="JSONL",
                     help="many questions: JSON lines of {\"question\", \"context\"[, \"id\"]} (- for stdin)")
     ak.add_argument("--top-k", type=int, default=1, help="answers per question, best first (default 1)")
-    ak.add_argument("--squad-version", choices=["1.1", "2.0"], default=None,
-                    help="2.0: the model may abstain (default: the model's recipe or scores, else 1.1)")
-    add_recipe_arguments(ak, recipe_help="recipe for the windows and post-processing (default: the one the model "
-                         "was exported with, else the embedded demo's)")
     ak.set_defaults(func=_cmd_ask)
 
     sv = sub.add_parser("serve", help="a small web server to try a model: a page and a JSON API (the serve extra)")
-    sv.add_argument("--model", required=True, help="model directory: an export, or any local QA checkpoint")
+    _add_model_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sv.add_argument("--squad-version", choices=["1.1", "2.0"], default=None,
-                    help="2.0: the model may abstain (default: the model's recipe or scores, else 1.1)")
-    add_recipe_arguments(sv, recipe_help="recipe for the windows and post-processing (default: the one the model "
-                         "was exported with, else the embedded demo's)")
     sv.set_defaults(func=_cmd_serve)
 
     pl = sub.add_parser("plot", help="PNG of a run's training loss and dev scores over steps (the plot extra)")

@@ -60,3 +60,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Short windows for asking tiny models: a SQuAD context spans several of them (tests/test_ask.py, test_serve.py).
+ASK_WINDOWS = ["data.max_seq_length=64", "data.doc_stride=32", "data.max_query_length=16"]
+
+
+@pytest.fixture(scope="session")
+def ask_model(tmp_path_factory):
+    """A tiny random BERT with the real uncased vocabulary, saved once for the ask and serve tests."""
+    from trainer_util import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("ask") / "model")
+
+
+@pytest.fixture(scope="session")
+def ask_qa(ask_model):
+    from squad_ds.ask import QuestionAnswerer
+
+    return QuestionAnswerer(ask_model, overrides=ASK_WINDOWS)

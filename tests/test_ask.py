@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from trainer_util import REPO, env, make_tiny_model
+from conftest import ASK_WINDOWS
+from trainer_util import REPO, env
 
 from squad_ds.ask import MAX_CONTEXT_CHARS, QuestionAnswerer, ask_command
 from squad_ds.data.files import resolve_data_path
@@ -15,7 +16,7 @@ from squad_ds.data.squad import read_json
 from squad_ds.errors import ConfigError, QuestionError
 
 # Short windows: a SQuAD context spans several of them, so answers are chosen across windows as in evaluation.
-WINDOWS = ["data.max_seq_length=64", "data.doc_stride=32", "data.max_query_length=16"]
+WINDOWS = ASK_WINDOWS
 
 
 def _subset(tmp_path, sample: str, n: int, name: str):
@@ -45,14 +46,14 @@ def _predict(tmp_path, model, data, name, extra=()):
     return json.loads((out / "predictions.json").read_text()), json.loads(odds.read_text()) if odds.is_file() else None
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("bert") / "model")
+@pytest.fixture
+def bert(ask_model):
+    return ask_model
 
 
-@pytest.fixture(scope="module")
-def qa(bert):
-    return QuestionAnswerer(bert, overrides=WINDOWS)
+@pytest.fixture
+def qa(ask_qa):
+    return ask_qa
 
 
 def test_one_dev_question_is_answered_as_predict_answers_it(tmp_path, bert, qa):

@@ -10,7 +10,8 @@ import sys
 import urllib.parse
 
 import pytest
-from trainer_util import REPO, env, free_port, make_tiny_model
+from conftest import ASK_WINDOWS
+from trainer_util import REPO, env, free_port
 
 sys.path.insert(0, str(REPO / "bench"))
 from serve_load import dev_rows, get, post, run_load, start_server, stop_server  # noqa: E402
@@ -19,42 +20,30 @@ if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uv
     pytest.skip("squad-ds serve needs the serve extra (starlette, uvicorn): pip install -e \".[serve]\"",
                 allow_module_level=True)
 
-WINDOWS = ["data.max_seq_length=64", "data.doc_stride=32", "data.max_query_length=16"]
+WINDOWS = ASK_WINDOWS
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serve") / "model")
-
-
-@pytest.fixture(scope="module")
-def qa(model):
-    from squad_ds.ask import QuestionAnswerer
-
-    return QuestionAnswerer(model, overrides=WINDOWS)
-
-
-@pytest.fixture(scope="module")
-def server(model):
+def server(ask_model):
     port = free_port()
-    proc = start_server(str(model), port, WINDOWS, env=env())
+    proc = start_server(str(ask_model), port, WINDOWS, env=env())
     yield f"http://127.0.0.1:{port}"
     if proc.poll() is None:
         proc.kill()
 
 
-def test_the_json_api_answers_as_the_python_api(server, qa):
+def test_the_json_api_answers_as_the_python_api(server, ask_qa):
     """One question, and a list of them with ids and top_k: the answers the Python API gives."""
     rows = dev_rows(6)
     status, doc = post(f"{server}/answer", {"question": rows[0][0], "context": rows[0][1]})
     assert status == 200
-    alone = qa(*rows[0])
+    alone = ask_qa(*rows[0])
     assert (doc["question"], doc["text"], doc["start"], doc["end"]) == (rows[0][0], alone.text, alone.start,
                                                                        alone.end)
     status, docs = post(f"{server}/answer", [{"id": n, "question": q, "context": c, "top_k": 2}
                                              for n, (q, c) in enumerate(rows)])
     assert status == 200 and [d["id"] for d in docs] == list(range(6))
-    together = qa([q for q, _ in rows], [c for _, c in rows], top_k=2)
+    together = ask_qa([q for q, _ in rows], [c for _, c in rows], top_k=2)
     assert [(d["text"], d["start"]) for d in docs] == [(a[0].text, a[0].start) for a in together]
     assert all(len(d["alternatives"]) == 1 for d in docs)
     status, info = get(f"{server}/info")
@@ -91,23 +80,23 @@ def test_no_other_paths_or_methods(server):
         assert get(server + path)[0] == 404, path
 
 
-def test_a_taken_port_is_one_line_before_the_model_loads(model):
+def test_a_taken_port_is_one_line_before_the_model_loads(ask_model):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "serve", "--model", str(model), "--port",
+        proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "serve", "--model", str(ask_model), "--port",
                                str(port)], env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == (f"squad-ds serve: error: cannot serve at 127.0.0.1:{port}: "
                                                     "Address already in use")
 
 
-def test_sigterm_ends_the_server_with_what_it_served(model):
+def test_sigterm_ends_the_server_with_what_it_served(ask_model):
     port = free_port()
-    proc = start_server(str(model), port, WINDOWS, env=env())
+    proc = start_server(str(ask_model), port, WINDOWS, env=env())
     assert post(f"http://127.0.0.1:{port}/answer", {"question": "Who sat?", "context": "The cat sat."})[0] == 200
     served = stop_server(proc)
     assert served["answered"] == 1 and served["url"] == f"http://127.0.0.1:{port}/"
@@ -117,11 +106,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
-def test_the_page_highlights_the_answer_in_the_context(server, qa, tmp_path):
+def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path):
     """The page opened with a question and a text (as a link carries them) asks the server and marks the answer:
     the DOM holds the answer in <mark>, and the screenshot shows the highlight's colour."""
     question, context = dev_rows(1)[0]
-    answer = qa(question, context)
+    answer = ask_qa(question, context)
     url = f"{server}/?" + urllib.parse.urlencode({"question": question, "context": context})
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
              "--window-size=1000,1400"]
@@ -139,11 +128,11 @@ def test_the_page_highlights_the_answer_in_the_context(server, qa, tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_all_get_correct_answers(server, qa):
+def test_concurrent_clients_all_get_correct_answers(server, ask_qa):
     """8 clients for 20 s: every answer equals the Python API's for that question, none fails, and the server
     answered requests that arrived together in shared batches."""
     rows = dev_rows(16)
-    expected = [(a.text, a.start) for a in (qa(q, c) for q, c in rows)]
+    expected = [(a.text, a.start) for a in (ask_qa(q, c) for q, c in rows)]
     result = run_load(f"{server}/answer", rows, expected, clients=8, seconds=20)
     assert result["n_errors"] == 0 and result["n_wrong"] == 0, result
     assert result["answered"] > 16
