@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="as squad-ds ask's --set")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
     dataset.examples = dataset.examples[:args.questions]
     questions = [e.question for e in dataset.examples]
     contexts = [e.context for e in dataset.examples]
-    qa = QuestionAnswerer(args.model)
+    qa = QuestionAnswerer(args.model, overrides=args.overrides)
     d = qa.recipe.data
     times: dict[str, list[float]] = {"squad_ds": [], "diy": []}
     answers: dict[str, list[str]] = {}
@@ -88,7 +89,8 @@ def main() -> None:
     q, c = questions[0], contexts[0]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "ask", "--model", args.model, "--question", q,
-                           "--context", c], capture_output=True, text=True)
+                           "--context", c, *[a for o in args.overrides for a in ("--set", o)]],
+                          capture_output=True, text=True)
     result["ask_first_answer_s"] = round(time.perf_counter() - t0, 2)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])

@@ -4,7 +4,7 @@ the same windows (the shipped train sample at --seq/--stride, all-MiniLM-L6-v2's
 micro-batches; each batch as it is (full length), trimmed to its longest window, and packed. Reports tokens through
 the weights per window and the median milliseconds of a training forward + backward per micro-batch.
 
-    python bench/packing_families.py [--seq 384] [--stride 128] [--micro 16] [--batches 8] [--out r.json]
+    python bench/packing_families.py [--seq 384] [--stride 128] [--query 64] [--micro 16] [--batches 8] [--out r.json]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=384)
     ap.add_argument("--stride", type=int, default=128)
+    ap.add_argument("--query", type=int, default=64, help="max_query_length")
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--out", default=None)
@@ -43,7 +44,7 @@ def main() -> None:
 
     tok = load_tokenizer("all-MiniLM-L6-v2")
     examples = load_squad(resolve_data_path("sample:train")).train_examples()
-    feats = featurize(examples, tok, max_seq_length=args.seq, doc_stride=args.stride, max_query_length=64,
+    feats = featurize(examples, tok, max_seq_length=args.seq, doc_stride=args.stride, max_query_length=args.query,
                       split="train", num_workers=1, progress=False)
     order = epoch_order(len(feats), 1, 0, 42, 0, lengths=feats.attention_mask.sum(1), global_batch=args.micro)
     # Spread over the epoch: short and long groups both.

@@ -102,3 +102,31 @@ def test_max_micro_smoke(tmp_path):
     assert res["max_micro"] == 5
     assert [p["micro"] for p in res["probes"]] == [2, 4, 8, 6, 5]
     assert all(p["samples_per_s"] > 0 for p in res["probes"] if not p["oom"])
+
+
+def _bench(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)], env=env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ask_speed_smoke(tmp_path, ask_model):
+    from conftest import ASK_WINDOWS
+
+    res = _bench(tmp_path, "ask_speed.py", "--model", str(ask_model), "--questions", "4", "--reps", "1",
+                 *[a for s in ASK_WINDOWS for a in ("--set", s)])
+    for side in ("squad_ds", "diy"):
+        assert res[side]["answers_per_s"] > 0 and "f1" in res[side]
+    assert res["ratio"] > 0 and res["ask_first_answer_s"] > 0
+
+
+@pytest.mark.slow
+def test_packing_families_smoke(tmp_path):
+    res = _bench(tmp_path, "packing_families.py", "--seq", "64", "--stride", "24", "--query", "16", "--micro", "4",
+                 "--batches", "2")
+    assert set(res["families"]) == {"bert", "roberta", "electra"}
+    for row in res["families"].values():
+        assert row["packed"]["tokens_per_window"] <= row["trimmed"]["tokens_per_window"] <= 64
