@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from squad_ds.config import model_record, recipe_for_model
+from squad_ds.model_record import model_record, recipe_for_model
 from squad_ds.errors import ConfigError, QuestionError
 from squad_ds.scoring.postprocess import is_placeholder
 
@@ -57,7 +57,8 @@ def _version_2(version: str | None, recipe, record: dict | None) -> bool:
     return chosen == "2.0"
 
 
-def _checked(name: str, value: Any, limit: int, i: int | None) -> str:
+def checked_text(name: str, value: Any, limit: int, i: int | None) -> str:
+    """`value` if it is usable text for `name` (question or context), else a QuestionError naming it."""
     where = name if i is None else f"{name} {i}"
     if not isinstance(value, str):
         raise QuestionError(f"{where}: expected text, got {type(value).__name__}")
@@ -66,6 +67,12 @@ def _checked(name: str, value: Any, limit: int, i: int | None) -> str:
     if len(value) > limit:
         raise QuestionError(f"{where}: {len(value):,} characters, more than the {limit:,} allowed")
     return value
+
+
+def check_top_k(top_k: Any, n_best: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_best:
+        raise QuestionError(f"top_k={top_k!r}: a whole number from 1 to eval.n_best_size ({n_best})")
+    return top_k
 
 
 class QuestionAnswerer:
@@ -123,12 +130,10 @@ class QuestionAnswerer:
         from squad_ds.modeling.sdpa import sdpa_preference
         from squad_ds.training.inference import postprocess, predict_arrays
 
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.recipe.eval.n_best_size:
-            raise QuestionError(f"top_k={top_k!r}: a whole number from 1 to eval.n_best_size "
-                                f"({self.recipe.eval.n_best_size})")
+        check_top_k(top_k, self.recipe.eval.n_best_size)
         one = len(questions) == 1
-        examples = [Example(str(i), "", _checked("context", c, MAX_CONTEXT_CHARS, None if one else i),
-                            _checked("question", q, MAX_QUESTION_CHARS, None if one else i), ())
+        examples = [Example(str(i), "", checked_text("context", c, MAX_CONTEXT_CHARS, None if one else i),
+                            checked_text("question", q, MAX_QUESTION_CHARS, None if one else i), ())
                     for i, (q, c) in enumerate(zip(questions, contexts))]
         if not examples:
             return []
@@ -192,8 +197,8 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict) or "question" not in row or "context" not in row:
                 raise QuestionError(f"{path}, line {n}: expected an object with \"question\" and \"context\"")
             try:
-                _checked("question", row["question"], MAX_QUESTION_CHARS, None)
-                _checked("context", row["context"], MAX_CONTEXT_CHARS, None)
+                checked_text("question", row["question"], MAX_QUESTION_CHARS, None)
+                checked_text("context", row["context"], MAX_CONTEXT_CHARS, None)
             except QuestionError as e:
                 raise QuestionError(f"{path}, line {n}: {e}") from None
             yield n, row

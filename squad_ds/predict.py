@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from squad_ds import distributed
-from squad_ds.config import recipe_for_model
+from squad_ds.model_record import recipe_for_model
 from squad_ds.data.batching import trim_policy
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from squad_ds.ask import MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS, QuestionAnswerer, result_document
+from squad_ds.ask import (MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS, QuestionAnswerer, check_top_k, checked_text,
+                          result_document)
 from squad_ds.errors import ConfigError, QuestionError
 
 MAX_BODY_BYTES = 4 * MAX_CONTEXT_CHARS + 64 * 1024  # a context at its limit, in UTF-8 at worst, and the rest
@@ -89,15 +90,12 @@ def _questions(body: Any, n_best: int) -> list[tuple[str, str, int]]:
         unknown = set(item) - {"question", "context", "top_k", "id"}
         if unknown:
             raise QuestionError(f"{where}unknown field(s): {', '.join(sorted(map(str, unknown)))}")
-        top_k = item.get("top_k", 1)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_best:
-            raise QuestionError(f"{where}top_k={top_k!r}: a whole number from 1 to {n_best}")
-        for key, limit in (("question", MAX_QUESTION_CHARS), ("context", MAX_CONTEXT_CHARS)):
-            value = item[key]
-            if not isinstance(value, str) or not value.strip():
-                raise QuestionError(f"{where}{key}: expected non-empty text")
-            if len(value) > limit:
-                raise QuestionError(f"{where}{key}: {len(value):,} characters, more than the {limit:,} allowed")
+        try:
+            top_k = check_top_k(item.get("top_k", 1), n_best)
+            checked_text("question", item["question"], MAX_QUESTION_CHARS, None)
+            checked_text("context", item["context"], MAX_CONTEXT_CHARS, None)
+        except QuestionError as e:
+            raise QuestionError(f"{where}{e}") from None
         out.append((item["question"], item["context"], top_k))
     return out
 

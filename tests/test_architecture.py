@@ -117,7 +117,7 @@ def test_foundation_modules_import_nothing_of_the_package(module):
 # show them top down); a module may import its own layer and the ones before it, never a later one.
 LAYERS = [
     ("foundation", ("squad_ds.errors", "squad_ds.atomic", "squad_ds.config", "squad_ds.options", "squad_ds.distributed",
-                    "squad_ds.logs", "squad_ds.preempt")),
+                    "squad_ds.logs", "squad_ds.preempt", "squad_ds.model_record")),
     ("data", ("squad_ds.data", "squad_ds.sample_data")),
     ("scoring", ("squad_ds.scoring",)),
     ("modeling", ("squad_ds.modeling",)),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from squad_ds import atomic, distributed
-from squad_ds.config import MODEL_RECORD
+from squad_ds.model_record import MODEL_RECORD
 from squad_ds.errors import CheckpointError, ConfigError, ModelLoadError, disk_error
 from squad_ds.logs import log_main
 from squad_ds.training import checkpoint
