@@ -115,6 +115,16 @@ def lost_rank_as_error(fn: Callable[[], T]) -> T:
                        "with --resume auto once every rank can run") from None
 
 
+def hosts_of_ranks() -> list[str]:
+    """Each rank's host name, in rank order (a collective: every rank calls it); one name when alone."""
+    name = socket.gethostname()
+    if world_size() <= 1 or not dist.is_initialized():
+        return [name]
+    names: list[Any] = [None] * world_size()
+    dist.all_gather_object(names, name)
+    return names
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 

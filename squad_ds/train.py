@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         export.check_can_push(args.push_to_hub)
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
+    if distributed.world_size() > 1:
+        log_main("%d ranks: %s", distributed.world_size(),
+                 ", ".join(f"{r} on {h}" for r, h in enumerate(distributed.hosts_of_ranks())))
     device = distributed.device(cuda)
     out = Path(recipe.output.dir)
     held = distributed.on_main(lambda: run_dir.lock(out))  # noqa: F841 - held open until the process ends
