@@ -106,6 +106,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hosts(args: argparse.Namespace) -> int:
+    from squad_ds.hosts import hosts_command
+
+    result = hosts_command(args.hostfile, args.recipe, args.overrides, args.master_addr, args.master_port,
+                           args.ssh_port, args.launcher)
+    for line in result["problems"]:
+        print(f"squad-ds hosts: {line}", file=sys.stderr)
+    emit_result(result)
+    return 2 if result["problems"] else 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from squad_ds.plot import plot_command
 
@@ -203,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.set_defaults(func=_cmd_serve)
+
+    ho = sub.add_parser("hosts", help="before a multi-host run: check every host of a DeepSpeed hostfile (ssh, "
+                        "Python and versions, shared data and output, MASTER_ADDR and port); one line per problem")
+    ho.add_argument("hostfile", help="DeepSpeed hostfile: one line per host, `NAME slots=N`")
+    add_recipe_arguments(ho)
+    ho.add_argument("--master-addr", "--master_addr", default=None,
+                    help="the address rank 0 listens on (default: the hostfile's first host)")
+    ho.add_argument("--master-port", "--master_port", type=int, default=29500, help="default 29500")
+    ho.add_argument("--ssh-port", "--ssh_port", type=int, default=None, help="ssh port, as the launcher's --ssh_port")
+    ho.add_argument("--launcher", default="pdsh", help="the launcher's --launcher (default pdsh: checked here)")
+    ho.set_defaults(func=_cmd_hosts)
 
     pl = sub.add_parser("plot", help="PNG of a run's training loss and dev scores over steps (the plot extra)")
     pl.add_argument("run_dir", help="the run's output.dir")

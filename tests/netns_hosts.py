@@ -106,7 +106,6 @@ class Hosts:
         self.prefix = prefix or f"sqds{os.getpid() % 100000}"
         self.switch = f"{self.prefix}-sw"
         self.hosts = [Host(self, i) for i in range(n)]
-        self._made_run_sshd = False
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]
@@ -182,9 +181,8 @@ class Hosts:
             "PrintMotd no\n"
             "AcceptEnv none\n")
         # sshd insists on its privilege separation directory; Debian makes it through systemd, which may not run.
-        if not Path("/run/sshd").is_dir():
-            Path("/run/sshd").mkdir(mode=0o755)
-            self._made_run_sshd = True
+        # Made as the package would and left in place: another set of hosts (a parallel test run) may need it.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
     def _hold(self, host: Host) -> None:
         script = (f"hostname {host.name} && mount --bind {self.etc_hosts} /etc/hosts && "
@@ -227,8 +225,3 @@ class Hosts:
             host.holder.wait()
         for ns in [h.netns for h in self.hosts] + [self.switch]:
             _sh("ip", "netns", "del", ns, check=False)
-        if self._made_run_sshd:
-            try:
-                Path("/run/sshd").rmdir()
-            except OSError:
-                pass
