@@ -2,16 +2,20 @@
 
 PHASE N: the N-th (1-based) occurrence of
   train   a training micro-batch, after its backward and before its optimizer step
-  save    a checkpoint, once every file is written and before its completion marker
+  save    a checkpoint, once every file is written and before its completion marker (rank 0, which writes it)
+  shard   a checkpoint on this rank, once DeepSpeed has written its files and before the ranks meet to mark it
   eval    a mid-run evaluation, after predictions.json and before the rest of its files
   export  the export, once the weights are written and before squad_ds.json
 The trainer runs unchanged otherwise (the patches only count and kill). With FAULT_ACTION=enospc the N-th
-occurrence raises "No space left on device" instead of killing (a disk that fills at that moment).
+occurrence raises "No space left on device" instead of killing (a disk that fills at that moment); with
+FAULT_ACTION=hang it creates the file FAULT_FLAG and waits there for ever (a process caught mid-save, for the test to
+take its host away).
 """
 import errno
 import os
 import signal
 import sys
+import time
 
 from squad_ds import atomic, train
 from squad_ds.scoring import postprocess
@@ -26,6 +30,10 @@ def hit() -> None:
     if seen["n"] == target:
         if os.environ.get("FAULT_ACTION") == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if os.environ.get("FAULT_ACTION") == "hang":
+            open(os.environ["FAULT_FLAG"], "w").close()
+            while True:
+                time.sleep(60)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -55,6 +63,14 @@ elif phase == "save":
         return real_digests(tag_dir)
 
     checkpoint.file_digests = file_digests
+elif phase == "shard":
+    real_rng_state = checkpoint.rng_state
+
+    def rng_state():
+        hit()
+        return real_rng_state()
+
+    checkpoint.rng_state = rng_state
 elif phase == "eval":
     real_write_json = atomic.write_json
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,10 @@ def _launcher_env(hostfile: Path, **extra: str) -> dict[str, str]:
 
 
 def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, tiny_model, reference, tmp_path):
-    """launch/train.sh with a two-host hostfile: DeepSpeed's launcher → pdsh → ssh → one rank on each host. The
-    data's directory reaches the ranks only through .deepspeed_env (an ssh session starts with a clean environment):
-    without the file the same run fails, naming the variable."""
+    """launch/train.sh with a two-host hostfile: its hosts check, then DeepSpeed's launcher → pdsh → ssh → one rank
+    on each host. The data's directory reaches the ranks only through .deepspeed_env (an ssh session starts with a
+    clean environment): without the file the hosts check says so before launching, and with the check skipped the
+    ranks fail, naming the variable."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(SAMPLE_TRAIN, data / "train.json")
@@ -104,14 +106,20 @@ def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, tiny_model, reference, tmp_
     cmd = ["bash", str(REPO / "launch" / "train.sh"), str(recipe), "--deepspeed_config", "cpu_fp32_zero2"]
 
     # Set here, in the launching shell only: it must not be what makes the run work.
-    missing = hosts[0].run(*cmd, cwd=run, env=_launcher_env(hostfile, SQUAD_DS_TEST_DATA=str(data)))
-    assert missing.returncode != 0
-    assert "an environment variable in it is not set" in missing.stdout + missing.stderr
+    here_only = {"SQUAD_DS_TEST_DATA": str(data)}
+    checked = hosts[0].run(*cmd, cwd=run, env=_launcher_env(hostfile, **here_only))
+    assert checked.returncode == 2, checked.stderr[-3000:]
+    assert "$SQUAD_DS_TEST_DATA, which no .deepspeed_env" in checked.stderr
+    assert "not launching" in checked.stderr and "DeepSpeed" not in checked.stdout
+    unchecked = hosts[0].run(*cmd, cwd=run, env=_launcher_env(hostfile, SQUAD_DS_SKIP_HOSTS_CHECK="1", **here_only))
+    assert unchecked.returncode != 0
+    assert "an environment variable in it is not set" in unchecked.stdout + unchecked.stderr
 
     (run / ".deepspeed_env").write_text(f"SQUAD_DS_TEST_DATA={data}\nHF_HUB_OFFLINE=1\nOMP_NUM_THREADS=1\n"
                                         f"TORCH_EXTENSIONS_DIR={env()['TORCH_EXTENSIONS_DIR']}\n")
-    proc = hosts[0].run(*cmd, cwd=run, env=_launcher_env(hostfile))
+    proc = hosts[0].run(*cmd, cwd=run, env=_launcher_env(hostfile, **here_only))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "checking the hosts of" in proc.stderr
     assert "2 ranks: 0 on h0, 1 on h1" in proc.stdout + proc.stderr
     assert_same_run(reference, tmp_path / "out")
 
@@ -262,3 +270,127 @@ def test_hosts_check_finds_a_variable_that_would_not_reach_the_ranks(preflight, 
                  SQUAD_DS_TEST_DATA=str(preflight.data))
     (tmp_path / ".deepspeed_env").write_text(f"SQUAD_DS_TEST_DATA={preflight.data}\n")
     assert preflight(*via_variable, SQUAD_DS_TEST_DATA=str(preflight.data))[1] == []
+
+
+# ---------------------------------------------------------------------------------------------- faults between hosts
+TIMEOUT_S = 15  # distributed.timeout_s in these runs: how long a collective waits for a rank that is gone
+
+
+def _start_ranks(hosts: Hosts, recipe: Path, logs: Path, *args: str, wrap: dict[int, list[str]] | None = None,
+                 extra_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
+    """One rank per host, started the way srun starts tasks (RANK, WORLD_SIZE, MASTER_ADDR=h0), logs to files."""
+    port = str(free_port())
+    procs = []
+    for r, host in enumerate(hosts):
+        e = {**env(1), "RANK": str(r), "WORLD_SIZE": str(len(hosts)), "LOCAL_RANK": "0", "MASTER_ADDR": "h0",
+             "MASTER_PORT": port, **(extra_env or {}).get(r, {})}
+        head = (wrap or {}).get(r, ["-m", "squad_ds.train"])
+        with open(logs / f"rank{r}.out", "a") as out, open(logs / f"rank{r}.err", "a") as err:
+            procs.append(host.popen(sys.executable, *head, "--recipe", str(recipe), "--deepspeed_config", "cpu_fp32",
+                                    *args, cwd=REPO, env=e, stdout=out, stderr=err))
+    return procs
+
+
+def _wait_for(condition, timeout: float, procs: list[subprocess.Popen], what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        dead = [p.returncode for p in procs if p.poll() is not None]
+        assert not dead and time.monotonic() < deadline, f"waiting for {what}: exits {dead}"
+        time.sleep(0.2)
+
+
+def _ends(procs: list[subprocess.Popen], since: float, limit: float) -> list[float]:
+    """Seconds from `since` until each process exited by itself (killed after `limit`: a hang fails the test)."""
+    ended = [None] * len(procs)
+    deadline = since + limit
+    while None in ended and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic() - since
+        time.sleep(0.1)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert None not in ended, f"a rank was still running {limit:.0f} s later: {ended}"
+    return ended
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _logged_steps(out: Path) -> int:
+    log = out / "train_log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.parametrize("fault", ["cut link", "killed host"])
+def test_a_host_lost_mid_run_ends_every_rank_within_the_timeout(hosts, tiny_model, tmp_path, fault):
+    """h1's cable pulled (its link down: nothing more arrives, not even a reset) or every process on h1 killed,
+    mid-training: each rank still running ends by itself within distributed.timeout_s, with one line."""
+    recipe = _recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", output={"export": False},
+                     train={"max_steps": 100_000, "save_steps": 100_000, "micro_batch_size": 2},
+                     distributed={"timeout_s": TIMEOUT_S})
+    procs = _start_ranks(hosts, recipe, tmp_path)
+    try:
+        _wait_for(lambda: _logged_steps(tmp_path / "out") >= 3, 300, procs, "three logged steps")
+        lost = time.monotonic()
+        if fault == "cut link":
+            hosts[1].link(False)
+        else:
+            hosts[1].kill_all()
+        survivors = procs if fault == "cut link" else procs[:1]  # rank 1 on a cut-off host runs on, alone
+        took = _ends(survivors, lost, TIMEOUT_S + 60)
+        print(f"{fault}: the ranks still running ended {[round(t, 1) for t in took]} s after")
+    finally:
+        hosts[1].link(True)
+        for p in procs:
+            p.kill()
+    for r, seconds in enumerate(took):
+        line = _last_line(tmp_path / f"rank{r}.err")
+        assert procs[r].returncode == 2, (r, procs[r].returncode, line)
+        assert line.startswith(f"squad-ds train: error: rank {r} of 2: another rank stopped answering"), line
+        assert seconds <= TIMEOUT_S + 20, f"rank {r} took {seconds:.1f} s to end (timeout_s={TIMEOUT_S})"
+
+
+def test_a_host_lost_while_saving_is_never_marked_complete_and_the_run_resumes_exactly(hosts, tmp_path):
+    """Dropout on. The uninterrupted two-host run, then the same run where h1 goes off the network (link down, its
+    processes killed) while rank 1 is in the middle of the second checkpoint: rank 0 ends within the timeout, that
+    checkpoint has no completion marker, and `--resume auto` from the first one ends bit-equal to the
+    uninterrupted run: losses and exported weights."""
+    from squad_ds.training.checkpoint import complete_tags, tag_for
+
+    model = make_tiny_model(tmp_path / "model", dropout=0.1)
+    common = dict(train={"max_steps": 12, "save_steps": 4, "micro_batch_size": 6}, distributed={"timeout_s": TIMEOUT_S})
+    full = _recipe(tmp_path / "full.yaml", model, tmp_path / "full", **common)
+    (tmp_path / "logs-full").mkdir()
+    assert _ends(_start_ranks(hosts, full, tmp_path / "logs-full"), time.monotonic(), 600) and \
+        _last_line(tmp_path / "full" / "train_log.jsonl")
+
+    cut = _recipe(tmp_path / "cut.yaml", model, tmp_path / "cut", **common)
+    flag = tmp_path / "rank1-mid-save"
+    procs = _start_ranks(hosts, cut, tmp_path, wrap={1: [str(REPO / "tests" / "fault_inject.py"), "shard", "2"]},
+                         extra_env={1: {"FAULT_ACTION": "hang", "FAULT_FLAG": str(flag)}})
+    try:
+        _wait_for(flag.exists, 600, procs, "rank 1 in the middle of its second checkpoint")
+        lost = time.monotonic()
+        hosts[1].link(False)
+        hosts[1].kill_all()
+        took = _ends(procs[:1], lost, TIMEOUT_S + 60)
+    finally:
+        hosts[1].link(True)
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 2 and took[0] <= TIMEOUT_S + 20, (procs[0].returncode, took)
+    assert "another rank stopped answering" in _last_line(tmp_path / "rank0.err")
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert complete_tags(ckpts) == [tag_for(4)], sorted(p.name for p in ckpts.iterdir())
+    assert (ckpts / tag_for(8)).is_dir()  # begun, never marked
+
+    resumed = _start_ranks(hosts, cut, tmp_path, "--resume", "auto")
+    assert _ends(resumed, time.monotonic(), 600)
+    assert [p.returncode for p in resumed] == [0, 0], _last_line(tmp_path / "rank0.err")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    wa, wb = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert sorted(wa) == sorted(wb) and all(np.array_equal(wa[k], wb[k]) for k in wa)
