@@ -78,6 +78,11 @@ def init(cuda: bool, timeout_s: float = 1800.0, rendezvous_timeout_s: float = 60
             raise late(str(e).strip().splitlines()[0][:200]) from None
         if settable:
             dist.distributed_c10d._set_pg_timeout(collective)
+        # Groups made later (DeepSpeed's clone of the world group, which carries the gradients' all-reduce; ZeRO's)
+        # take torch's module default, 30 minutes, not this run's: make timeout_s that default (private API too).
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+            if isinstance(getattr(dist.distributed_c10d, name, None), timedelta):
+                setattr(dist.distributed_c10d, name, collective)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=collective)
 

@@ -46,3 +46,45 @@ def test_waiting_for_rank_0s_store_keeps_its_deadline():
         assert 1.5 <= time.monotonic() - t0 < 10  # not c10d's backoff of up to a minute
         s.listen()
         assert distributed._wait_for_port("127.0.0.1", port, time.monotonic() + 5)
+
+
+SILENT_PEER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from squad_ds import distributed
+distributed.init(cuda=False, timeout_s=3, rendezvous_timeout_s=60)
+group = dist.new_group(ranks=[0, 1])  # made after init, as DeepSpeed clones the world group for the gradients
+if distributed.rank() == 1:
+    time.sleep(60)  # alive, connected, and never joins the collective
+    sys.exit(0)
+t0 = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1), group=group)
+except RuntimeError as e:
+    print(f"raised after {time.monotonic() - t0:.1f} s: {str(e).splitlines()[0][:120]}", flush=True)
+    os._exit(0)
+os._exit(1)
+"""
+
+
+def test_groups_made_after_init_keep_the_runs_collective_timeout(tmp_path):
+    """distributed.timeout_s bounds the collectives of groups made later too (DeepSpeed's own, which carry the
+    gradients): torch gives new groups its 30-minute default, under which a rank cut off mid-step waited on."""
+    import subprocess
+    import sys
+
+    from trainer_util import env, free_port
+
+    script = tmp_path / "silent_peer.py"
+    script.write_text(SILENT_PEER)
+    e = {**env(1), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**e, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=40)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 0 and "raised after" in out, (out, err[-2000:])
+    assert float(out.split("raised after ")[1].split(" s")[0]) < 10, out

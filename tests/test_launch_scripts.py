@@ -55,15 +55,20 @@ def _fake_bin(tmp_path: Path, name: str, body: str) -> Path:
     return bin_dir
 
 
-def _run_train_sh(tmp_path: Path, *args: str, **env: str) -> list[str]:
-    """launch/train.sh with a recording `deepspeed` and, unless given, an `nvidia-smi` that lists no GPU."""
+def _run_train_sh(tmp_path: Path, *args: str, check_status: int = 0, **env: str) -> list[str]:
+    """launch/train.sh with a recording `deepspeed`, a recording `squad-ds` (the hosts check, exiting
+    `check_status`; its arguments in tmp_path/hosts-check) and, unless given, an `nvidia-smi` that lists no GPU."""
     bin_dir = _fake_bin(tmp_path, "deepspeed", 'printf "%s\\n" "$@"\n')
+    _fake_bin(tmp_path, "squad-ds", f'printf "%s\\n" "$@" > {tmp_path / "hosts-check"}\nexit {check_status}\n')
     if "GPUS_LISTED" in env:
         lines = "".join(f"GPU {i}: Fake (UUID: GPU-{i})\\n" for i in range(int(env.pop("GPUS_LISTED"))))
         _fake_bin(tmp_path, "nvidia-smi", f'printf "{lines}"\n')
     base = {k: v for k, v in os.environ.items() if k not in {"NUM_GPUS", "DS_LAUNCHER_ARGS", "MASTER_PORT"}}
     res = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), *args], check=False, capture_output=True,
                          text=True, env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env}, timeout=30)
+    if check_status and env.get("SQUAD_DS_SKIP_HOSTS_CHECK") != "1":
+        assert res.returncode == 2 and "not launching" in res.stderr and res.stdout == "", res.stderr
+        return []
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
 
@@ -81,6 +86,21 @@ def test_train_sh_counts_gpus_and_honours_overrides(tmp_path: Path) -> None:
                          DS_LAUNCHER_ARGS="--hostfile hf --master_addr n0")
     assert argv[:4] == ["--num_gpus", "2", "--master_port", "1234"]
     assert argv[4:8] == ["--hostfile", "hf", "--master_addr", "n0"]
+
+
+def test_train_sh_checks_the_hosts_of_a_hostfile_first(tmp_path: Path) -> None:
+    checked = tmp_path / "hosts-check"
+    _run_train_sh(tmp_path, "tiny", "--set", "train.max_steps=3")
+    assert not checked.exists()  # no hostfile: one host, nothing to check
+    launch = dict(MASTER_PORT="1234", DS_LAUNCHER_ARGS="--hostfile=hf --master_addr n0 --ssh_port 2222")
+    _run_train_sh(tmp_path, "tiny", "--set", "train.max_steps=3", "--deepspeed_config", "x.json", **launch)
+    assert checked.read_text().split() == ["hosts", "hf", "--recipe", "tiny", "--master-port", "1234",
+                                           "--master-addr", "n0", "--ssh-port", "2222", "--set", "train.max_steps=3"]
+    _run_train_sh(tmp_path, "tiny", check_status=2, **launch)  # a problem found: nothing launched
+    checked.unlink()
+    assert _run_train_sh(tmp_path, "tiny", check_status=2, SQUAD_DS_SKIP_HOSTS_CHECK="1", **launch)[:2] == \
+        ["--num_gpus", "1"]
+    assert not checked.exists()
 
 
 def test_train_sh_without_recipe_is_a_usage_error() -> None:
