@@ -160,7 +160,9 @@ def _remote_failure(host: str, proc: subprocess.CompletedProcess) -> str:
     err = (proc.stderr or "").strip().splitlines()
     last = err[-1] if err else f"exit {proc.returncode}"
     if proc.returncode == 255:
-        return f"{host}: ssh failed without a password ({last}): set up key-based ssh from this host"
+        if "Permission denied" in last or "password" in last.lower():
+            return f"{host}: ssh failed without a password ({last}): set up key-based ssh from this host"
+        return f"{host}: cannot be reached over ssh ({last})"
     if proc.returncode == 127 or "No such file" in last:
         return f"{host}: no Python at {sys.executable} there ({last}): the launcher runs this same interpreter " \
                "path on every host"
