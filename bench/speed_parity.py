@@ -4,6 +4,8 @@ epochs and schedule — the accuracy comparison's work (bench/accuracy_parity.py
 Sides (each in a fresh process, interleaved, repeated):
   squad-ds        `squad-ds train` with its CPU defaults
   squad-ds-sdpa   the same with model.fused_dropout=false (torch's dropout and SDPA: squad-ds's default until 0.2)
+  squad-ds-compile  the same with train.compile=true (torch.compile through engine.compile(); its compile time is
+                  in the loop's seconds, as a user pays it) — not in the default set
   hf              Trainer as run_qa.py runs it: fp32, group_by_length, dynamic padding
   hf-bf16         the same with TrainingArguments(bf16=True), the Trainer's own mixed precision on CPU
 
@@ -32,12 +34,14 @@ from pathlib import Path
 import accuracy_parity as parity
 
 SIDES = ("squad-ds", "hf", "hf-bf16", "squad-ds-sdpa")
+OPTIONAL_SIDES = ("squad-ds-compile",)
+SETS = {"squad-ds-sdpa": ("model.fused_dropout=false",), "squad-ds-compile": ("train.compile=true",)}
 
 
 def run_side(side: str, s: parity.Settings, train_file: Path, model: str, seed: int, work: Path) -> dict:
     (work / side).mkdir(parents=True, exist_ok=True)
     if side.startswith("squad-ds"):
-        sets = ("model.fused_dropout=false",) if side == "squad-ds-sdpa" else ()
+        sets = SETS.get(side, ())
         row = parity.run_squad_ds(s, train_file, train_file, model, seed, work / side, evaluate=False, sets=sets)
     else:
         row = parity.run_hf(s, train_file, train_file, model, seed, work / side, evaluate=False,
@@ -94,7 +98,9 @@ def report(rows: list[dict], flops_per_epoch: float, peaks: dict[str, float], s:
                           "model_gflops": gflops, "mfu": gflops / best_peak, "runs": len(mine)}
     ratios = {}
     for a in sides:
-        for b in ("hf", "hf-bf16"):
+        for b in ("hf", "hf-bf16", "squad-ds"):
+            if a == b:
+                continue
             pairs = [ra["train_samples_per_s"] / rb["train_samples_per_s"]
                      for ra in rows if ra["side"] == a for rb in rows if rb["side"] == b and rb["repeat"] == ra["repeat"]]
             if a.startswith("squad-ds") and pairs:
@@ -135,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_side(a.worker, s, work / "train_subset.json", model, a.seed, work)), flush=True)
         return 0
     sides = a.sides.split(",")
-    unknown = set(sides) - set(SIDES)
+    unknown = set(sides) - set(SIDES) - set(OPTIONAL_SIDES)
     if unknown:
-        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (known: {', '.join(SIDES)})")
+        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (known: {', '.join(SIDES + OPTIONAL_SIDES)})")
     work.mkdir(parents=True, exist_ok=True)
     train_file, _ = parity.make_inputs(dataclasses.replace(s, n_eval=1), train_src, train_src, work)
     peaks = matmul_peaks()

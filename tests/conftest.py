@@ -79,3 +79,22 @@ def ask_qa(ask_model):
     from squad_ds.ask import QuestionAnswerer
 
     return QuestionAnswerer(ask_model, overrides=ASK_WINDOWS)
+
+
+@pytest.fixture(scope="session")
+def multihost_model(tmp_path_factory):
+    """The tiny BERT the multi-host tests train (tests/test_multihost*.py)."""
+    from trainer_util import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory, multihost_model):
+    """One process, micro-batch 12, exported: what every two-host run (2 ranks x 6) must reproduce."""
+    from trainer_util import run_train, write_recipe
+
+    d = tmp_path_factory.mktemp("one_process")
+    run_train(write_recipe(d / "r.yaml", multihost_model, d / "out", train={"micro_batch_size": 12},
+                           output={"export": True}))
+    return d / "out"

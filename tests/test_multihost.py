@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from netns_hosts import Hosts, available
-from trainer_util import REPO, env, free_port, losses, make_tiny_model, run_train, write_recipe
+from trainer_util import REPO, env, free_port, losses, make_tiny_model, write_recipe
 
 from squad_ds.sample_data import SAMPLE_TRAIN
 
@@ -33,24 +33,10 @@ def hosts(tmp_path_factory):
         yield made
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _recipe(path: Path, model: Path, out: Path, **sections) -> Path:
     sections.setdefault("train", {}).setdefault("micro_batch_size", 6)
     sections.setdefault("output", {}).setdefault("export", True)
     return write_recipe(path, model, out, **sections)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model):
-    """One process, micro-batch 12: what every two-host run (2 ranks × 6) must reproduce."""
-    d = tmp_path_factory.mktemp("ref")
-    recipe = _recipe(d / "r.yaml", tiny_model, d / "out", train={"micro_batch_size": 12})
-    run_train(recipe)
-    return d / "out"
 
 
 def _weights(out: Path) -> dict[str, np.ndarray]:
@@ -90,7 +76,7 @@ def _launcher_env(hostfile: Path, **extra: str) -> dict[str, str]:
     return e
 
 
-def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, tiny_model, reference, tmp_path):
+def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, multihost_model, one_process_run, tmp_path):
     """launch/train.sh with a two-host hostfile: its hosts check, then DeepSpeed's launcher → pdsh → ssh → one rank
     on each host. The data's directory reaches the ranks only through .deepspeed_env (an ssh session starts with a
     clean environment): without the file the hosts check says so before launching, and with the check skipped the
@@ -98,7 +84,7 @@ def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, tiny_model, reference, tmp_
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(SAMPLE_TRAIN, data / "train.json")
-    recipe = _recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out",
+    recipe = _recipe(tmp_path / "r.yaml", multihost_model, tmp_path / "out",
                      data={"train_file": "$SQUAD_DS_TEST_DATA/train.json"})
     run = tmp_path / "run"  # the launcher's working directory, where it reads .deepspeed_env
     run.mkdir()
@@ -121,12 +107,12 @@ def test_deepspeed_launcher_over_pdsh_and_ssh(hosts, tiny_model, reference, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "checking the hosts of" in proc.stderr
     assert "2 ranks: 0 on h0, 1 on h1" in proc.stdout + proc.stderr
-    assert_same_run(reference, tmp_path / "out")
+    assert_same_run(one_process_run, tmp_path / "out")
 
 
-def test_torchrun_c10d_rendezvous_across_hosts(hosts, tiny_model, reference, tmp_path):
+def test_torchrun_c10d_rendezvous_across_hosts(hosts, multihost_model, one_process_run, tmp_path):
     """torchrun on each host, meeting through c10d rendezvous at h0 (no static master: the agents elect one)."""
-    recipe = _recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out")
+    recipe = _recipe(tmp_path / "r.yaml", multihost_model, tmp_path / "out")
     port = str(free_port())
     procs = [h.popen(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                      "--rdzv_backend=c10d", f"--rdzv_endpoint=h0:{port}", "--rdzv_id=squad-ds-test",
@@ -142,18 +128,18 @@ def test_torchrun_c10d_rendezvous_across_hosts(hosts, tiny_model, reference, tmp
         assert p.returncode == 0, out[-2000:] + err[-4000:]
     logged = "".join(out + err for out, err in outs)
     assert "2 ranks: 0 on h0, 1 on h1" in logged or "2 ranks: 0 on h1, 1 on h0" in logged, logged[-3000:]
-    assert_same_run(reference, tmp_path / "out")
+    assert_same_run(one_process_run, tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------- squad-ds hosts
 @pytest.fixture
-def preflight(hosts, tiny_model, tmp_path):
+def preflight(hosts, multihost_model, tmp_path):
     """A recipe whose data, model and output live on the shared filesystem, and `squad-ds hosts` run from h0."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(SAMPLE_TRAIN, data / "train.json")
     (tmp_path / "runs").mkdir()
-    recipe = _recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "runs" / "out",
+    recipe = _recipe(tmp_path / "r.yaml", multihost_model, tmp_path / "runs" / "out",
                      data={"train_file": str(data / "train.json")})
     hostfile = _hostfile(tmp_path / "hostfile", hosts)
     port = str(free_port())
@@ -326,10 +312,10 @@ def _logged_steps(out: Path) -> int:
 
 
 @pytest.mark.parametrize("fault", ["cut link", "killed host"])
-def test_a_host_lost_mid_run_ends_every_rank_within_the_timeout(hosts, tiny_model, tmp_path, fault):
+def test_a_host_lost_mid_run_ends_every_rank_within_the_timeout(hosts, multihost_model, tmp_path, fault):
     """h1's cable pulled (its link down: nothing more arrives, not even a reset) or every process on h1 killed,
     mid-training: each rank still running ends by itself within distributed.timeout_s, with one line."""
-    recipe = _recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", output={"export": False},
+    recipe = _recipe(tmp_path / "r.yaml", multihost_model, tmp_path / "out", output={"export": False},
                      train={"max_steps": 100_000, "save_steps": 100_000, "micro_batch_size": 2},
                      distributed={"timeout_s": TIMEOUT_S})
     procs = _start_ranks(hosts, recipe, tmp_path)

@@ -23,7 +23,7 @@ from netns_hosts import Hosts, available
 from netns_slurm import CRED_EXPIRE_S, SlurmCluster
 from test_multihost import assert_same_run
 from test_slurm import checkpoint_written, final_weights_digest
-from trainer_util import REPO, env, losses, make_tiny_model, run_train, write_recipe
+from trainer_util import REPO, env, losses, make_tiny_model, write_recipe
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged")
 
@@ -51,20 +51,6 @@ def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm2")
     with Hosts(2, d, prefix=f"sqsl{os.getpid() % 10000}") as hosts, SlurmCluster(hosts, d) as made:
         yield made
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model):
-    """One process, micro-batch 12: what two ranks × 6 must reproduce."""
-    d = tmp_path_factory.mktemp("ref")
-    run_train(write_recipe(d / "r.yaml", tiny_model, d / "out", train={"micro_batch_size": 12},
-                           output={"export": True}), ds_config=DS_CONFIG)
-    return d / "out"
 
 
 # ---------------------------------------------------------------- jobs
@@ -111,8 +97,8 @@ def ranks_on(log: str) -> set[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- the tests
-def test_sbatch_on_two_nodes_equals_one_process(cluster, tiny_model, reference, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 6},
+def test_sbatch_on_two_nodes_equals_one_process(cluster, multihost_model, one_process_run, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", multihost_model, tmp_path / "out", train={"micro_batch_size": 6},
                           output={"export": True})
     job = submit(cluster, tmp_path, recipe)
     info = wait_done(cluster, job, tmp_path, timeout=240)
@@ -121,7 +107,7 @@ def test_sbatch_on_two_nodes_equals_one_process(cluster, tiny_model, reference, 
     assert info["NodeList"] == "h[0-1]", info
     assert ranks_on(log) == {("0", "h0"), ("1", "h1")}, log[-5000:]
     assert "master h0:" in log and "2 ranks: 0 on h0, 1 on h1" in log, log[-5000:]
-    assert_same_run(reference, tmp_path / "out")
+    assert_same_run(one_process_run, tmp_path / "out")
 
 
 def test_usr1_checkpoints_on_both_nodes_requeues_and_resumes_exactly(cluster, tmp_path):
