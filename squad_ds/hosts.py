@@ -40,6 +40,8 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 def read_hostfile(path: str) -> dict[str, int]:
     """host → slots, as DeepSpeed's launcher reads the file (its own parser), or a ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"hostfile {path}: a directory; give the file (one line per host: `NAME slots=N`)")
     if not p.is_file():
         raise ConfigError(f"hostfile {path}: no such file (one line per host: `NAME slots=N`)")
     try:
@@ -241,7 +243,9 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
         report = reports[host] = json.loads(proc.stdout)
         problems += _compare(host, report, local_versions, files, local_files, outputs, markers, master,
                              master_port, listening=bool(heard and heard["listening"]))
-    return {"hosts": list(hosts), "master": f"{master}:{master_port}", "problems": problems, "reports": reports}
+    # The first host unreachable is said once, not again for its listener.
+    return {"hosts": list(hosts), "master": f"{master}:{master_port}", "problems": list(dict.fromkeys(problems)),
+            "reports": reports}
 
 
 def _compare(host, report, local_versions, files, local_files, outputs, markers, master, port, listening):

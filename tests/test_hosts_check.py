@@ -38,6 +38,8 @@ def test_hostfile_as_deepspeed_reads_it(tmp_path):
 def test_missing_hostfile_port_and_recipe(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         read_hostfile(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="a directory"):
+        read_hostfile(str(tmp_path))
     (tmp_path / "hf").write_text("localhost slots=1\n")
     with pytest.raises(ConfigError, match="--master-port 70000: not a port"):
         hosts_command(str(tmp_path / "hf"), None, [], None, 70000, None, "pdsh")
@@ -69,3 +71,12 @@ def test_without_ssh_it_stops_at_that(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # neither ssh nor pdsh
     result = check(str(tmp_path / "hf"), load_recipe(None), None, 29500)
     assert [p.split(" is not installed")[0] for p in result["problems"]] == ["pdsh", "ssh"]
+
+
+def test_an_unreachable_first_host_is_one_problem(tmp_path):
+    """Its listener and its probe both fail to connect: one line, not two (loopback, a port nothing listens on)."""
+    from trainer_util import free_port
+
+    (tmp_path / "hf").write_text("127.0.0.1 slots=1\n")
+    result = check(str(tmp_path / "hf"), load_recipe(None), None, 29500, ssh_port=free_port())
+    assert len(result["problems"]) == 1 and result["problems"][0].startswith("127.0.0.1: cannot be reached over ssh")
