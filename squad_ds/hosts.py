@@ -34,6 +34,8 @@ from squad_ds.errors import ConfigError
 PACKAGES = ("squad-ds", "torch", "deepspeed")
 ENV_FILE = ".deepspeed_env"  # DeepSpeed's launcher reads it from ~ and the working directory
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+PROBE_TIMEOUT_S = 120
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
 # ---------------------------------------------------------------------------------------------- what the ranks read
@@ -56,28 +58,34 @@ def read_hostfile(path: str) -> dict[str, int]:
         raise ConfigError(f"hostfile {path}: {e} (one line per host: `NAME slots=N`)") from None
 
 
-def deepspeed_env_names(cwd: Path) -> set[str]:
-    """The variables `.deepspeed_env` carries to every rank (from ~ and `cwd`, as the launcher reads them)."""
-    names = set()
+def deepspeed_env(cwd: Path) -> dict[str, str]:
+    """The variables `.deepspeed_env` carries to every rank, as the launcher reads the file (from ~, then `cwd`,
+    which wins; `NAME=value` lines, both sides stripped)."""
+    carried = {}
     for d in (Path.home(), cwd):
         f = d / ENV_FILE
         if f.is_file():
-            names |= {line.split("=", 1)[0].strip() for line in f.read_text(errors="replace").splitlines()
-                      if "=" in line}
-    return names
+            for line in f.read_text(errors="replace").splitlines():
+                if "=" in line:
+                    key, value = line.split("=", 1)
+                    carried[key.strip()] = value.strip()
+    return carried
 
 
-def recipe_paths(recipe) -> tuple[dict[str, str], list[str], list[str]]:
-    """The recipe's local files (data, model) by key, its output directory, and the `$VARS` its data names use."""
+def recipe_paths(recipe, carried: dict[str, str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """The recipe's local files (data, model) by key, its output directory, and the `$VARS` its data names use.
+    A `$VAR` takes the value the ranks will get (`carried`, from .deepspeed_env), else this shell's."""
     from squad_ds.data.files import resolve_data_path
 
+    env = {**os.environ, **carried}
     files, variables = {}, []
     for key in ("train_file", "eval_file"):
         name = getattr(recipe.data, key)
         if not name or name.startswith("hf:"):
             continue
-        variables += re.findall(r"\$\{?(\w+)", name)
-        files[f"data.{key}"] = resolve_data_path(name, f"data.{key}")
+        variables += [a or b for a, b in _VAR.findall(name)]
+        expanded = _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), name)
+        files[f"data.{key}"] = resolve_data_path(expanded, f"data.{key}")
     model = os.path.expanduser(recipe.model.name_or_path)
     if Path(model).exists():
         files["model.name_or_path"] = str(Path(model).resolve())
@@ -96,15 +104,19 @@ def _signature(path: str) -> list[Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- the remote side
-def probe(request: dict[str, Any]) -> dict[str, Any]:
-    """On one host: interpreter, versions, the files' signatures, the shared marker, MASTER_ADDR:PORT."""
-    versions = {}
+def versions() -> dict[str, str | None]:
+    found = {}
     for name in PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
-    out: dict[str, Any] = {"host": socket.gethostname(), "python": sys.executable, "versions": versions,
+            found[name] = None
+    return found
+
+
+def probe(request: dict[str, Any]) -> dict[str, Any]:
+    """On one host: interpreter, versions, the files' signatures, the shared marker, MASTER_ADDR:PORT."""
+    out: dict[str, Any] = {"host": socket.gethostname(), "python": sys.executable, "versions": versions(),
                            "files": {k: _signature(v) for k, v in request["files"].items()},
                            "markers": {}}
     for path, token in request["markers"].items():
@@ -161,6 +173,8 @@ def _ssh(host: str, args: list[str], ssh_port: int | None) -> list[str]:
 def _remote_failure(host: str, proc: subprocess.CompletedProcess) -> str:
     err = (proc.stderr or "").strip().splitlines()
     last = err[-1] if err else f"exit {proc.returncode}"
+    if proc.returncode == -1:  # no answer in time (ask())
+        return f"{host}: {last} over ssh"
     if proc.returncode == 255:
         if "Permission denied" in last or "password" in last.lower():
             return f"{host}: ssh failed without a password ({last}): set up key-based ssh from this host"
@@ -183,16 +197,16 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
     if shutil.which("ssh") is None:
         problems.append("ssh is not installed here: the launcher reaches every host with it")
         return {"hosts": list(hosts), "problems": problems, "reports": {}}
-    files, outputs, variables = recipe_paths(recipe)
-    carried = deepspeed_env_names(cwd)
+    carried = deepspeed_env(cwd)
+    files, outputs, variables = recipe_paths(recipe, carried)
     for name in variables:
         if name not in carried:
             problems.append(f"the recipe's data paths use ${name}, which no {ENV_FILE} (in {cwd} or ~) carries: "
                             f"ranks start over ssh with a clean environment; add `{name}=...` to {cwd / ENV_FILE}")
-    local_versions = probe({"files": {}, "markers": {}, "master_addr": "localhost", "master_port": 1})["versions"]
+    local_versions = versions()
     master = master_addr or next(iter(hosts))
     first = next(iter(hosts))
-    markers = {}
+    markers, marker_of = {}, {}  # marker path → its token; → the output directory it stands for
     for d in outputs:
         parent = Path(d)
         while not parent.exists():
@@ -202,6 +216,7 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
         try:
             marker.write_text(token)
             markers[str(marker)] = token
+            marker_of[str(marker)] = d
         except OSError as e:
             problems.append(f"output.dir {d}: cannot write in {parent} here ({e.strerror or e})")
     listener = subprocess.Popen(_ssh(first, ["listen", master, str(master_port), "300"], ssh_port),
@@ -209,7 +224,9 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
     reports: dict[str, Any] = {}
     try:
         line = listener.stdout.readline()
-        heard = json.loads(line) if line.startswith("{") else None
+        while line and not line.startswith("{"):  # whatever the remote shell's start-up files print
+            line = listener.stdout.readline()
+        heard = json.loads(line) if line else None
         if heard is None:
             listener.wait(timeout=30)
             problems.append(_remote_failure(first, subprocess.CompletedProcess([], listener.returncode, "",
@@ -221,8 +238,11 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
                               "master_port": master_port})
 
         def ask(host: str) -> tuple[str, subprocess.CompletedProcess]:
-            return host, subprocess.run(_ssh(host, ["probe", request], ssh_port), capture_output=True, text=True,
-                                        timeout=120)
+            try:
+                return host, subprocess.run(_ssh(host, ["probe", request], ssh_port), capture_output=True,
+                                            text=True, timeout=PROBE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return host, subprocess.CompletedProcess([], -1, "", f"no answer within {PROBE_TIMEOUT_S} s")
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
             answers = list(pool.map(ask, hosts))
@@ -237,18 +257,19 @@ def check(hostfile: str, recipe, master_addr: str | None, master_port: int, ssh_
             Path(marker).unlink(missing_ok=True)
     local_files = json.loads(json.dumps({k: _signature(v) for k, v in files.items()}))  # as the reports come
     for host, proc in answers:
-        if proc.returncode != 0 or not proc.stdout.strip().startswith("{"):
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
             problems.append(_remote_failure(host, proc))
             continue
-        report = reports[host] = json.loads(proc.stdout)
-        problems += _compare(host, report, local_versions, files, local_files, outputs, markers, master,
-                             master_port, listening=bool(heard and heard["listening"]))
+        report = reports[host] = json.loads(lines[-1])
+        problems += _compare(host, report, local_versions, files, local_files, marker_of, master, master_port,
+                             listening=bool(heard and heard["listening"]))
     # The first host unreachable is said once, not again for its listener.
     return {"hosts": list(hosts), "master": f"{master}:{master_port}", "problems": list(dict.fromkeys(problems)),
             "reports": reports}
 
 
-def _compare(host, report, local_versions, files, local_files, outputs, markers, master, port, listening):
+def _compare(host, report, local_versions, files, local_files, marker_of, master, port, listening):
     problems = []
     if report["python"] != sys.executable:
         problems.append(f"{host}: Python is {report['python']}, here {sys.executable}")
@@ -260,9 +281,9 @@ def _compare(host, report, local_versions, files, local_files, outputs, markers,
             problems.append(f"{host}: {key} {files[key]} is not there (shared storage?)")
         elif signature != local_files[key]:
             problems.append(f"{host}: {key} {files[key]} differs from this host's (another copy, not shared storage)")
-    for (marker, seen), out in zip(report["markers"].items(), outputs):
+    for marker, seen in report["markers"].items():
         if not seen:
-            problems.append(f"{host}: output.dir {out} is not shared with this host (a file written in "
+            problems.append(f"{host}: output.dir {marker_of[marker]} is not shared with this host (a file written in "
                             f"{Path(marker).parent} here is not there)")
     m = report["master"]
     if m["ip"] is None:

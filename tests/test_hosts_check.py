@@ -9,7 +9,7 @@ import pytest
 
 from squad_ds.config import load_recipe
 from squad_ds.errors import ConfigError
-from squad_ds.hosts import _remote_failure, check, hosts_command, read_hostfile
+from squad_ds.hosts import _remote_failure, check, deepspeed_env, hosts_command, read_hostfile, recipe_paths
 
 
 @pytest.mark.parametrize("text,message", [
@@ -61,6 +61,7 @@ def test_the_cli_says_it_in_one_line(tmp_path):
     (255, "ssh: Could not resolve hostname h1: Name or service not known", "h1: cannot be reached over ssh"),
     (127, "bash: line 1: /venv/bin/python: No such file or directory", "h1: no Python at"),
     (1, "ModuleNotFoundError: No module named 'squad_ds'", "h1: squad-ds could not run there"),
+    (-1, "no answer within 120 s", "h1: no answer within 120 s over ssh"),
 ])
 def test_what_a_failed_ssh_says(rc, stderr, expected):
     assert _remote_failure("h1", subprocess.CompletedProcess([], rc, "", stderr)).startswith(expected)
@@ -85,3 +86,40 @@ def test_an_unreachable_first_host_is_one_problem(tmp_path):
     result = check(str(tmp_path / "hf"), load_recipe(None), None, 29500, ssh_port=free_port())
     about_host = [p for p in result["problems"] if not p.startswith("pdsh is not installed")]  # pdsh: this machine's
     assert len(about_host) == 1 and about_host[0].startswith("127.0.0.1: cannot be reached over ssh"), about_host
+
+
+def test_data_paths_take_the_values_the_ranks_will_get(tmp_path, monkeypatch):
+    """.deepspeed_env as the launcher reads it (~, then the working directory, which wins; values stripped): a
+    `$VAR` set there but not in this shell still resolves, to the ranks' value."""
+    home, cwd = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    cwd.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SQUAD_DS_TEST_DATA", str(tmp_path / "elsewhere"))  # this shell's value: not the ranks'
+    (home / ".deepspeed_env").write_text("SQUAD_DS_TEST_DATA=/not/this\nOTHER=1\n")
+    (cwd / ".deepspeed_env").write_text(f"SQUAD_DS_TEST_DATA = {data}  \nno equals sign here\n")
+    carried = deepspeed_env(cwd)
+    assert carried == {"SQUAD_DS_TEST_DATA": str(data), "OTHER": "1"}
+    recipe = load_recipe(None, ["data.train_file=${SQUAD_DS_TEST_DATA}/train.json", "data.eval_file=sample:dev"])
+    files, _, variables = recipe_paths(recipe, carried)
+    assert files["data.train_file"] == str(data / "train.json") and variables == ["SQUAD_DS_TEST_DATA"]
+    monkeypatch.delenv("SQUAD_DS_TEST_DATA")
+    with pytest.raises(ConfigError, match="an environment variable in it is not set"):
+        recipe_paths(recipe, {})
+
+
+def test_an_output_directory_it_cannot_write_in_is_a_problem(tmp_path):
+    """The shared-storage marker cannot be written: said, and nothing is left (loopback ssh to a closed port)."""
+    import shutil
+
+    from trainer_util import free_port
+
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client here (Debian: openssh-client)")
+    (tmp_path / "hf").write_text("127.0.0.1 slots=1\n")
+    recipe = load_recipe(None, ["output.dir=/proc/squad-ds-run"])  # /proc takes no new files, root or not
+    problems = check(str(tmp_path / "hf"), recipe, None, 29500, ssh_port=free_port())["problems"]
+    assert any(p.startswith("output.dir /proc/squad-ds-run: cannot write in /proc here") for p in problems), problems
