@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         export.check_can_push(args.push_to_hub)
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
     setup_logging()
+    if spec.ds_reason:
+        log_main("DeepSpeed config %s: %s", spec.ds_name, spec.ds_reason)
     if distributed.world_size() > 1:
         log_main("%d ranks: %s", distributed.world_size(),
                  ", ".join(f"{r} on {h}" for r, h in enumerate(distributed.hosts_of_ranks())))

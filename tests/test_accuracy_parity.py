@@ -141,3 +141,34 @@ def test_speed_report_pairs_sides_within_a_repeat():
     assert summary["sides"]["hf"]["s_per_step"] == 6.25  # median of 25/4, 25/4, 50/4
     assert summary["sides"]["squad-ds"]["mfu"] == pytest.approx(100.0 / 200.0)  # 1e12 FLOPs in 10 s = 100 GFLOP/s
     assert "squad-ds / hf: **3.00×**" in speed_parity.table(summary, {"fp32": 200.0, "bf16": 100.0})
+
+
+def test_the_one_epoch_regime_takes_whole_articles(tmp_path, squad_dir):
+    """The under-trained regime: train-v1.1's articles 200-213 (3,090 questions), dev-v1.1's 20-24 (1,190)."""
+    s = parity.REGIMES["one-epoch-1e-4"]
+    assert (s.epochs, s.lr, s.max_seq_length, s.doc_stride, s.global_batch) == (1, 1e-4, 256, 128, 16)
+    assert len(parity.REGIME_SEEDS["one-epoch-1e-4"]) >= 4
+    train, dev = parity.make_inputs(s, str(squad_dir / "train-v1.1.reconstructed.json"),
+                                    str(squad_dir / "dev-v1.1.json"), tmp_path)
+    from squad_ds.data.squad import load_squad
+
+    t, d = load_squad(train), load_squad(dev)
+    assert (len(t.examples), len(d.examples)) == (3090, 1190)
+    assert len({e.title for e in t.examples}) == 14 and len({e.title for e in d.examples}) == 5
+
+
+def test_articles_are_counted_in_file_order():
+    ex = [parity.Example(str(i), title, "c", "q", (), False) for i, title in enumerate("aabbbcdd")]
+    assert [e.id for e in parity.articles(ex, (1, 2), "f")] == ["2", "3", "4", "5"]
+    with pytest.raises(SystemExit, match="4 articles, fewer than 3 \\+ 2"):
+        parity.articles(ex, (3, 2), "f")
+
+
+def test_the_bf16_side_is_compared_seed_by_seed():
+    rows = [{"side": side, "seed": seed, "f1": f1, "exact_match": f1 - 10, "train_samples_per_s": 1.0, "wall_s": 1.0}
+            for side, seed, f1 in (("squad-ds", 42, 60.0), ("squad-ds-bf16", 42, 59.5), ("squad-ds", 43, 62.0),
+                                   ("squad-ds-bf16", 43, 62.75))]
+    summ = parity.summary(rows)
+    assert summ["bf16_minus_fp32_f1_by_seed"] == {"42": -0.5, "43": 0.75}
+    assert summ["delta_f1_bf16"] == pytest.approx(0.125)
+    assert "(same seed: 42: -0.50, 43: +0.75)" in parity.table(rows, summ)

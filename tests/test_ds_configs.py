@@ -72,7 +72,7 @@ def test_shipped_set_is_complete_and_packaged():
 
 
 def test_default_config_per_device_and_world_size():
-    assert default_ds_config_name(cuda=False) == "cpu_fp32"
+    assert default_ds_config_name(cuda=False) == "cpu_fp32"  # the suite pins it (conftest); test_cpu_precision.py
     assert default_ds_config_name(cuda=True) == "zero0_bf16"  # one GPU: ZeRO-2 would partition nothing
     assert default_ds_config_name(cuda=True, world_size=8) == "zero2_bf16"
 
@@ -124,6 +124,8 @@ def test_config_name_says_what_it_does(name, monkeypatch):
     fp16 = (raw.get("fp16") or {}).get("enabled") is True
     bf16 = (raw.get("bf16") or {}).get("enabled") is True
     assert fp16 == name.endswith("fp16") and bf16 == name.endswith("bf16")
+    autocast = (raw.get("torch_autocast") or {}).get("enabled") is True
+    assert autocast == name.endswith("_autocast") == parsed.torch_autocast_enabled
     assert parsed.float16_config.enabled == fp16 and parsed.bfloat16_config.enabled == bf16
     m = re.search(r"zero(\d)", name)
     stage = int(m.group(1)) if m else 0

@@ -88,19 +88,21 @@ def test_two_nodes_match(tmp_path, tiny_model, reference):
     assert all(any((tmp_path / f"cache-node{node}").rglob("*.npz")) for node in (0, 1))  # each built its own
 
 
-def test_resume_after_preemption_is_exact(tmp_path):
-    """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit."""
+@pytest.mark.parametrize("ds_config", ["cpu_fp32", pytest.param("cpu_bf16_autocast", marks=pytest.mark.slow)])
+def test_resume_after_preemption_is_exact(tmp_path, ds_config):
+    """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit (in fp32 and
+    under bf16 autocast)."""
     model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: RNG state must be restored too
     # Evaluations mid-run: train mode must come back after each one, and after the resume.
     common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100, "eval_steps": 2},
                   data={"max_eval_examples": 4})
     full = write_recipe(tmp_path / "full.yaml", model, tmp_path / "full", **common)
-    run_train(full)
+    run_train(full, ds_config=ds_config)
     uninterrupted = losses(tmp_path / "full")
 
     cut = write_recipe(tmp_path / "cut.yaml", model, tmp_path / "cut", **common)
-    proc = subprocess.Popen(train_cmd(cut), env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(train_cmd(cut, ds_config=ds_config), env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     log = tmp_path / "cut" / "train_log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -114,9 +116,9 @@ def test_resume_after_preemption_is_exact(tmp_path):
     assert 3 <= stopped_at < 10
     assert (tmp_path / "cut" / "checkpoints" / f"step{stopped_at:08d}" / "squad_ds_complete.json").is_file()
 
-    run_train(cut, "--resume", "auto")
+    run_train(cut, "--resume", "auto", ds_config=ds_config)
     resumed = losses(tmp_path / "cut")
-    assert resumed == uninterrupted  # bit-exact in fp32
+    assert resumed == uninterrupted  # bit-exact
 
 
 @pytest.mark.slow
@@ -231,6 +233,25 @@ def test_export_of_a_bf16_run_without_zero(tmp_path, tiny_model):
     saved = state_dict_from_checkpoint(tmp_path / "out" / "checkpoints", tag)
     assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in weights)
     assert all(torch.equal(v, v.bfloat16().float()) for v in weights.values())  # bf16 values, stored as fp32
+
+
+def test_bf16_autocast_is_the_measured_default_and_keeps_fp32_weights(tmp_path, tiny_model, reference):
+    """No config named, bf16 chosen (pinned here; measured in real runs): the run says which config and why, trains
+    close to fp32 but not bit-equal (its matmuls are bf16), and its weights stay fp32 (not bf16-rounded)."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"micro_batch_size": 12},
+                          output={"export": True})
+    proc = run_train(recipe, ds_config=None, extra_env={"SQUAD_DS_CPU_PRECISION": "bf16"})
+    assert "DeepSpeed config cpu_bf16_autocast: SQUAD_DS_CPU_PRECISION=bf16" in proc.stderr
+    got = losses(tmp_path / "out")
+    _assert_same(reference, got, tol=2e-2)
+    assert got != reference
+    effective = json.loads((tmp_path / "out" / "effective_config.json").read_text())
+    assert effective["deepspeed"]["torch_autocast"]["enabled"] is True
+    weights = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in weights.values())
 
 
 @pytest.mark.parametrize("stage", [0, 3])

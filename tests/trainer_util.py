@@ -57,8 +57,10 @@ def env(threads: int = 2) -> dict[str, str]:
 
 
 def train_cmd(recipe: Path, *args: str, launcher: str = "python", nproc: int = 1,
-              ds_config: str = "cpu_fp32") -> list[str]:
-    tail = ["squad_ds.train", "--recipe", str(recipe), "--deepspeed_config", ds_config, *args]
+              ds_config: str | None = "cpu_fp32") -> list[str]:
+    """None for `ds_config`: name no DeepSpeed config (the run takes the hardware's default)."""
+    named = ["--deepspeed_config", ds_config] if ds_config else []
+    tail = ["squad_ds.train", "--recipe", str(recipe), *named, *args]
     if launcher == "python":
         return [sys.executable, "-m", *tail]
     if launcher == "torchrun":
@@ -69,11 +71,13 @@ def train_cmd(recipe: Path, *args: str, launcher: str = "python", nproc: int = 1
     raise ValueError(launcher)
 
 
-def run_train(recipe: Path, *args: str, launcher: str = "python", nproc: int = 1, ds_config: str = "cpu_fp32",
-              check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(recipe: Path, *args: str, launcher: str = "python", nproc: int = 1,
+              ds_config: str | None = "cpu_fp32", check: bool = True, timeout: int = 600,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     threads = max(1, 2 // nproc)
     proc = subprocess.run(train_cmd(recipe, *args, launcher=launcher, nproc=nproc, ds_config=ds_config),
-                          env=env(threads), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          env={**env(threads), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")

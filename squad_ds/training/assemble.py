@@ -17,7 +17,7 @@ from squad_ds.data.preprocess import load_features
 from squad_ds.errors import WorldSizeError
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
-from squad_ds.training.ds_config import TrainPlan, default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.training.ds_config import TrainPlan, default_ds_config, load_ds_config, resolve_ds_config
 from squad_ds.training.engine import build_engine, fused_dropout_policy
 
 
@@ -30,6 +30,7 @@ class RunSpec:
     world_size: int
     cuda: bool
     ds_overrides: tuple[str, ...] = ()
+    ds_reason: str = ""  # why this config, when the run named none (the hardware's default, measured on a CPU)
 
     def plan(self, num_features: int) -> tuple[dict[str, Any], TrainPlan]:
         """The resolved DeepSpeed JSON and the step plan for `num_features` train features."""
@@ -40,18 +41,23 @@ class RunSpec:
         """What the trainer writes to OUTPUT/effective_config.json and `squad-ds config` prints."""
         ds_cfg, plan = self.plan(num_features)
         return {"recipe": self.recipe.to_dict(), "deepspeed": ds_cfg, "deepspeed_config_file": str(self.ds_name),
+                **({"deepspeed_config_chosen": self.ds_reason} if self.ds_reason else {}),
                 "deepspeed_overrides": list(self.ds_overrides),
                 "plan": {**plan.__dict__, "global_batch": plan.global_batch, "num_features": num_features}}
 
 
 def run_spec(recipe: Recipe, deepspeed_config: str | None, *, world_size: int, cuda: bool,
              ds_overrides: Sequence[str] = ()) -> RunSpec:
-    """`recipe` with its DeepSpeed JSON (`deepspeed_config`, else the recipe's, else the hardware's) and that JSON's
-    `--ds-set` overrides, checked now: contradictions between them fail before any data or model work."""
+    """`recipe` with its DeepSpeed JSON (`deepspeed_config`, else the recipe's, else the hardware's: measured on a
+    CPU) and that JSON's `--ds-set` overrides, checked now: contradictions between them fail before any data or
+    model work."""
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: must be a positive integer")
-    ds_name = deepspeed_config or recipe.deepspeed_config or default_ds_config_name(cuda, world_size)
-    spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name, ds_overrides), world_size, cuda, tuple(ds_overrides))
+    ds_name, reason = deepspeed_config or recipe.deepspeed_config, ""
+    if not ds_name:
+        ds_name, reason = default_ds_config(cuda, world_size)
+    spec = RunSpec(recipe, str(ds_name), load_ds_config(ds_name, ds_overrides), world_size, cuda, tuple(ds_overrides),
+                   reason)
     spec.plan(1)
     fused_dropout_policy(recipe, cuda)
     return spec

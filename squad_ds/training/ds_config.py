@@ -15,6 +15,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, parse_override
 from squad_ds.errors import WorldSizeError
+from squad_ds.training import cpu_precision
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -123,6 +124,11 @@ def _check_keys_and_values(cfg: dict[str, Any], where: str) -> None:
         v = (cfg.get(section) or {}).get("enabled", False)
         if v not in (True, False, "auto"):
             raise bad(f"{section}.enabled", v, "true or false")
+    autocast = cfg.get("torch_autocast") or {}
+    if autocast.get("enabled", False) not in (True, False):
+        raise bad("torch_autocast.enabled", autocast["enabled"], "true or false")
+    if autocast.get("dtype", "bfloat16") not in _AUTOCAST_DTYPES:
+        raise bad("torch_autocast.dtype", autocast["dtype"], f"one of {', '.join(_AUTOCAST_DTYPES)}")
     opt = cfg.get("optimizer")
     if opt:
         name, params = opt["type"], opt.get("params", {})
@@ -153,6 +159,8 @@ def _check_keys_and_values(cfg: dict[str, Any], where: str) -> None:
             raise bad("scheduler.params.warmup_type", params["warmup_type"], "\"linear\" or \"log\"")
 
 
+# The half-precision names DeepSpeed's DtypeEnum accepts for torch_autocast.dtype (0.19).
+_AUTOCAST_DTYPES = ("bfloat16", "bf16", "torch.bfloat16", "float16", "fp16", "half", "torch.float16")
 # DeepSpeed's own optimizers (deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS, 0.19); any other name DeepSpeed looks up
 # in torch.optim.
 _DEEPSPEED_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
@@ -180,16 +188,24 @@ def _set_path(cfg: dict[str, Any], text: str, path: Path) -> None:
 
 
 # Sections squad-ds reads or fills in: anything but an object there is an error before DeepSpeed sees it.
-_OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "activation_checkpointing",
-                    "tensorboard", "csv_monitor", "wandb", "comms_logger", "flops_profiler")
+_OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "torch_autocast",
+                    "activation_checkpointing", "tensorboard", "csv_monitor", "wandb", "comms_logger", "flops_profiler")
+
+
+def default_ds_config(cuda: bool, world_size: int = 1) -> tuple[str, str]:
+    """(shipped config, why) for a run that names none. bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one,
+    where ZeRO-2 partitions nothing and measured no faster with more memory (bench/RESULTS.md, GPU section). On a
+    CPU, fp32 or bf16 mixed precision as measured here (cpu_precision)."""
+    if not cuda:
+        choice = cpu_precision.choose(world_size)
+        return choice.name, choice.reason
+    if world_size == 1:
+        return "zero0_bf16", "one GPU: bf16, ZeRO-0"
+    return "zero2_bf16", f"{world_size} GPUs: bf16, ZeRO-2"
 
 
 def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:
-    """bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one, where ZeRO-2 partitions nothing and measured no
-    faster with more memory (bench/RESULTS.md, GPU section)."""
-    if not cuda:
-        return "cpu_fp32"
-    return "zero0_bf16" if world_size == 1 else "zero2_bf16"
+    return default_ds_config(cuda, world_size)[0]
 
 
 def _merge(json_value: Any, recipe_value: Any, default: Any, json_key: str, recipe_key: str) -> Any:
@@ -294,6 +310,14 @@ def _check_precision_and_zero(ds: dict[str, Any], cuda: bool) -> None:
                           "cpu_fp32 config")
     if fp16 and (ds.get("bf16", {}) or {}).get("enabled") is True:
         raise ConfigError("fp16.enabled and bf16.enabled are both true: choose one")
+    autocast = ds.get("torch_autocast") or {}
+    if autocast.get("enabled") is True:
+        if fp16 or (ds.get("bf16", {}) or {}).get("enabled") is True:
+            raise ConfigError("torch_autocast.enabled with bf16.enabled or fp16.enabled: autocast keeps fp32 weights "
+                              "and the others make them half precision; choose one")
+        if not cuda and autocast.get("dtype", "bfloat16") not in ("bfloat16", "bf16", "torch.bfloat16"):
+            raise ConfigError(f"torch_autocast.dtype={autocast['dtype']!r}: CPU autocast here is bfloat16 only "
+                              "(fp16 needs a CUDA GPU)")
 
 
 def _resolve_optimizer(ds: dict[str, Any], recipe: Recipe, cuda: bool) -> float:

@@ -29,8 +29,11 @@ FREE_DS = REPLANNED + ("optimizer.params.torch_adam",)
 def deepspeed_settings(ds: dict[str, Any]) -> dict[str, Any]:
     """What of a resolved DeepSpeed config a checkpoint records: what its optimizer state means and what a step
     does with it (ZeRO-0 and ZeRO-1 save different files; bf16's optimizer keeps fp32 master weights apart)."""
+    autocast = ds.get("torch_autocast") or {}
     precision = ("bf16" if (ds.get("bf16") or {}).get("enabled") is True else
-                 "fp16" if (ds.get("fp16") or {}).get("enabled") is True else "fp32")
+                 "fp16" if (ds.get("fp16") or {}).get("enabled") is True else
+                 f"fp32 weights, {autocast.get('dtype', 'bfloat16')} autocast" if autocast.get("enabled") is True
+                 else "fp32")
     return {"optimizer": ds.get("optimizer"), "scheduler": ds.get("scheduler"),
             "zero_optimization.stage": (ds.get("zero_optimization") or {}).get("stage", 0),
             "precision": precision, "gradient_clipping": ds.get("gradient_clipping", 0.0)}
