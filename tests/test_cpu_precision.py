@@ -85,11 +85,19 @@ def test_a_named_config_is_never_second_guessed(monkeypatch):
     ("torch_autocast.dtype=float16", "CPU autocast here is bfloat16 only"),
     ("bf16.enabled=true", "choose one"),
     ("torch_autocast=3", "\"torch_autocast\" must be a JSON object"),
+    ('torch_autocast.lower_precision_safe_modules=["nope.Nope"]', "'nope.Nope' is not a class that can be imported"),
+    ('torch_autocast.lower_precision_safe_modules=["torch.nn.functional"]', "is not a class"),
+    ("torch_autocast.lower_precision_safe_modules=Linear", "a list of \"package.Class\" names"),
 ])
 def test_bad_autocast_settings_are_user_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         raw = load_ds_config(cp.BF16, [override])
         resolve_ds_config(raw, load_recipe("demo"), world_size=1, num_features=100, cuda=False)
+
+
+def test_safe_module_classes_that_exist_pass():
+    raw = load_ds_config(cp.BF16, ['torch_autocast.lower_precision_safe_modules=["torch.nn.Linear"]'])
+    resolve_ds_config(raw, load_recipe("demo"), world_size=1, num_features=100, cuda=False)
 
 
 def test_a_resume_may_not_change_the_precision():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import json
 import math
 from collections.abc import Sequence
@@ -129,6 +130,8 @@ def _check_keys_and_values(cfg: dict[str, Any], where: str) -> None:
         raise bad("torch_autocast.enabled", autocast["enabled"], "true or false")
     if autocast.get("dtype", "bfloat16") not in _AUTOCAST_DTYPES:
         raise bad("torch_autocast.dtype", autocast["dtype"], f"one of {', '.join(_AUTOCAST_DTYPES)}")
+    if "lower_precision_safe_modules" in autocast:
+        _check_module_classes(autocast["lower_precision_safe_modules"], bad)
     opt = cfg.get("optimizer")
     if opt:
         name, params = opt["type"], opt.get("params", {})
@@ -157,6 +160,21 @@ def _check_keys_and_values(cfg: dict[str, Any], where: str) -> None:
                 raise bad(f"scheduler.params.{key}", v, "a number >= 0 or \"auto\"")
         if params.get("warmup_type", "linear") not in ("linear", "log"):
             raise bad("scheduler.params.warmup_type", params["warmup_type"], "\"linear\" or \"log\"")
+
+
+def _check_module_classes(names: Any, bad) -> None:
+    """torch_autocast.lower_precision_safe_modules: "package.Class" names DeepSpeed imports at initialize."""
+    key = "torch_autocast.lower_precision_safe_modules"
+    if not (isinstance(names, list) and all(isinstance(n, str) and "." in n for n in names)):
+        raise bad(key, names, 'a list of "package.Class" names, e.g. ["torch.nn.Linear"]')
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), cls, None)
+        except ImportError:
+            found = None
+        if not isinstance(found, type):
+            raise bad(key, names, f"{name!r} is not a class that can be imported")
 
 
 # The half-precision names DeepSpeed's DtypeEnum accepts for torch_autocast.dtype (0.19).
