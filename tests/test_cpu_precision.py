@@ -137,3 +137,28 @@ def test_the_attention_kernel_stays_fp32_under_autocast():
     ref = fd.attention(q.float(), k.float(), v.float(), None, 0.1)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, ref.bfloat16())
+
+
+def test_squad_ds_config_measures_when_nothing_pins_it():
+    """End to end, unpinned: `squad-ds config` (the demo recipe, one process) measures this CPU and takes what the
+    measurement says; the document records the figures."""
+    import json
+    import re
+    import subprocess
+
+    from trainer_util import REPO, env
+
+    e = env()
+    e.pop(cp.ENV, None)
+    proc = subprocess.run(["squad-ds", "config"], env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    reason = doc["deepspeed_config_chosen"]
+    if "no bf16" in reason:
+        assert doc["deepspeed_config_file"] == cp.FP32
+        return
+    ratio = float(re.search(r"\(([\d.]+)x\)", reason).group(1))
+    if abs(ratio - cp.BF16_MIN_SPEEDUP) < 0.01:  # printed to two decimals: too close to the threshold to tell
+        return
+    assert doc["deepspeed_config_file"] == (cp.BF16 if ratio >= cp.BF16_MIN_SPEEDUP else cp.FP32), reason
+    assert bool(doc["deepspeed"].get("torch_autocast", {}).get("enabled")) == (doc["deepspeed_config_file"] == cp.BF16)
