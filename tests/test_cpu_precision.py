@@ -107,8 +107,8 @@ def test_a_resume_may_not_change_the_precision():
                                 cuda=False)
     a, b = resume.deepspeed_settings(fp32), resume.deepspeed_settings(bf16)
     assert a["precision"] == "fp32" and b["precision"] == "fp32 weights, bfloat16 autocast"
-    for saved, now in ((a, b), (b, a)):
-        with pytest.raises(Exception, match="deepspeed.precision"):
+    for saved, now, config in ((a, b, cp.FP32), (b, a, cp.BF16)):
+        with pytest.raises(Exception, match=f"deepspeed.precision.*--deepspeed-config {config} on a CPU"):
             resume.check({}, {}, {}, {}, "here", saved_ds=saved, now_ds=now)
     assert resume.check({}, {}, {}, {}, "here", saved_ds=b, now_ds=dict(b)) == []
 

@@ -254,6 +254,20 @@ def test_bf16_autocast_is_the_measured_default_and_keeps_fp32_weights(tmp_path, 
     assert any(not torch.equal(v, v.bfloat16().float()) for v in weights.values())
 
 
+@pytest.mark.slow
+def test_a_resume_on_a_cpu_that_chooses_the_other_precision_is_refused_with_the_way_out(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "out", train={"max_steps": 2, "save_steps": 1})
+    run_train(recipe, ds_config=None, extra_env={"SQUAD_DS_CPU_PRECISION": "fp32"})
+    proc = run_train(recipe, "--resume", "auto", "--set", "train.max_steps=4", ds_config=None, check=False,
+                     extra_env={"SQUAD_DS_CPU_PRECISION": "bf16"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "deepspeed.precision: saved 'fp32', now 'fp32 weights, bfloat16 autocast'" in proc.stderr
+    assert "--deepspeed-config cpu_fp32 on a CPU" in proc.stderr
+    run_train(recipe, "--resume", "auto", "--set", "train.max_steps=4", ds_config="cpu_fp32",
+              extra_env={"SQUAD_DS_CPU_PRECISION": "bf16"})
+    assert max(losses(tmp_path / "out")) == 4
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 @pytest.mark.slow
 def test_export_round_trip(tmp_path, tiny_model, stage):

@@ -26,6 +26,10 @@ REPLANNED = ("scheduler.params.total_num_steps", "scheduler.params.warmup_num_st
 FREE_DS = REPLANNED + ("optimizer.params.torch_adam",)
 
 
+# The shipped CPU config of each precision deepspeed_settings records (for the way out of a refused resume).
+_CPU_CONFIG_OF = {"fp32": "cpu_fp32", "fp32 weights, bfloat16 autocast": "cpu_bf16_autocast"}
+
+
 def deepspeed_settings(ds: dict[str, Any]) -> dict[str, Any]:
     """What of a resolved DeepSpeed config a checkpoint records: what its optimizer state means and what a step
     does with it (ZeRO-0 and ZeRO-1 save different files; bf16's optimizer keeps fp32 master weights apart)."""
@@ -77,6 +81,10 @@ def check(saved_recipe: dict[str, Any] | None, saved_layout: dict[str, Any], rec
         way_out = ("resume with the settings it was saved with"
                    + (f" and {saved_layout['world_size']} process(es)" if "world_size" in saved_layout else "")
                    + ", or start a new run (--overwrite, or another output.dir)")
+        if "deepspeed.precision" in changed:
+            way_out += (f"; the precision is the DeepSpeed config's: name the one saved with it "
+                        f"(--deepspeed-config {_CPU_CONFIG_OF.get(changed['deepspeed.precision'][0], '...')} on a "
+                        "CPU), as a run that named none took this machine's default")
         raise CheckpointError(f"cannot resume {where}: " + "; ".join(refused)
                               + f" (they decide what the saved position and optimizer state mean): {way_out}")
     return [f"{k}: {a!r} → {b!r}" for k, (a, b) in sorted(changed.items()) if not fixed(k)]
