@@ -109,15 +109,15 @@ def run(args: argparse.Namespace) -> int:
 
     r = build_run(spec)
     engine = r.engine
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "effective_config.json").write_text(json.dumps(r.effective_document(), indent=2) + "\n")
-        log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(r.ds_config, indent=2))
+    distributed.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
+    log_main("effective config:\n%s\n%s", dump_recipe(recipe), json.dumps(r.ds_config, indent=2))
 
     loop = Loop(engine, recipe, r.plan, r.train_features, r.family, device, out, r.eval_features, r.eval_set,
                 resume.layout(r.plan, len(r.train_features)), resume.deepspeed_settings(r.ds_config))
     found = checkpoint.find_resume(resume_from, loop.ckpt_dir)
     state = _resume(loop, found) if found else LoopState()
+    if distributed.is_main():  # after the resume check: a refused resume leaves the record of the saved run
+        (out / "effective_config.json").write_text(json.dumps(r.effective_document(), indent=2) + "\n")
     if not found:
         distributed.on_main(lambda: (out / "train_log.jsonl").unlink(missing_ok=True))  # a log of this run only
     else:  # steps logged after the checkpoint (then killed) are trained and logged again: one line per step

@@ -263,6 +263,8 @@ def test_a_resume_on_a_cpu_that_chooses_the_other_precision_is_refused_with_the_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "deepspeed.precision: saved 'fp32', now 'fp32 weights, bfloat16 autocast'" in proc.stderr
     assert "--deepspeed-config cpu_fp32 on a CPU" in proc.stderr
+    # The refused attempt leaves the run's record alone: it still describes the checkpoints there.
+    assert json.loads((tmp_path / "out" / "effective_config.json").read_text())["deepspeed_config_file"] == "cpu_fp32"
     run_train(recipe, "--resume", "auto", "--set", "train.max_steps=4", ds_config="cpu_fp32",
               extra_env={"SQUAD_DS_CPU_PRECISION": "bf16"})
     assert max(losses(tmp_path / "out")) == 4
