@@ -89,6 +89,7 @@ ONE_EPOCH_1E4 = Settings(epochs=1, lr=1e-4, max_seq_length=256, doc_stride=128, 
                          train_articles=(200, 14), eval_articles=(20, 5))
 REGIMES = {"parity": Settings(), "one-epoch-1e-4": ONE_EPOCH_1E4}
 REGIME_SEEDS = {"parity": [42, 43], "one-epoch-1e-4": [42, 43, 44, 45]}
+BF16_SIDE, BF16_CONFIG = "squad-ds-bf16", "cpu_bf16_autocast"  # squad-ds in bf16 autocast, and its shipped config
 SMOKE = Settings(n_train=48, n_eval=40, epochs=1, micro_batch_size=4, gradient_accumulation_steps=2,
                  max_seq_length=192, doc_stride=64, eval_batch_size=16)
 
@@ -397,9 +398,6 @@ def table(rows: list[dict], summ: dict) -> str:
     return "\n".join(lines)
 
 
-BF16_SIDE = "squad-ds-bf16"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a few dozen questions of the shipped samples, one seed a side")
@@ -422,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                         "only the missing (side, seed) pairs (the file is rewritten after every row)")
     a = p.parse_args(argv)
     s = SMOKE if a.smoke else REGIMES[a.regime]
+    if s.train_articles and (a.n_train or a.n_eval):
+        p.error(f"--n-train / --n-eval: --regime {a.regime} takes whole articles ({s.train_articles[1]} of train, "
+                f"{s.eval_articles[1]} of dev), not a number of questions")
     overrides = {k: v for k, v in (("n_train", a.n_train), ("n_eval", a.n_eval), ("epochs", a.epochs)) if v}
     s = dataclasses.replace(s, **overrides)
     seeds = a.seeds or ([42] if a.smoke else REGIME_SEEDS[a.regime])
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     picked = f"articles {s.train_articles}" if s.train_articles else f"first {s.n_train}"
     print(f"settings: {dataclasses.asdict(s)}\ntrain: {train_src} ({picked}) eval: {eval_src}", flush=True)
     runners = {"squad-ds": run_squad_ds, "hf": run_hf,
-               BF16_SIDE: functools.partial(run_squad_ds, ds_config="cpu_bf16_autocast", side=BF16_SIDE)}
+               BF16_SIDE: functools.partial(run_squad_ds, ds_config=BF16_CONFIG, side=BF16_SIDE)}
     unknown = set(a.sides.split(",")) - runners.keys()
     if unknown:
         p.error(f"--sides: unknown {', '.join(sorted(unknown))} (known: {', '.join(runners)})")

@@ -36,8 +36,8 @@ from pathlib import Path
 import accuracy_parity as parity
 
 SIDES = ("squad-ds", "hf", "hf-bf16", "squad-ds-sdpa")
-OPTIONAL_SIDES = ("squad-ds-compile", "squad-ds-bf16")
-CONFIGS = {"squad-ds-bf16": "cpu_bf16_autocast"}
+OPTIONAL_SIDES = ("squad-ds-compile", parity.BF16_SIDE)
+CONFIGS = {parity.BF16_SIDE: parity.BF16_CONFIG}
 SETS = {"squad-ds-sdpa": ("model.fused_dropout=false",), "squad-ds-compile": ("train.compile=true",)}
 
 

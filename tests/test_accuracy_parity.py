@@ -157,6 +157,14 @@ def test_the_one_epoch_regime_takes_whole_articles(tmp_path, squad_dir):
     assert len({e.title for e in t.examples}) == 14 and len({e.title for e in d.examples}) == 5
 
 
+@pytest.mark.parametrize("flag", ["--n-train", "--n-eval"])
+def test_a_question_count_is_refused_where_the_regime_takes_whole_articles(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--regime", "one-epoch-1e-4", flag, "100", "--work-dir", str(tmp_path)])
+    assert e.value.code == 2 and "takes whole articles (14 of train, 5 of dev)" in capsys.readouterr().err
+    assert not (tmp_path / "train_subset.json").exists()
+
+
 def test_articles_are_counted_in_file_order():
     ex = [parity.Example(str(i), title, "c", "q", (), False) for i, title in enumerate("aabbbcdd")]
     assert [e.id for e in parity.articles(ex, (1, 2), "f")] == ["2", "3", "4", "5"]

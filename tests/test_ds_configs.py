@@ -14,7 +14,7 @@ from squad_ds.config import ConfigError, load_recipe
 from squad_ds.training.ds_config import (
     DS_CONFIG_DIR,
     _walk,
-    default_ds_config_name,
+    default_ds_config,
     ds_config_path,
     load_ds_config,
     resolve_ds_config,
@@ -68,13 +68,13 @@ def test_shipped_set_is_complete_and_packaged():
     assert len(SHIPPED) >= 16
     # The package reads its configs through squad_ds/ds_configs (a link to the top-level folder).
     assert sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")) == SHIPPED
-    assert default_ds_config_name(cuda=True) in SHIPPED and default_ds_config_name(cuda=False) in SHIPPED
+    assert default_ds_config(cuda=True)[0] in SHIPPED and default_ds_config(cuda=False)[0] in SHIPPED
 
 
 def test_default_config_per_device_and_world_size():
-    assert default_ds_config_name(cuda=False) == "cpu_fp32"  # the suite pins it (conftest); test_cpu_precision.py
-    assert default_ds_config_name(cuda=True) == "zero0_bf16"  # one GPU: ZeRO-2 would partition nothing
-    assert default_ds_config_name(cuda=True, world_size=8) == "zero2_bf16"
+    assert default_ds_config(cuda=False)[0] == "cpu_fp32"  # the suite pins it (conftest); test_cpu_precision.py
+    assert default_ds_config(cuda=True)[0] == "zero0_bf16"  # one GPU: ZeRO-2 would partition nothing
+    assert default_ds_config(cuda=True, world_size=8)[0] == "zero2_bf16"
 
 
 def test_unknown_config_names_the_shipped_ones():

@@ -18,7 +18,7 @@ from test_ds_configs import build_scheduler, deepspeed_parse, is_cpu_config
 
 from squad_ds.config import ConfigError, dump_recipe, list_recipes, load_recipe, recipe_from_dict, recipe_path
 from squad_ds.data.files import resolve_data_path
-from squad_ds.training.ds_config import default_ds_config_name, load_ds_config, resolve_ds_config
+from squad_ds.training.ds_config import default_ds_config, load_ds_config, resolve_ds_config
 
 RECIPES = list_recipes()
 # Train features of SQuAD v1.1 at 384/128 with bert-base-uncased: a realistic size for the step arithmetic.
@@ -82,7 +82,7 @@ def documented_world(name: str) -> int | None:
 
 
 def ds_name(recipe) -> str:
-    return recipe.deepspeed_config or default_ds_config_name(cuda=True)
+    return recipe.deepspeed_config or default_ds_config(cuda=True)[0]
 
 
 def resolve(recipe, world: int):

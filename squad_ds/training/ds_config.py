@@ -222,10 +222,6 @@ def default_ds_config(cuda: bool, world_size: int = 1) -> tuple[str, str]:
     return "zero2_bf16", f"{world_size} GPUs: bf16, ZeRO-2"
 
 
-def default_ds_config_name(cuda: bool, world_size: int = 1) -> str:
-    return default_ds_config(cuda, world_size)[0]
-
-
 def _merge(json_value: Any, recipe_value: Any, default: Any, json_key: str, recipe_key: str) -> Any:
     """One value known to both: "auto"/absent in JSON takes the recipe's; two different concrete values clash."""
     if json_value in (None, "auto"):
