@@ -302,9 +302,12 @@ def test_minilm_full_cpu_recipe_is_the_gpu_run_laid_out_for_a_cpu():
             "group_by_length", "optimizer", "activation_checkpointing")
     assert {k: getattr(cpu.train, k) for k in same} == {k: getattr(gpu.train, k) for k in same}
     assert cpu.train.micro_batch_size * cpu.train.gradient_accumulation_steps == gpu.train.train_batch_size == 64
-    assert is_cpu_config(ds_name(cpu)) and 0 < cpu.train.save_steps <= 100 and cpu.train.eval_steps > 0
-    _, plan = resolve_ds_config(load_ds_config(ds_name(cpu)), cpu, world_size=1, num_features=88524, cuda=False)
-    assert (plan.micro_batch, plan.accumulation, plan.global_batch, plan.total_steps) == (16, 4, 64, 2767)
+    assert 0 < cpu.train.save_steps <= 100 and cpu.train.eval_steps > 0
+    # No config named: the CPU's measured precision, either of the two CPU configs, with the same batch plan.
+    assert cpu.deepspeed_config is None
+    for name in ("cpu_fp32", "cpu_bf16_autocast"):
+        _, plan = resolve_ds_config(load_ds_config(name), cpu, world_size=1, num_features=88524, cuda=False)
+        assert (plan.micro_batch, plan.accumulation, plan.global_batch, plan.total_steps) == (16, 4, 64, 2767)
 
 
 def test_tiny_recipe_is_small_cpu_and_overridable(tmp_path):
