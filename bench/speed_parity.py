@@ -2,7 +2,8 @@
 epochs and schedule — the accuracy comparison's work (bench/accuracy_parity.py, whose two runners this uses), timed.
 
 Sides (each in a fresh process, interleaved, repeated):
-  squad-ds        `squad-ds train` with its CPU defaults
+  squad-ds        `squad-ds train` with its CPU defaults in fp32 (cpu_fp32 named): the default where bf16 does not
+                  measure faster
   squad-ds-sdpa   the same with model.fused_dropout=false (torch's dropout and SDPA: squad-ds's default until 0.2)
   squad-ds-compile  the same with train.compile=true (torch.compile through engine.compile(); its compile time is
                   in the loop's seconds, as a user pays it) — not in the default set
