@@ -18,6 +18,7 @@ from squad_ds.ask import (MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS, QuestionAnswere
 from squad_ds.errors import ConfigError, QuestionError
 
 MAX_BODY_BYTES = 4 * MAX_CONTEXT_CHARS + 64 * 1024  # a context at its limit, in UTF-8 at worst, and the rest
+DRAIN_LIMIT_BYTES = 64 * 2**20  # an over-long body up to this is read and dropped, so the client hears the 413
 MAX_QUESTIONS = 32  # per request (a list of objects)
 BATCH_WINDOW_S = 0.005  # how long the first request of a batch waits for others to join it
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -116,6 +117,23 @@ def _check_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot serve at {host}:{port}: {e.strerror or e}") from None
 
 
+async def _body(request) -> bytes | None:
+    """The request's body, or None when it is over MAX_BODY_BYTES. An over-long body is still read to its end and
+    dropped, up to DRAIN_LIMIT_BYTES, so that a client still sending it hears the 413 instead of a reset (the
+    server closing on unread bytes resets the connection); one declared past that limit is not read at all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > DRAIN_LIMIT_BYTES):
+        return None
+    body, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            body += chunk
+        elif size > DRAIN_LIMIT_BYTES:
+            break
+    return bytes(body) if size <= MAX_BODY_BYTES else None
+
+
 def create_app(qa: QuestionAnswerer, *, max_batch: int = 64, window_s: float = BATCH_WINDOW_S):
     """The Starlette app over a loaded QuestionAnswerer."""
     from contextlib import asynccontextmanager
@@ -132,14 +150,9 @@ def create_app(qa: QuestionAnswerer, *, max_batch: int = 64, window_s: float = B
         return JSONResponse({"error": message}, status_code=status)
 
     async def answer(request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        body = await _body(request)
+        if body is None:
             return error(413, f"request body over {MAX_BODY_BYTES:,} bytes")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return error(413, f"request body over {MAX_BODY_BYTES:,} bytes")
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
