@@ -351,9 +351,10 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
             stop = preemption.agreed(step, tr.log_steps)
             if (stop or last or early or (tr.save_steps and step % tr.save_steps == 0)
                     or (evaluated and loop.recipe.tracks_best)):
-                if state.pending:  # losses not yet logged: a diverged step is never saved (nor prunes a good one)
-                    first = step - len(state.pending) // plan.accumulation + 1
-                    _check_finite(_reduced_losses(state.pending, engine), first, plan.accumulation)
+                if state.pending:  # logged first: a diverged step is never saved (nor prunes a good one), and the
+                    # log holds every step a checkpoint holds (a resume cuts it back to the checkpoint, never past)
+                    _log_losses(state.pending, step, plan, engine, rates, log_file, bar)
+                    state.pending = []
                 state.saved = checkpoint.save(engine, loop.ckpt_dir, step, _client_state(loop, state), tr.keep_last,
                                               keep=[state.best["tag"]] if state.best else [])
             if stop:

@@ -91,10 +91,12 @@ def test_two_nodes_match(tmp_path, tiny_model, reference):
 @pytest.mark.parametrize("ds_config", ["cpu_fp32", pytest.param("cpu_bf16_autocast", marks=pytest.mark.slow)])
 def test_resume_after_preemption_is_exact(tmp_path, ds_config):
     """SIGUSR1 mid-run → checkpoint + exit 75; `--resume auto` continues to the same losses bit for bit (in fp32 and
-    under bf16 autocast)."""
+    under bf16 autocast). Losses are logged every 4 steps: the preempted run's log still ends at its checkpoint's step
+    (the full run once lost steps 1,581-1,585, preempted at 1,585 with 1,580 its last logged step), and the resumed
+    run's log holds each step once."""
     model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: RNG state must be restored too
     # Evaluations mid-run: train mode must come back after each one, and after the resume.
-    common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100, "eval_steps": 2},
+    common = dict(train={"max_steps": 10, "micro_batch_size": 4, "save_steps": 100, "eval_steps": 2, "log_steps": 4},
                   data={"max_eval_examples": 4})
     full = write_recipe(tmp_path / "full.yaml", model, tmp_path / "full", **common)
     run_train(full, ds_config=ds_config)
@@ -112,13 +114,22 @@ def test_resume_after_preemption_is_exact(tmp_path, ds_config):
         time.sleep(0.05)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    stopped_at = max(losses(tmp_path / "cut"))
-    assert 3 <= stopped_at < 10
-    assert (tmp_path / "cut" / "checkpoints" / f"step{stopped_at:08d}" / "squad_ds_complete.json").is_file()
+    from squad_ds.training.checkpoint import complete_tags
+
+    tags = complete_tags(tmp_path / "cut" / "checkpoints")
+    assert len(tags) == 1
+    stopped_at = int(tags[0].removeprefix("step"))
+    assert 4 <= stopped_at < 10
+    assert _logged_steps(log) == list(range(1, stopped_at + 1))  # nothing the checkpoint holds is missing
 
     run_train(cut, "--resume", "auto", ds_config=ds_config)
+    assert _logged_steps(log) == list(range(1, 11))
     resumed = losses(tmp_path / "cut")
     assert resumed == uninterrupted  # bit-exact
+
+
+def _logged_steps(log):
+    return [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
 @pytest.mark.slow
