@@ -98,12 +98,9 @@ def run(args: argparse.Namespace) -> int:
                  ", ".join(f"{r} on {h}" for r, h in enumerate(distributed.hosts_of_ranks())))
     device = distributed.device(cuda)
     out = Path(recipe.output.dir)
-    held = distributed.on_main(lambda: run_dir.lock(out))  # noqa: F841 - held open until the process ends
-    resume_from = run_dir.resume_mode(args.resume, args.overwrite, out)
-    if args.overwrite:
-        distributed.on_main(lambda: run_dir.clear(out))
-    if recipe.output.export_from is not None:  # found out now, not after training
-        export.check_target(out / "model")
+    held, resume_from = run_dir.prepare(  # noqa: F841 - the lock is held open until the process ends
+        out, args.resume, args.overwrite, main=distributed.is_main(), export_to=recipe.output.export_from is not None,
+        monitor=run_dir.ds_writes_monitor(spec.plan(1)[0], out))
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
 
@@ -165,6 +162,7 @@ def _plot(out: Path) -> None:
     except ImportError:
         return
     try:
+        run_dir.claim(out, ["training.png"])
         log_main("plotted the run: %s", plot.plot(out, out / "training.png"))
     except Exception as e:  # noqa: BLE001 - a picture is not worth a failed run
         log_main("could not plot the run (%s: %s)", type(e).__name__, e)
@@ -374,12 +372,18 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
     if loop.eval_features is not None and not state.stopped_early:
         state.track(engine.global_steps, _evaluate(loop, trim, loop.out), tr.metric_for_best)
     elif state.stopped_early and state.metrics and distributed.is_main():  # the run's result: its last evaluation
+        run_dir.claim(loop.out, ["eval_results.json"])
         atomic.write_json(loop.out / "eval_results.json",
                           {**state.metrics, "global_step": engine.global_steps, "stopped_early": True})
     return state
 
 
 def _evaluate(loop: Loop, trim, out_dir: Path) -> dict:
+    if distributed.is_main():  # squad-ds's names, recorded before anything is written under them
+        if out_dir == loop.out:
+            run_dir.claim(loop.out, run_dir.EVALUATION)
+        else:
+            run_dir.mark_eval_dir(out_dir)
     metrics = evaluate(loop.engine, loop.eval_set, loop.eval_features, loop.family, loop.recipe.eval, loop.device,
                        out_dir, trim=trim)
     _monitor_eval(loop.engine, metrics)

@@ -310,6 +310,53 @@ def test_a_run_dir_with_results_but_no_checkpoint_is_not_overwritten(tmp_path, m
     assert losses(out) == finished[1]
 
 
+def _tree(root):
+    """Every file and folder under root with its content (None for folders)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def test_overwrite_removes_only_what_squad_ds_wrote(tmp_path, model):
+    """`--overwrite` removed every eval-* entry by name: a user's eval-notes.txt and eval-mydata/ (recursively)
+    went with the run's eval-STEP folders, and the refusal without the flag called them an earlier run's. Now only
+    what squad-ds's record or marker proves is removed; the rest is named and kept. A user's file where a run
+    writes (predictions.json, eval-4/) is refused before anything is touched, and a refused run leaves the folder
+    as it was (no .squad_ds.lock left behind)."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model, out, data={"max_eval_examples": 4},
+                          train={"max_steps": 4, "eval_steps": 2, "save_steps": 2})
+    run_train(recipe)
+    assert (out / "eval-2" / "eval_results.json").is_file()
+    (out / "eval-notes.txt").write_text("mine")
+    (out / "eval-mydata").mkdir()
+    (out / "eval-mydata" / "a.txt").write_text("mine too")
+    shutil.rmtree(out / "checkpoints")  # an earlier run's results, nothing to continue from: refused without a flag
+    before = _tree(out)
+    proc = run_train(recipe, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "eval-2" in _last_error(proc) and "eval-notes.txt" not in _last_error(proc), _last_error(proc)
+    assert _tree(out) == before  # the lock file it took is gone again
+
+    proc = run_train(recipe, "--overwrite")
+    assert (out / "eval-notes.txt").read_text() == "mine"
+    assert (out / "eval-mydata" / "a.txt").read_text() == "mine too"
+    assert re.search(r"kept eval-mydata, eval-notes.txt \(not written by squad-ds\)", proc.stderr), proc.stderr[-3000:]
+    assert "removed" in proc.stderr and "eval-notes" not in proc.stderr.split("removed", 1)[1].splitlines()[0]
+
+    for name, make in (("predictions.json", lambda p: p.write_text("my predictions")),
+                       ("eval-4", lambda p: (p.mkdir(), (p / "x.txt").write_text("mine")))):
+        other = tmp_path / f"other-{name}"
+        other.mkdir()
+        make(other / name)
+        recipe2 = write_recipe(tmp_path / "r2.yaml", model, other, data={"max_eval_examples": 4},
+                               train={"max_steps": 4, "eval_steps": 2, "save_steps": 2})
+        before = _tree(other)
+        for flags in ((), ("--overwrite",)):
+            proc = run_train(recipe2, *flags, check=False)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert name in _last_error(proc) and "no record" in _last_error(proc), _last_error(proc)
+            assert _tree(other) == before
+
+
 def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, model):
     import fcntl
 
