@@ -53,9 +53,17 @@ def read_hostfile(path: str) -> dict[str, int]:
     from deepspeed.launcher.runner import _parse_hostfile  # the launcher's own reading; private, so wrapped here
 
     try:
-        return dict(_parse_hostfile(lines))
+        hosts = dict(_parse_hostfile(lines))
     except ValueError as e:
         raise ConfigError(f"hostfile {path}: {e} (one line per host: `NAME slots=N`)") from None
+    for host, slots in hosts.items():
+        if host.startswith("-"):  # ssh and pdsh would read it as an option (-oProxyCommand=… runs a command)
+            raise ConfigError(f"hostfile {path}: host name {host!r} starts with '-', which ssh reads as an option "
+                              "(one line per host: `NAME slots=N`)")
+        if slots < 1:
+            raise ConfigError(f"hostfile {path}: {host} slots={slots}: a host runs at least one process; leave the "
+                              "host out instead (one line per host: `NAME slots=N`)")
+    return hosts
 
 
 def deepspeed_env(cwd: Path) -> dict[str, str]:

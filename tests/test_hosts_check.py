@@ -19,6 +19,11 @@ from squad_ds.hosts import _remote_failure, check, deepspeed_env, hosts_command,
     ("node-0\n", "bad entry"),
     ("node-0 slots=2\nnode-0 slots=2\n", "multiple entries for node-0"),
     ("\udcff\n", "cannot be read"),
+    # a name that ssh would read as an option (-oProxyCommand=… runs a command), and slot counts that start nothing
+    ("-oProxyCommand=touch${IFS}/tmp/x slots=2\n", "starts with '-'"),
+    ("node-0 slots=2\n-node-1 slots=2\n", "starts with '-'"),
+    ("node-0 slots=0\n", "slots=0"),
+    ("node-0 slots=-2\n", "slots=-2"),
 ])
 def test_a_bad_hostfile_is_one_error(tmp_path, text, message):
     hf = tmp_path / "hostfile"
