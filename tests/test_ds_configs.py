@@ -131,14 +131,18 @@ def test_config_name_says_what_it_does(name, monkeypatch):
     stage = int(m.group(1)) if m else 0
     assert raw["zero_optimization"]["stage"] == stage == parsed.zero_optimization_stage
     zero = parsed.zero_config
-    offloaded = "offload" in name
-    assert (zero.offload_optimizer is not None and str(zero.offload_optimizer.device).endswith("cpu")) == offloaded
+    device = "nvme" if "_nvme" in name else "cpu" if "offload" in name else None
+    offloaded = device is not None
+    assert (zero.offload_optimizer is not None and str(zero.offload_optimizer.device).endswith(str(device))) \
+        == offloaded
     if stage == 3 and offloaded:
-        assert str(zero.offload_param.device).endswith("cpu")
+        assert str(zero.offload_param.device).endswith(device)
+    if device == "nvme":  # the swap folder: output.dir unless the user names one
+        assert resolved["zero_optimization"]["offload_optimizer"]["nvme_path"] == load_recipe("demo").output.dir
     if is_cpu_config(name):
-        assert not fp16 and not bf16
-        # No fused CUDA Adam on CPU: resolve_ds_config asks for torch's AdamW.
-        assert resolved["optimizer"]["params"]["torch_adam"] is True
+        assert not fp16 and (not bf16 or name.endswith("_bf16"))
+        # No fused CUDA Adam on CPU: resolve_ds_config asks for torch's AdamW (offloaded: DeepSpeedCPUAdam).
+        assert resolved["optimizer"]["params"].get("torch_adam") is (True if not offloaded else None)
     else:
         assert fp16 or bf16
         assert "torch_adam" not in resolved["optimizer"]["params"]

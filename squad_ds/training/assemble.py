@@ -7,6 +7,8 @@ loading (`resolve_run` resolves once with a placeholder feature count); the real
 """
 from __future__ import annotations
 
+import atexit
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from squad_ds.errors import WorldSizeError
 from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config, load_ds_config, resolve_ds_config
+from squad_ds.training import nvme
 from squad_ds.training.engine import build_engine, fused_dropout_policy
 
 
@@ -119,7 +122,10 @@ def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
     ds_config, plan = spec.plan(len(train))
     model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
-    engine, _, _ = build_engine(model, ds_config, recipe, cuda=spec.cuda)
+    engine_ds = copy.deepcopy(ds_config)  # NVMe paths become this process's own swap folders (nvme.py)
+    swap = nvme.make_swap_folders(engine_ds, sum(p.numel() for p in model.parameters()))
+    atexit.register(nvme.remove_swap_folders, swap)
+    engine, _, _ = build_engine(model, engine_ds, recipe, cuda=spec.cuda)
     return Run(spec, tokenizer, train, eval_features, eval_set, ds_config, plan, model, model_family(model.config),
                engine)
 

@@ -25,6 +25,7 @@ from squad_ds import atomic, distributed
 from squad_ds.data.cache import file_sha256
 from squad_ds.errors import CheckpointError, disk_error
 from squad_ds.logs import log_main
+from squad_ds.training import nvme
 
 MARKER = "squad_ds_complete.json"
 _TAG_RE = re.compile(r"^step(\d+)$")
@@ -56,10 +57,15 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     tags and the tags in `keep` (the best evaluation's)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
+    if (ckpt_dir / tag).exists():  # saved before, on a course this run left (resumed from an older checkpoint)
+        distributed.on_main(lambda: _replace(ckpt_dir / tag))
+        distributed.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         # DeepSpeed keeps rank 0's client state only; dropout RNG differs per rank, so each rank saves its own.
         torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt")
+        if nvme.offloads_optimizer_to_nvme(engine):
+            nvme.write_subgroup_map(engine, ckpt_dir / tag, distributed.rank())
     except (OSError, RuntimeError) as e:
         disk = disk_error(e, ckpt_dir / tag)
         if disk is None:
@@ -82,6 +88,13 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     distributed.on_main(mark_complete)
     log_main("saved checkpoint %s", ckpt_dir / tag)
     return tag
+
+
+def _replace(tag_dir: Path) -> None:
+    """Make way for a checkpoint saved again under its tag: its marker first, so that it is never taken as
+    complete half rewritten; then the rest (DeepSpeed's NVMe copy refuses an existing offloaded_tensors/)."""
+    (tag_dir / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir)
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep: Collection[str] = ()) -> None:
@@ -215,6 +228,8 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if nvme.offloads_optimizer_to_nvme(engine):
+        nvme.restore_optimizer_state(engine, ckpt_dir, tag)
     rng_file = ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: fresh streams, still correct
         set_rng_state(safe_load(rng_file))

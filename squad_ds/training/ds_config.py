@@ -1,6 +1,7 @@
 """The DeepSpeed config: loading the JSON (shipped name or path), the hardware's default, and resolution against the
 recipe: "auto" values filled from it, contradictions refused naming both values, and the step plan. Nothing here
-imports DeepSpeed; engine.py builds the engine from what this returns.
+imports DeepSpeed (but nvme.resolve, for an NVMe offload's async_io op); engine.py builds the engine from what this
+returns.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe, parse_override
 from squad_ds.errors import WorldSizeError
-from squad_ds.training import cpu_precision
+from squad_ds.training import cpu_precision, nvme
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -303,6 +304,7 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, *, world_size: int, nu
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
     ds["train_batch_size"] = total
     _check_precision_and_zero(ds, cuda)
+    nvme.resolve(ds, recipe.output.dir)
     lr = _resolve_optimizer(ds, recipe, cuda)
     warmup = DEFAULT_WARMUP if recipe.train.warmup_proportion is None else recipe.train.warmup_proportion
     plan = _resolve_schedule(ds, recipe, lr, plan_training(recipe, micro, accum, world_size, num_features, warmup))

@@ -32,7 +32,11 @@ def state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tens
     if not (tag_dir / checkpoint.MARKER).is_file():
         raise CheckpointError(f"{tag_dir}: not a complete squad-ds checkpoint (no {checkpoint.MARKER})")
     sd = None
-    if any(tag_dir.glob("*optim_states.pt")):
+    if (tag_dir / "offloaded_tensors").is_dir():  # ZeRO-3 with the optimizer on NVMe
+        from squad_ds.training.nvme import state_dict_from_offloaded
+
+        sd = state_dict_from_offloaded(Path(ckpt_dir), tag)
+    elif any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
