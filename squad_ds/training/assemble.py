@@ -17,11 +17,12 @@ from squad_ds.config import ConfigError, Recipe, list_recipes, load_recipe
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
 from squad_ds.errors import WorldSizeError
-from squad_ds.modeling.factory import ModelLoadError, check_max_seq_length, load_qa_model, load_tokenizer
+from squad_ds.modeling.factory import (ModelLoadError, check_max_seq_length, count_parameters, load_qa_model,
+                                      load_tokenizer)
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config, load_ds_config, resolve_ds_config
 from squad_ds.training import nvme
-from squad_ds.training.engine import build_engine, fused_dropout_policy
+from squad_ds.training.engine import build_engine, fused_dropout_policy, partitioned_construction
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,11 @@ def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     tokenizer = load_tokenizer_for(recipe)
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
     ds_config, plan = spec.plan(len(train))
-    model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
     engine_ds = copy.deepcopy(ds_config)  # NVMe paths become this process's own swap folders (nvme.py)
-    swap = nvme.make_swap_folders(engine_ds, sum(p.numel() for p in model.parameters()))
+    swap = nvme.make_swap_folders(engine_ds, count_parameters(recipe.model.name_or_path))
     atexit.register(nvme.remove_swap_folders, swap)
+    with partitioned_construction(engine_ds):
+        model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)
     engine, _, _ = build_engine(model, engine_ds, recipe, cuda=spec.cuda)
     return Run(spec, tokenizer, train, eval_features, eval_set, ds_config, plan, model, model_family(model.config),
                engine)

@@ -4,6 +4,7 @@ gets is resolved by ds_config.py.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -20,7 +21,8 @@ def weight_decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name:
+        shape = getattr(p, "ds_shape", p.shape)  # under ZeRO-3 p itself is an empty stub
+        if len(shape) < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -85,6 +87,25 @@ def prepare_model(model, recipe: Recipe, *, train: bool, cuda: bool = False) -> 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds: dict[str, Any]):
+    """Under ZeRO-3, the model is built and its weights loaded partitioned (and offloaded, where the config says),
+    so it never exists whole on a rank: transformers' own DeepSpeed route (HfDeepSpeedConfig makes from_pretrained
+    construct under deepspeed.zero.Init). Only for the load: transformers' later model loading (export) stays
+    ordinary. A bare zero.Init around the constructor fails in transformers 5 (modeling_utils IndexError) and, with
+    NVMe parameter offload on the CPU accelerator, swaps fp32 weights as bf16 (Init._set_dtype)."""
+    if (ds.get("zero_optimization") or {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    held = HfDeepSpeedConfig(ds)  # transformers keeps only a weak reference: alive for the load, gone after it
+    try:
+        yield
+    finally:
+        del held
 
 
 def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
