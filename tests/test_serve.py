@@ -147,12 +147,25 @@ def test_sigterm_ends_the_server_with_what_it_served(ask_model):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _astral(text: str) -> str:
+    """`text` with six emoji before it and a character outside the BMP in every word (JavaScript counts each as two
+    UTF-16 units, the API as one character)."""
+    return "\U0001F600" * 6 + " " + " ".join(w[:1] + "\U0001D431" + w[1:] for w in text.split())
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
-def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path):
+@pytest.mark.parametrize("astral", [False, True], ids=["plain", "astral"])
+def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path, astral):
     """The page opened with a question and a text (as a link carries them) asks the server and marks the answer:
-    the DOM holds the answer in <mark>, and the screenshot shows the highlight's colour."""
+    the DOM holds the answer in <mark>, and the screenshot shows the highlight's colour. With astral characters
+    before and inside the answer the mark is the same span: the API's offsets count characters (code points), and
+    the page slices by them (before: by UTF-16 units, six characters off after six emoji)."""
     question, context = dev_rows(1)[0]
+    if astral:
+        context = _astral(context)
     answer = ask_qa(question, context)
+    if astral:
+        assert answer.start > 6 and "\U0001D431" in answer.text, answer  # what this case is about
     url = f"{server}/?" + urllib.parse.urlencode({"question": question, "context": context})
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
              "--window-size=1000,1400"]
@@ -160,6 +173,8 @@ def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path)
     from html import escape
 
     assert f'<mark id="highlight">{escape(answer.text, quote=False)}</mark>' in dom, dom[-2000:]
+    if astral:
+        return
     shot = tmp_path / "page.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     from PIL import Image
