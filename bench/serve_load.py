@@ -1,8 +1,13 @@
 """Load on `squad-ds serve`: N concurrent clients post dev questions to a server on localhost for a bounded time;
 every answer is checked against the Python API's answer to the same question, and the latencies are reported as
-percentiles, with how many requests the server answered per batch.
+percentiles (p50, p90, p99) with answers/s and how many requests the server answered per batch.
 
-    python bench/serve_load.py --model runs/demo/model --clients 8 --seconds 30 [--out result.json]
+With --slow-clients M the same load runs twice on one server, interleaved with nothing else: quiet, then with M
+slow clients beside it, each sending its headers and part of a body and then nothing (the server times each out
+with 408 after its body timeout, and it comes back at once). The goal: the fast clients' p99 with slow clients
+within 2x of the quiet p99 (`p99_ratio`).
+
+    python bench/serve_load.py --model runs/demo/model --clients 8 --seconds 30 [--slow-clients 50] [--out result.json]
 
 The server runs in its own process (`squad-ds serve`, the serve extra), started and stopped here.
 """
@@ -76,6 +81,44 @@ def stop_server(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+SLOW_HEAD = (b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 1000\r\n\r\n{\"question\": \"Who")
+
+
+def slow_clients(port: int, n: int, stop: threading.Event) -> dict:
+    """`n` clients on 127.0.0.1 that each send headers and part of a body, then wait for the server to end the
+    request; each reconnects at once until `stop`. The counts of how their requests ended, filled in as they run."""
+    ended = {"408": 0, "other": 0, "closed": 0}
+    lock = threading.Lock()
+
+    def one() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+                    s.sendall(SLOW_HEAD)
+                    reply = b""
+                    while not stop.is_set():
+                        try:
+                            chunk = s.recv(4096)
+                        except socket.timeout:
+                            continue
+                        if not chunk:
+                            break
+                        reply += chunk
+            except OSError:
+                reply = b""
+            if stop.is_set():
+                return
+            with lock:
+                ended["408" if reply.startswith(b"HTTP/1.1 408") else "other" if reply else "closed"] += 1
+            if not reply:
+                time.sleep(0.1)
+
+    for _ in range(n):
+        threading.Thread(target=one, daemon=True).start()
+    return ended
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -140,6 +183,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--slow-clients", type=int, default=0,
+                    help="also run the load with this many slow clients (partial bodies) beside it")
     ap.add_argument("--questions", type=int, default=32, help="dev-sample questions the clients cycle through")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
@@ -153,8 +198,21 @@ def main() -> None:
     del qa
     port = free_port()
     server = start_server(args.model, port, args.overrides, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}/answer"
     try:
-        result = run_load(f"http://127.0.0.1:{port}/answer", rows, expected, args.clients, args.seconds)
+        result = run_load(url, rows, expected, args.clients, args.seconds)
+        if args.slow_clients:
+            stop = threading.Event()
+            ended = slow_clients(port, args.slow_clients, stop)
+            time.sleep(1.0)  # the slow clients connected and waiting
+            try:
+                loaded = run_load(url, rows, expected, args.clients, args.seconds)
+            finally:
+                stop.set()
+            loaded["slow_clients"] = {"clients": args.slow_clients, "requests_ended": dict(ended)}
+            result = {"quiet": result, "with_slow_clients": loaded}
+            if result["quiet"]["latency_ms"] and loaded["latency_ms"]:
+                result["p99_ratio"] = round(loaded["latency_ms"]["p99"] / result["quiet"]["latency_ms"]["p99"], 2)
     finally:
         served = stop_server(server)
     result["server"] = served

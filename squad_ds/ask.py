@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,15 +58,54 @@ def _version_2(version: str | None, recipe, record: dict | None) -> bool:
     return chosen == "2.0"
 
 
+# Unicode categories that carry nothing a tokenizer keeps: separators (spaces, line and paragraph separators),
+# control and format characters (NUL, zero-width spaces, the BOM) and combining marks with nothing to combine with.
+# Text made only of these is empty in effect (BERT's tokenizer drops every one: zero tokens). Private-use and
+# unassigned code points count as content: a newer emoji than this Python's Unicode tables is still text.
+_NOT_CONTENT = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Mn", "Mc", "Me"})
+MAX_ID_CHARS = 1_000
+
+
+def _not_unicode(value: str) -> str | None:
+    """Why `value` is not Unicode text (a lone surrogate: JSON's "\\ud800", or a byte that was not UTF-8, which
+    Python's surrogateescape turns into one), else None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not Unicode text (a lone surrogate U+{ord(value[e.start]):04X} at character {e.start})"
+    return None
+
+
 def checked_text(name: str, value: Any, limit: int, i: int | None) -> str:
-    """`value` if it is usable text for `name` (question or context), else a QuestionError naming it."""
+    """`value` if it is usable text for `name` (question or context), else a QuestionError naming it. The one check
+    of a question and a context for the Python API, `ask` and `serve`: text (a str), at most `limit` characters,
+    Unicode (no lone surrogate), and not empty in effect (something besides spaces, control, format and
+    combining characters)."""
     where = name if i is None else f"{name} {i}"
     if not isinstance(value, str):
         raise QuestionError(f"{where}: expected text, got {type(value).__name__}")
-    if not value.strip():
-        raise QuestionError(f"{where}: empty")
     if len(value) > limit:
         raise QuestionError(f"{where}: {len(value):,} characters, more than the {limit:,} allowed")
+    problem = _not_unicode(value)
+    if problem:
+        raise QuestionError(f"{where}: {problem}")
+    if all(unicodedata.category(ch) in _NOT_CONTENT for ch in value):
+        raise QuestionError(f"{where}: empty" + (" in effect (only spaces, control, format or combining characters)"
+                                                 if value else ""))
+    return value
+
+
+def checked_id(value: Any) -> Any:
+    """An id to echo with an answer: absent (None), a whole number, or Unicode text of at most MAX_ID_CHARS."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, str):
+        raise QuestionError(f"id: expected text or a whole number, got {type(value).__name__}")
+    if len(value) > MAX_ID_CHARS:
+        raise QuestionError(f"id: {len(value):,} characters, more than the {MAX_ID_CHARS:,} allowed")
+    problem = _not_unicode(value)
+    if problem:
+        raise QuestionError(f"id: {problem}")
     return value
 
 
@@ -194,16 +234,19 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
                 row = json.loads(line)
             except ValueError as e:
                 raise QuestionError(f"{path}, line {n}: not JSON ({e})") from None
+            except RecursionError:
+                raise QuestionError(f"{path}, line {n}: not JSON (nested too deeply)") from None
             if not isinstance(row, dict) or "question" not in row or "context" not in row:
                 raise QuestionError(f"{path}, line {n}: expected an object with \"question\" and \"context\"")
             try:
                 checked_text("question", row["question"], MAX_QUESTION_CHARS, None)
                 checked_text("context", row["context"], MAX_CONTEXT_CHARS, None)
+                checked_id(row.get("id"))
             except QuestionError as e:
                 raise QuestionError(f"{path}, line {n}: {e}") from None
             yield n, row
     except UnicodeDecodeError as e:
-        raise QuestionError(f"{path}: not UTF-8 text ({e})") from None
+        raise QuestionError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     finally:
         if f is not sys.stdin:
             f.close()
@@ -224,8 +267,14 @@ def ask_command(model: str, *, question: str | None, context: str | None, contex
     if context_file is not None:
         try:
             context = Path(context_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuestionError(f"--context-file {context_file}: {getattr(e, 'strerror', None) or e}") from None
+        except OSError as e:
+            raise QuestionError(f"--context-file {context_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise QuestionError(f"--context-file {context_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                f"{e.start})") from None
+    if question is not None:  # before the model loads: a bad argument answers at once
+        checked_text("--question", question, MAX_QUESTION_CHARS, None)
+        checked_text("--context-file" if context_file else "--context", context, MAX_CONTEXT_CHARS, None)
     qa = QuestionAnswerer(model, recipe=recipe, overrides=overrides, version=version)
     if question is not None:
         emit(result_document(question, qa.answer_many([question], [context], top_k=top_k)[0]))

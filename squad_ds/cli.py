@@ -102,7 +102,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from squad_ds.serve import serve_command
 
     emit_result(serve_command(args.model, host=args.host, port=args.port, recipe=args.recipe,
-                              overrides=args.overrides, version=args.squad_version))
+                              overrides=args.overrides, version=args.squad_version, allow_hosts=args.allow_host,
+                              allow_origins=args.allow_origin))
     return 0
 
 
@@ -212,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="a small web server to try a model: a page and a JSON API (the serve extra)")
     _add_model_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged)")
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="also answer requests sent to this host name (default: only the address served; * for any)")
+    sv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                    help="also answer pages from this origin, e.g. http://localhost:3000 (default: only its own page)")
     sv.set_defaults(func=_cmd_serve)
 
     ho = sub.add_parser("hosts", help="before a multi-host run: check every host of a DeepSpeed hostfile (ssh, "

@@ -127,6 +127,82 @@ def test_bad_questions_are_the_packages_error(qa, call, message):
     assert qa([], []) == []
 
 
+# Text that is empty in effect: nothing a tokenizer keeps (zero-width and other format characters, NULs and control
+# characters, combining marks alone, separators), and text that is not Unicode (a lone surrogate: JSON's "\ud800",
+# or a byte that is not UTF-8 in argv or a surrogateescape'd stream). Each is refused by one check the API, `ask` and
+# `serve` share (ask.checked_text); before it the empty ones were answered, the surrogates were a TypeError from the
+# tokenizer.
+EMPTY_IN_EFFECT = {"zero-width": "\u200b\u200b\ufeff", "nul": "\x00\x00", "control": "\x01\x1f\x7f\t",
+                   "combining": "\u0301\u0308 \u20dd", "separators": "\u2028\u3000\u00a0"}
+NOT_UNICODE = {"lone-high": "Who\ud800?", "lone-low": "\udc80", "escaped-byte": "caf\udce9"}
+
+
+@pytest.mark.parametrize("text", EMPTY_IN_EFFECT.values(), ids=EMPTY_IN_EFFECT.keys())
+@pytest.mark.parametrize("field", ["question", "context"])
+def test_text_empty_in_effect_is_refused_as_empty(qa, field, text):
+    args = {"question": "Who sat?", "context": "The cat sat.", field: text}
+    with pytest.raises(QuestionError, match=f"^{field}: empty"):
+        qa(args["question"], args["context"])
+    with pytest.raises(QuestionError, match=f"{field} 1: empty"):
+        qa(["Who sat?", args["question"]], ["The cat sat.", args["context"]])
+
+
+@pytest.mark.parametrize("text", NOT_UNICODE.values(), ids=NOT_UNICODE.keys())
+@pytest.mark.parametrize("field", ["question", "context"])
+def test_text_that_is_not_unicode_is_the_packages_error(qa, field, text):
+    args = {"question": "Who sat?", "context": "The cat sat.", field: text}
+    with pytest.raises(QuestionError, match=f"^{field}: not Unicode text .*lone surrogate"):
+        qa(args["question"], args["context"])
+
+
+def test_text_with_content_beside_invisible_characters_is_answered(qa):
+    """The check refuses only text with nothing in it: a question with a zero-width space, a NUL or a combining
+    mark beside its words is answered."""
+    answer = qa("Who\u200b sat\x00?\u0301", "\u200bThe cat sat.\x00")
+    assert answer.start is not None
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "Who\\ud800?", "context": "Ann."}\n', "line 1: question: not Unicode text"),
+    ('{"question": "Who?", "context": "\\udc80"}\n', "line 1: context: not Unicode text"),
+    ('{"question": "Who?", "context": "Ann.", "id": "\\ud800"}\n', "line 1: id: not Unicode text"),
+    ('{"question": "\\u200b", "context": "Ann."}\n', "line 1: question: empty"),
+    ('{"question": "Who?", "context": "Ann."}\n' + "[" * 5000 + "]" * 5000 + "\n", "line 2: not JSON"),
+], ids=["surrogate-question", "surrogate-context", "surrogate-id", "zero-width-question", "deep-nesting"])
+def test_bad_text_in_input_lines_is_named_by_its_line(tmp_path, bert, content, message):
+    path = tmp_path / "in.jsonl"
+    path.write_text(content)
+    with pytest.raises(QuestionError, match=message):
+        ask_command(str(bert), question=None, context=None, context_file=None, input_path=str(path), top_k=1,
+                    version=None, recipe=None, overrides=WINDOWS, emit=lambda d: None)
+
+
+@pytest.mark.parametrize("how", ["argv", "stdin-utf8-mode", "stdin", "context-file"])
+def test_ask_with_bytes_that_are_not_utf8_is_one_line_exit_2(tmp_path, bert, how):
+    """Bytes that are not UTF-8 in --question, in --input - (stdin; in Python's UTF-8 mode, as under LC_ALL=C, stdin
+    decodes them to lone surrogates) or in --context-file: one line on stderr through the package's boundary,
+    exit 2, nothing on stdout. (Before: exit 1 with the tokenizer's TypeError.)"""
+    base = [sys.executable, "-m", "squad_ds.cli", "ask", "--model", str(bert), *[a for s in WINDOWS for a in ("--set", s)]]
+    stdin = None
+    e = env()
+    if how == "argv":
+        cmd = [*map(str.encode, base), b"--question", b"Who \xff?", b"--context", b"The cat sat."]
+    else:
+        cmd = [*base, "--input", "-"]
+        stdin = b'{"question": "Who \xff?", "context": "The cat sat."}\n'
+        if how == "stdin-utf8-mode":
+            e["PYTHONUTF8"] = "1"
+            e["PYTHONIOENCODING"] = "utf-8:surrogateescape"
+        if how == "context-file":
+            (tmp_path / "c.txt").write_bytes(b"The cat \xff sat.")
+            cmd, stdin = [*base, "--question", "Who?", "--context-file", str(tmp_path / "c.txt")], None
+    proc = subprocess.run(cmd, input=stdin, env=e, cwd=REPO, capture_output=True, timeout=300)
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == b"", (proc.returncode, err[-20:])
+    assert err[-1].startswith("squad-ds ask: error: ") and ("not Unicode text" in err[-1] or "not UTF-8" in err[-1]), err
+    assert not any("Traceback" in line for line in err), err
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(), "give --question"),
     (dict(question="Who?"), "--question needs one of --context"),

@@ -67,7 +67,8 @@ def test_bad_requests_are_4xx_saying_what_is_wrong(server, body, status, message
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"{server}/answer", data=body, method="POST")
+    req = urllib.request.Request(f"{server}/answer", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=60)
     assert e.value.code == status
@@ -77,16 +78,17 @@ def test_bad_requests_are_4xx_saying_what_is_wrong(server, body, status, message
 @pytest.mark.parametrize("size", [900_000, 8 * 2**20, 40 * 2**20], ids=["0.9MB", "8MiB", "40MiB"])
 def test_an_over_long_body_is_answered_413_not_cut_off(server, size):
     """A client still sending an over-long body hears the 413 and why, not a broken pipe or a reset: the server
-    reads the body to its end (up to DRAIN_LIMIT_BYTES) before it answers. CI once saw a broken pipe at 0.9 MB;
+    reads the body to its end (up to Limits.drain_limit_bytes) before it answers. CI once saw a broken pipe at 0.9 MB;
     bodies past the loopback's buffers broke every time. Three tries each: the failure was a race."""
     import urllib.error
     import urllib.request
 
-    from squad_ds.serve import DRAIN_LIMIT_BYTES, MAX_BODY_BYTES
+    from squad_ds.serve import Limits
 
-    assert MAX_BODY_BYTES < size <= DRAIN_LIMIT_BYTES
+    assert Limits().max_body_bytes < size <= Limits().drain_limit_bytes
     for _ in range(3):
-        req = urllib.request.Request(f"{server}/answer", data=b"x" * size, method="POST")
+        req = urllib.request.Request(f"{server}/answer", data=b"x" * size, method="POST",
+                                     headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)
         assert e.value.code == 413 and "request body over" in json.loads(e.value.read())["error"]
@@ -94,13 +96,14 @@ def test_an_over_long_body_is_answered_413_not_cut_off(server, size):
 
 @pytest.mark.parametrize("length", ["10000000000", str(2**63)])
 def test_a_body_declared_past_the_drain_limit_is_answered_413_at_once(server, length):
-    """A Content-Length past DRAIN_LIMIT_BYTES is refused from the headers: nothing of the body is read (the
+    """A Content-Length past Limits.drain_limit_bytes is refused from the headers: nothing of the body is read (the
     client here sends none) and the 413 comes back at once. (Past 20 digits the server's HTTP parser answers 400.)"""
     import socket
 
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(f"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        s.sendall(f"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {length}\r\n\r\n".encode())
         reply = b""
         while b"request body over" not in reply:
             chunk = s.recv(65536)
@@ -111,9 +114,12 @@ def test_a_body_declared_past_the_drain_limit_is_answered_413_at_once(server, le
 
 
 def test_no_other_paths_or_methods(server):
-    assert get(f"{server}/answer")[0] == 405
+    """405 and 404, each a JSON error (before: text/plain)."""
+    status, body = get(f"{server}/answer")
+    assert status == 405 and "method" in json.loads(body)["error"].lower(), body
     for path in ("/etc/passwd", "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/static/x"):
-        assert get(server + path)[0] == 404, path
+        status, body = get(server + path)
+        assert status == 404 and "not found" in json.loads(body)["error"].lower(), (path, body)
 
 
 def test_a_taken_port_is_one_line_before_the_model_loads(ask_model):
@@ -141,12 +147,25 @@ def test_sigterm_ends_the_server_with_what_it_served(ask_model):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _astral(text: str) -> str:
+    """`text` with six emoji before it and a character outside the BMP in every word (JavaScript counts each as two
+    UTF-16 units, the API as one character)."""
+    return "\U0001F600" * 6 + " " + " ".join(w[:1] + "\U0001D431" + w[1:] for w in text.split())
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
-def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path):
+@pytest.mark.parametrize("astral", [False, True], ids=["plain", "astral"])
+def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path, astral):
     """The page opened with a question and a text (as a link carries them) asks the server and marks the answer:
-    the DOM holds the answer in <mark>, and the screenshot shows the highlight's colour."""
+    the DOM holds the answer in <mark>, and the screenshot shows the highlight's colour. With astral characters
+    before and inside the answer the mark is the same span: the API's offsets count characters (code points), and
+    the page slices by them (before: by UTF-16 units, six characters off after six emoji)."""
     question, context = dev_rows(1)[0]
+    if astral:
+        context = _astral(context)
     answer = ask_qa(question, context)
+    if astral:
+        assert answer.start > 6 and "\U0001D431" in answer.text, answer  # what this case is about
     url = f"{server}/?" + urllib.parse.urlencode({"question": question, "context": context})
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
              "--window-size=1000,1400"]
@@ -154,6 +173,8 @@ def test_the_page_highlights_the_answer_in_the_context(server, ask_qa, tmp_path)
     from html import escape
 
     assert f'<mark id="highlight">{escape(answer.text, quote=False)}</mark>' in dom, dom[-2000:]
+    if astral:
+        return
     shot = tmp_path / "page.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     from PIL import Image
