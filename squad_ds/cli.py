@@ -51,6 +51,15 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from squad_ds.plan import plan
+
+    emit_result(plan(args.recipe, args.overrides, model=args.model, shape=args.shape, cpu_memory_gib=args.cpu_memory,
+                     gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes, nvme_gib=args.nvme),
+                indent=2)
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from squad_ds.effective import effective_config
 
@@ -185,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="resolve as for this device (default: the one here)")
     cf.set_defaults(func=_cmd_config)
+
+    pn = sub.add_parser("plan", help="before a run: will it fit? memory per rank of each ZeRO/offload/checkpointing "
+                        "setup, the largest micro-batch, the fastest setup that fits")
+    add_recipe_arguments(pn, positional=True)
+    what = pn.add_mutually_exclusive_group()
+    what.add_argument("--model", default=None, help="a model name or directory instead of the recipe's")
+    what.add_argument("--shape", default=None, help="a BERT shape LAYERSxHIDDENxHEADS instead, e.g. 24x1024x16")
+    pn.add_argument("--cpu-memory", type=float, default=None, help="GiB of RAM per node (default: what is free here)")
+    pn.add_argument("--gpus", type=int, default=0, help="GPUs per node (default 0: train on the CPU)")
+    pn.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU")
+    pn.add_argument("--nodes", type=int, default=1)
+    pn.add_argument("--nvme", type=float, default=None, help="GiB free on the NVMe offload folder (default: unlimited)")
+    pn.set_defaults(func=_cmd_plan)
 
     rc = sub.add_parser("recipes", help="the named recipes: model, SQuAD version, published F1/EM, GPUs")
     rc.add_argument("--json", action="store_true", help="as JSON (one object per recipe) instead of a table")

@@ -123,7 +123,7 @@ LAYERS = [
     ("modeling", ("squad_ds.modeling",)),
     ("training", ("squad_ds.training",)),
     ("entry points", ("squad_ds.plot", "squad_ds.train", "squad_ds.predict", "squad_ds.ask", "squad_ds.serve",
-                      "squad_ds.effective", "squad_ds.hosts")),
+                      "squad_ds.effective", "squad_ds.hosts", "squad_ds.plan")),
     ("tune", ("squad_ds.tune",)),
     ("cli", ("squad_ds.cli",)),
 ]

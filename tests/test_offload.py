@@ -184,3 +184,18 @@ def test_bad_nvme_settings_through_the_cli_are_one_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("offloading there saves no RAM; give a folder on a disk")
+
+
+def test_nvme_buffers_are_sized_to_the_model_and_a_value_the_json_sets_is_kept(tmp_path):
+    """DeepSpeed's defaults (1e9 elements kept in RAM, 5 × 1e8-element pinned buffers, 1e9-element sub-groups) made
+    NVMe offload peak above the in-memory run (bench/memory_fit.jsonl); squad-ds fills what the JSON leaves out."""
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero3_nvme_fp32.json").read_text())
+    ds["zero_optimization"]["sub_group_size"] = 12345
+    filled = nvme.size_buffers(ds, largest_param=31_254_528)  # bert-large's word embeddings
+    param = ds["zero_optimization"]["offload_param"]
+    assert param["buffer_size"] == 30 * 2**20 >= 31_254_528  # the largest parameter, rounded up to a MiB
+    assert param["max_in_cpu"] == 0 and param["buffer_count"] == 4
+    assert ds["zero_optimization"]["sub_group_size"] == 12345 and "sub_group_size" not in filled
+    assert ds["zero_optimization"]["reduce_bucket_size"] == nvme.BUCKET
+    plain = json.loads((REPO / "ds_configs" / "cpu_fp32_zero3.json").read_text())
+    assert nvme.size_buffers(plain, 10**6) == {} and "reduce_bucket_size" not in plain["zero_optimization"]

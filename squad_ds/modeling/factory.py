@@ -154,13 +154,15 @@ def load_qa_model(name_or_path: str, *, attn_implementation: str = "sdpa"):
                             attn_implementation=_attn_for(cls, attn_implementation))
 
 
-def count_parameters(name_or_path: str) -> int:
-    """The QA model's parameter count from its config alone (built on the meta device: no memory, no weights)."""
+def count_parameters(name_or_path: str) -> tuple[int, int]:
+    """The QA model's parameter count and its largest parameter's, from its config alone (built on the meta device:
+    no memory, no weights)."""
     import torch
 
     with torch.device("meta"):
         model = qa_model_from_config(load_config(name_or_path))
-    return sum(p.numel() for p in model.parameters())
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(sizes), max(sizes)
 
 
 def qa_model_from_config(config, *, attn_implementation: str = "sdpa"):

@@ -17,11 +17,12 @@ from squad_ds.config import ConfigError, Recipe, list_recipes, load_recipe
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
 from squad_ds.errors import WorldSizeError
-from squad_ds.modeling.factory import (ModelLoadError, check_max_seq_length, count_parameters, load_qa_model,
-                                      load_tokenizer)
+from squad_ds.logs import log_main
+from squad_ds.modeling.factory import (ModelLoadError, check_max_seq_length, count_parameters, load_config,
+                                      load_qa_model, load_tokenizer)
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config, load_ds_config, resolve_ds_config
-from squad_ds.training import nvme
+from squad_ds.training import memory, nvme
 from squad_ds.training.engine import build_engine, fused_dropout_policy, partitioned_construction
 
 
@@ -122,8 +123,16 @@ def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     tokenizer = load_tokenizer_for(recipe)
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
     ds_config, plan = spec.plan(len(train))
+    params, largest = count_parameters(recipe.model.name_or_path)
+    shape = memory.Shape.of(load_config(recipe.model.name_or_path), params)
+    nvme.size_buffers(ds_config, largest)
+    warning = memory.preflight(shape, ds_config, ranks=spec.world_size, seq=recipe.data.max_seq_length,
+                               micro=plan.micro_batch, checkpointing=recipe.train.activation_checkpointing,
+                               cuda=spec.cuda)
+    if warning:
+        log_main("%s", warning)
     engine_ds = copy.deepcopy(ds_config)  # NVMe paths become this process's own swap folders (nvme.py)
-    swap = nvme.make_swap_folders(engine_ds, count_parameters(recipe.model.name_or_path))
+    swap = nvme.make_swap_folders(engine_ds, shape.params)
     atexit.register(nvme.remove_swap_folders, swap)
     with partitioned_construction(engine_ds):
         model = load_qa_model(recipe.model.name_or_path, attn_implementation=recipe.model.attn_implementation)

@@ -1,0 +1,141 @@
+"""Peak memory of a real training run, by setup and model size, optionally under a memory ceiling the kernel
+enforces (cgroup v1 memory.limit_in_bytes, no swap): whether it fits is observed, not assumed.
+
+Each case is one `squad-ds train` process on a randomly initialised BERT of the given shape (QA head, the shipped
+SQuAD sample windows, a few optimizer steps, the final checkpoint saved). Its peak is the kernel's maximum resident
+set of the process (wait4's ru_maxrss); under a ceiling, a case killed by the kernel's OOM killer did not fit.
+Records go to a JSON-lines file; `squad-ds plan`'s memory model is checked against them
+(tests/test_plan.py::test_plan_is_within_15_percent_of_the_measured_peaks).
+
+    python bench/memory_fit.py --shape bert-base --ds cpu_fp32 --seq 384 --micro 1 --out bench/memory_fit.jsonl
+    python bench/memory_fit.py --shape bert-large --ds cpu_zero3_nvme_fp32 --ckpt --ceiling-gib 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from common import DEFAULT_CACHE, REPO, SHAPES, load_tokenizer, model_config
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def model_dir(shape: str, cache: Path) -> Path:
+    """A random-init QA model of `shape` with the MiniLM (bert-base-uncased) tokenizer, saved once."""
+    d = cache / "models" / shape
+    if (d / "config.json").is_file():
+        return d
+    import torch
+
+    from squad_ds.modeling.factory import qa_model_from_config
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    model = qa_model_from_config(model_config(shape, len(tok)))
+    tmp = d.with_name(d.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(d)
+    return d
+
+
+def _cgroup(ceiling: int) -> Path:
+    group = CGROUP / f"squad_ds_bench_{os.getpid()}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(ceiling))
+    try:  # no swap to hide behind
+        (group / "memory.memsw.limit_in_bytes").write_text(str(ceiling))
+    except OSError:
+        pass
+    (group / "memory.swappiness").write_text("0")
+    return group
+
+
+def run_case(args, work: Path) -> dict:
+    model = model_dir(args.shape, Path(args.cache))
+    out = work / "out"
+    recipe = {"model": {"name_or_path": str(model)},
+              "data": {"train_file": "sample:train", "eval_file": None, "max_seq_length": args.seq,
+                       "doc_stride": min(128, args.seq // 4), "max_query_length": min(64, args.seq // 4),
+                       "max_train_examples": args.micro * args.accum * args.steps * 2,
+                       "cache_dir": str(work / "cache")},
+              "train": {"max_steps": args.steps, "micro_batch_size": args.micro,
+                        "gradient_accumulation_steps": args.accum, "log_steps": 1,
+                        "activation_checkpointing": args.ckpt},
+              "output": {"dir": str(out), "export": False}}
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "squad_ds.train", "--recipe", str(work / "r.yaml"), "--deepspeed_config", args.ds]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    group = _cgroup(int(args.ceiling_gib * 2**30)) if args.ceiling_gib else None
+    t0 = time.time()
+    with open(work / "stderr.log", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+                                if group else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    record = {"shape": args.shape, **SHAPES[args.shape], "ds_config": args.ds, "seq": args.seq, "micro": args.micro,
+              "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
+              "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
+              "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
+    if group:
+        oom = (group / "memory.oom_control").read_text()
+        record["oom_killed"] = "oom_kill 0" not in oom
+        group.rmdir()
+    trained = re.search(r"trained (\d+) steps in ([0-9.]+) s", (work / "stderr.log").read_text())
+    if trained:
+        record["s_per_step"] = round(float(trained.group(2)) / max(1, int(trained.group(1))), 2)
+    record["params"] = _params(model)
+    record["date"] = time.strftime("%Y-%m-%d")
+    record["machine"] = f"{_cpu()}, {os.cpu_count()} cores, {platform.python_version()}"
+    return record
+
+
+def _params(model: Path) -> int:
+    from squad_ds.modeling.factory import count_parameters
+
+    return count_parameters(str(model))[0]
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
+    p.add_argument("--ds", default="cpu_fp32", help="DeepSpeed config (shipped name or path)")
+    p.add_argument("--seq", type=int, default=384)
+    p.add_argument("--micro", type=int, default=1)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    p.add_argument("--ceiling-gib", type=float, default=None, help="run under this cgroup memory limit")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--out", default=str(REPO / "bench" / "memory_fit.jsonl"))
+    args = p.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="memory_fit-", dir=args.cache if Path(args.cache).is_dir() else None) as t:
+        record = run_case(args, Path(t))
+        if record["rc"] != 0 and not record.get("oom_killed"):
+            record["stderr_tail"] = (Path(t) / "stderr.log").read_text()[-600:]
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
