@@ -82,13 +82,7 @@ def checked_text(name: str, value: Any, limit: int, i: int | None) -> str:
     Unicode (no lone surrogate), and not empty in effect (something besides spaces, control, format and
     combining characters)."""
     where = name if i is None else f"{name} {i}"
-    if not isinstance(value, str):
-        raise QuestionError(f"{where}: expected text, got {type(value).__name__}")
-    if len(value) > limit:
-        raise QuestionError(f"{where}: {len(value):,} characters, more than the {limit:,} allowed")
-    problem = _not_unicode(value)
-    if problem:
-        raise QuestionError(f"{where}: {problem}")
+    _check_string(value, limit, where, "text")
     if all(unicodedata.category(ch) in _NOT_CONTENT for ch in value):
         raise QuestionError(f"{where}: empty" + (" in effect (only spaces, control, format or combining characters)"
                                                  if value else ""))
@@ -99,14 +93,19 @@ def checked_id(value: Any) -> Any:
     """An id to echo with an answer: absent (None), a whole number, or Unicode text of at most MAX_ID_CHARS."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
+    _check_string(value, MAX_ID_CHARS, "id", "text or a whole number")
+    return value
+
+
+def _check_string(value: Any, limit: int, where: str, expected: str) -> None:
+    """A str of at most `limit` characters with no lone surrogate, else a QuestionError naming `where`."""
     if not isinstance(value, str):
-        raise QuestionError(f"id: expected text or a whole number, got {type(value).__name__}")
-    if len(value) > MAX_ID_CHARS:
-        raise QuestionError(f"id: {len(value):,} characters, more than the {MAX_ID_CHARS:,} allowed")
+        raise QuestionError(f"{where}: expected {expected}, got {type(value).__name__}")
+    if len(value) > limit:
+        raise QuestionError(f"{where}: {len(value):,} characters, more than the {limit:,} allowed")
     problem = _not_unicode(value)
     if problem:
-        raise QuestionError(f"id: {problem}")
-    return value
+        raise QuestionError(f"{where}: {problem}")
 
 
 def check_top_k(top_k: Any, n_best: int) -> int:
