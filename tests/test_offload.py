@@ -49,7 +49,8 @@ def _train(tmp_path: Path, model: Path, name: str, ds_config: str, *flags: str, 
     out = tmp_path / name
     recipe = write_recipe(tmp_path / f"{name}.yaml", model, out, data={"max_eval_examples": 4},
                           train={"max_steps": 20, "log_steps": 1, "save_steps": 20, **train})
-    run_train(recipe, *flags, ds_config=ds_config)
+    proc = run_train(recipe, *flags, ds_config=ds_config)
+    (tmp_path / f"{name}.stderr").write_text(proc.stderr)
     return out
 
 
@@ -86,6 +87,8 @@ def test_bf16_nvme_offload_trains_as_bf16_cpu_offload(tmp_path, model):
     cpu = losses(_train(tmp_path, model, "cpu", _config(tmp_path, "cpu", "cpu", "cpu", bf16=True), max_steps=8))
     on_nvme = losses(_train(tmp_path, model, "nvme", "cpu_zero3_nvme_bf16", max_steps=8))
     assert on_nvme == cpu
+    # DeepSpeed's ZeRO-3 warned that reduce_scatter_tensor is deprecated once per micro-batch
+    assert "reduce_scatter_tensor" not in (tmp_path / "nvme.stderr").read_text()
 
 
 @needs_aio

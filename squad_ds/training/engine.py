@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
@@ -113,6 +114,10 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
     import deepspeed
 
     _sanitize_arch_list()
+    # DeepSpeed 0.19's ZeRO-3 calls torch's deprecated reduce_scatter_tensor, and the FutureWarning came once per
+    # micro-batch (hundreds of lines a step on bert-large): it is DeepSpeed's to change, not the user's.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+                            category=FutureWarning)
     prepare_model(model, recipe, train=True, cuda=cuda)
     ds = copy.deepcopy(ds)
     wd = (ds.get("optimizer") or {}).get("params", {}).get("weight_decay", DEFAULT_WEIGHT_DECAY)
