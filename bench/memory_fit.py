@@ -27,6 +27,19 @@ import yaml
 from common import DEFAULT_CACHE, REPO, SHAPES, load_tokenizer, model_config
 
 CGROUP = Path("/sys/fs/cgroup/memory")
+# The Trainer side: `steps` optimizer steps of `micro` windows, no accumulation, fp32 or bf16=True, no checkpoint.
+HF_CHILD = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+import accuracy_parity as p
+from squad_ds.data.files import resolve_data_path
+s = p.Settings(n_train={micro} * {steps}, n_eval=1, epochs=1.0, micro_batch_size={micro},
+               gradient_accumulation_steps=1, max_seq_length={seq}, doc_stride=min(128, {seq} // 4),
+               max_query_length=min(64, {seq} // 4))
+train, _ = p.make_inputs(s, "sample:train", "sample:dev", Path({work!r}))
+print(json.dumps(p.run_hf(s, train, train, {model!r}, 42, Path({work!r}), evaluate=False, bf16={bf16})))
+"""
 
 
 def model_dir(shape: str, cache: Path) -> Path:
@@ -74,16 +87,21 @@ def run_case(args, work: Path) -> dict:
               "output": {"dir": str(out), "export": False}}
     (work / "r.yaml").write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "squad_ds.train", "--recipe", str(work / "r.yaml"), "--deepspeed_config", args.ds]
+    if args.side != "squad-ds":  # the Hugging Face Trainer as run_qa.py runs it (accuracy_parity.run_hf)
+        cmd = [sys.executable, "-c", HF_CHILD.format(bench=str(REPO / "bench"), work=str(work), model=str(model),
+                                                     micro=args.micro, steps=args.steps, seq=args.seq,
+                                                     bf16=args.side == "hf-bf16")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     group = _cgroup(int(args.ceiling_gib * 2**30)) if args.ceiling_gib else None
     t0 = time.time()
     with open(work / "stderr.log", "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+        proc = subprocess.Popen(cmd, env=env, stdout=open(work / "stdout.log", "w"), stderr=err, cwd=REPO,
                                 preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
                                 if group else None)
         _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
-    record = {"shape": args.shape, **SHAPES[args.shape], "ds_config": args.ds, "seq": args.seq, "micro": args.micro,
+    record = {"shape": args.shape, **SHAPES[args.shape], "side": args.side,
+              "ds_config": args.ds if args.side == "squad-ds" else args.side, "seq": args.seq, "micro": args.micro,
               "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
               "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
@@ -91,6 +109,9 @@ def run_case(args, work: Path) -> dict:
         oom = (group / "memory.oom_control").read_text()
         record["oom_killed"] = "oom_kill 0" not in oom
         group.rmdir()
+    hf = re.search(r'"train_s": ([0-9.]+), "steps": (\d+)', (work / "stdout.log").read_text())
+    if hf:
+        record["s_per_step"] = round(float(hf.group(1)) / max(1, int(hf.group(2))), 2)
     trained = re.search(r"trained (\d+) steps in ([0-9.]+) s", (work / "stderr.log").read_text())
     if trained:
         record["s_per_step"] = round(float(trained.group(2)) / max(1, int(trained.group(1))), 2)
@@ -116,6 +137,8 @@ def _cpu() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
+    p.add_argument("--side", default="squad-ds", choices=["squad-ds", "hf", "hf-bf16"],
+                   help="squad-ds, or the Hugging Face Trainer as run_qa.py runs it (fp32, or bf16=True)")
     p.add_argument("--ds", default="cpu_fp32", help="DeepSpeed config (shipped name or path)")
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--micro", type=int, default=1)
