@@ -151,6 +151,9 @@ def check_target(out_dir: str | Path) -> Path:
     """Refuse a model directory to write that would replace something squad-ds did not write: `out_dir` and its
     staging name must each be replaceable."""
     out_dir = Path(out_dir).absolute()  # "." has no name to stage beside
+    if not out_dir.name:
+        raise ConfigError(f"--out {out_dir}: a file-system root, not a model directory to replace (choose a folder "
+                          "inside it)")
     for path in (out_dir, _staging(out_dir)):
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise ConfigError(f"{path} exists and is not a directory: not replacing it with a model directory "
