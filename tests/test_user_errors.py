@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from test_faults import mount  # noqa: F401 - the fixture: a tmpfs or read-only bind mount (root only)
 from trainer_util import REPO, env, make_tiny_model, write_recipe
 
 
@@ -238,3 +239,15 @@ def test_tune_refuses_an_out_dir_that_is_a_file(tmp_path, tiny):
     _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--out-dir", tmp_path / "notes.txt"), "tune",
               "--out-dir", "notes.txt", "not a directory")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
+    """The error named no file ("cannot write : no space left on the device") and left an empty x.png behind."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
+    with open(disk / "filler", "wb") as f:
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * (2 << 20))
+    last = _one_line(_cli("plot", run, "--out", disk / "x.png"), "plot", str(disk / "x.png"), "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
