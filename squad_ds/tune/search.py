@@ -259,8 +259,10 @@ def prepare(args: argparse.Namespace) -> Search:
     parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
-    count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
+    count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     out.mkdir(parents=True, exist_ok=True)
     return Search(args.recipe, list(args.overrides), recipe, spec.ds_raw, spec.ds_name, plan.global_batch, world, cuda,
                   out)
