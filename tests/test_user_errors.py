@@ -241,13 +241,27 @@ def test_tune_refuses_an_out_dir_that_is_a_file(tmp_path, tiny):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
-    """The error named no file ("cannot write : no space left on the device") and left an empty x.png behind."""
-    pytest.importorskip("matplotlib")
-    run = _fake_run(tmp_path / "run")
+def _full_disk(tmp_path, mount):
     disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
     with open(disk / "filler", "wb") as f:
         with contextlib.suppress(OSError):
             f.write(b"\0" * (2 << 20))
+    return disk
+
+
+def test_predict_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny, mount):
+    """The error named no file ("cannot write : no space left on the device") and left the empty folder behind."""
+    disk = _full_disk(tmp_path, mount)
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    last = _one_line(_cli("predict", "sample:dev", "--model", tiny, "--out-dir", disk / "p", *windows), "predict",
+                     str(disk / "p" / "predictions.json"), "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
+
+
+def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
+    """The error named no file ("cannot write : no space left on the device") and left an empty x.png behind."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    disk = _full_disk(tmp_path, mount)
     last = _one_line(_cli("plot", run, "--out", disk / "x.png"), "plot", str(disk / "x.png"), "no space left")
     assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
