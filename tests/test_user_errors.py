@@ -265,3 +265,11 @@ def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
     disk = _full_disk(tmp_path, mount)
     last = _one_line(_cli("plot", run, "--out", disk / "x.png"), "plot", str(disk / "x.png"), "no space left")
     assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
+
+
+def test_tune_onto_a_full_disk_names_the_file(tmp_path, tiny, mount):
+    """The error named no file: "cannot write : no space left on the device"."""
+    disk = _full_disk(tmp_path, mount)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
+    _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--stages", "0", "--max-micro", "1",
+                   "--variants", "none", "--out-dir", disk / "t"), "tune", f"{disk / 't'}/", "no space left")
