@@ -127,14 +127,19 @@ def emit_result(doc: Any, indent: int | None = None) -> None:
 
 def emit_text(text: str) -> None:
     """Text for stdout while a command runs (a listing for people; results go through emit_result)."""
-    sys.stdout.flush()
-    if _result_fd is None:
-        sys.stdout.write(text)
+    try:
         sys.stdout.flush()
-        return
-    data = text.encode()
-    while data:
-        data = data[os.write(_result_fd, data):]
+        if _result_fd is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        data = text.encode()
+        while data:
+            data = data[os.write(_result_fd, data):]
+    except OSError as e:  # `> /dev/full`, a full disk: a write to a descriptor names no file
+        if e.filename is None:
+            e.filename = "the standard output"
+        raise
 
 
 def run_main(prog: str, run: Callable[[], int]) -> int:

@@ -5,6 +5,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -273,3 +274,14 @@ def test_tune_onto_a_full_disk_names_the_file(tmp_path, tiny, mount):
     recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
     _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--stages", "0", "--max-micro", "1",
                    "--variants", "none", "--out-dir", disk / "t"), "tune", f"{disk / 't'}/", "no space left")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_result_onto_a_full_stdout_is_one_line_naming_it(tmp_path):
+    """`squad-ds plot RUN > /dev/full` (and ask, predict…): the error said "cannot write : no space left"."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "plot", str(run)], env=env(), cwd=REPO,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
+    _one_line(proc, "plot", "cannot write the standard output", "no space left")
