@@ -285,3 +285,31 @@ def test_a_result_onto_a_full_stdout_is_one_line_naming_it(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "plot", str(run)], env=env(), cwd=REPO,
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
     _one_line(proc, "plot", "cannot write the standard output", "no space left")
+
+
+def test_export_under_a_file_is_refused(tmp_path):
+    """`export --out FILE/model` was a NotADirectoryError traceback, after the model had loaded."""
+    from squad_ds.errors import ConfigError
+    from squad_ds.training.export import check_target
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
+        check_target(tmp_path / "notes.txt" / "model")
+
+
+@pytest.mark.parametrize("command", ["predict", "plot", "tune"])
+def test_an_output_path_under_a_file_is_one_line(tmp_path, tiny, command):
+    """A folder on the output path that is a file: NotADirectoryError / FileExistsError tracebacks."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    if command == "plot":
+        pytest.importorskip("matplotlib")
+        args = ["plot", _fake_run(tmp_path / "run"), "--out", notes / "x.png"]
+    elif command == "predict":
+        args = ["predict", "sample:dev", "--model", tiny, "--out-dir", notes / "p", *windows]
+    else:
+        args = ["tune", write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out"), "--deepspeed_config", "cpu_fp32",
+                "--out-dir", notes / "t"]
+    _one_line(_cli(*args), command, f"{notes} is a file, not a folder")
+    assert notes.read_text() == "mine"
