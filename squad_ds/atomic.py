@@ -42,8 +42,10 @@ def write(path: str | os.PathLike, fill: Callable[[IO[bytes]], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a write to the open file names none: say which file could not be written
         raise
     _fsync_dir(path.parent)
     return path

@@ -88,6 +88,18 @@ def disk_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def file_in_the_way(path: str | os.PathLike | None) -> str | None:
+    """"X is a file, not a folder" when a file stands where `path` needs a folder (itself or a parent), else None:
+    what NotADirectoryError and mkdir's FileExistsError mean for an output path."""
+    if path is None:
+        return None
+    p = Path(os.fsdecode(path)).absolute()
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            return None if q.is_dir() else f"{q} is a file, not a folder"
+    return None
+
+
 def disk_error(e: BaseException, path: str | os.PathLike) -> DiskError | None:
     """A DiskError naming `path` when `e` came from a full or read-only file system, else None."""
     reason = _DISK_ERRNOS.get(getattr(e, "errno", None)) or disk_problem(path)
@@ -127,14 +139,19 @@ def emit_result(doc: Any, indent: int | None = None) -> None:
 
 def emit_text(text: str) -> None:
     """Text for stdout while a command runs (a listing for people; results go through emit_result)."""
-    sys.stdout.flush()
-    if _result_fd is None:
-        sys.stdout.write(text)
+    try:
         sys.stdout.flush()
-        return
-    data = text.encode()
-    while data:
-        data = data[os.write(_result_fd, data):]
+        if _result_fd is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        data = text.encode()
+        while data:
+            data = data[os.write(_result_fd, data):]
+    except OSError as e:  # `> /dev/full`, a full disk: a write to a descriptor names no file
+        if e.filename is None:
+            e.filename = "the standard output"
+        raise
 
 
 def run_main(prog: str, run: Callable[[], int]) -> int:
@@ -149,9 +166,11 @@ def _run(prog: str, run: Callable[[], int]) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         status = 2
     except OSError as e:
-        if e.errno not in _DISK_ERRNOS:
+        reason = _DISK_ERRNOS.get(e.errno) or (file_in_the_way(e.filename)
+                                               if e.errno in (errno.ENOTDIR, errno.EEXIST) else None)
+        if reason is None:
             raise
-        print(f"{prog}: error: cannot write {e.filename or ''}: {_DISK_ERRNOS[e.errno]}", file=sys.stderr)
+        print(f"{prog}: error: cannot write {e.filename or ''}: {reason}", file=sys.stderr)
         status = 2
     # A clean end or an input error: leave the process group explicitly. Left to the interpreter's exit, gloo's
     # threads can be torn down under a peer that already left (seen: SIGABRT after the error message). A bug's

@@ -105,9 +105,15 @@ def plot(run_dir: Path, out: Path, title: str | None = None, smooth: int = 25) -
     ax.legend(handles, labels, loc="center right", fontsize=8)
     ax.set_title(title or run_dir.name)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    from squad_ds import atomic
+    from squad_ds.errors import disk_error
+
+    try:  # whole or not at all: a full disk left an empty PNG
+        atomic.write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    except OSError as e:
+        raise (disk_error(e, out) or e) from e
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -119,6 +125,8 @@ def plot_command(run_dir: str, out: str | None, title: str | None, smooth: int) 
         raise FileNotFoundError(f"{run}: no train_log.jsonl (not a squad-ds run directory?)")
     if out and Path(out).is_dir():
         raise ConfigError(f"--out {out}: a directory; give the path of the PNG to write")
+    if out and Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: not a .png name; give the path of the PNG to write")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

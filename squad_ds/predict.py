@@ -22,7 +22,7 @@ from squad_ds.model_record import recipe_for_model
 from squad_ds.data.batching import trim_policy
 from squad_ds.data.files import resolve_data_path
 from squad_ds.data.preprocess import load_features
-from squad_ds.errors import emit_result, run_main
+from squad_ds.errors import ConfigError, emit_result, run_main
 from squad_ds.logs import setup_logging
 from squad_ds.options import predict_parser
 from squad_ds.modeling.factory import check_max_seq_length, load_qa_model, load_tokenizer
@@ -32,7 +32,25 @@ from squad_ds.training.engine import prepare_model
 from squad_ds.training.inference import evaluate
 
 
+# What marks a folder as a training run's or a model's: predict's files there would replace the run's own results
+# (eval_results.json, predictions.json) or mix into the model.
+_NOT_PREDICTIONS = ("train_log.jsonl", "checkpoints", "effective_config.json", "config.json", "squad_ds.json")
+
+
+def check_out_dir(out_dir: Path) -> Path:
+    """Refuse an --out-dir that is a file, a training run's folder or a model folder (before the model loads)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir}: exists and is not a directory (choose another path)")
+    mark = next((n for n in _NOT_PREDICTIONS if (out_dir / n).exists()), None)
+    if mark is not None:
+        raise ConfigError(f"--out-dir {out_dir}: holds {mark}, so it is a training run's or a model's folder: "
+                          "predictions there would replace its own files (choose another path, e.g. a new folder "
+                          "inside it)")
+    return out_dir
+
+
 def run(args: argparse.Namespace) -> int:
+    out_dir = check_out_dir(Path(args.out_dir)) if args.out_dir else Path(args.model) / "predictions"
     recipe = recipe_for_model(args.model, args.recipe, args.overrides)
     cuda = torch.cuda.is_available()
     distributed.init(cuda, recipe.distributed.timeout_s, recipe.distributed.rendezvous_timeout_s)
@@ -45,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.train.seed)  # a checkpoint without a QA head gets a reproducible random one
     model = load_qa_model(args.model, attn_implementation=recipe.model.attn_implementation).to(device)
     prepare_model(model, recipe, train=False)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model) / "predictions"
     trim = trim_policy(recipe.data, cuda)
     with sdpa_preference(recipe.model.sdpa_backend):
         metrics = evaluate(model, dataset, feats, model_family(model.config), recipe.eval, device, out_dir,

@@ -5,10 +5,12 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+from test_faults import mount  # noqa: F401 - the fixture: a tmpfs or read-only bind mount (root only)
 from trainer_util import REPO, env, make_tiny_model, write_recipe
 
 
@@ -166,3 +168,148 @@ def test_predict_errors(tmp_path, tiny):
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     _one_line(_cli("predict", "sample:dev", "--model", bad, *windows), "predict", "cannot load the model")
+
+
+# ------------------------------------------------------------------------------------------ output paths
+
+def test_export_to_a_file_system_root_is_refused():
+    """`squad-ds export RUN --out /` ended in a ValueError traceback (the root has no name to stage beside)."""
+    from squad_ds.errors import ConfigError
+    from squad_ds.training.export import check_target
+
+    with pytest.raises(ConfigError, match="--out /: a file-system root"):
+        check_target("/")
+
+
+def _fake_run(root):
+    """What makes a folder a training run's, as far as the output checks look."""
+    root.mkdir()
+    (root / "checkpoints").mkdir()
+    (root / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 4.0 - s / 10}) + "\n"
+                                                  for s in range(1, 4)))
+    (root / "eval_results.json").write_text(json.dumps({"exact_match": 50.0, "f1": 60.0}))
+    return root
+
+
+def _listing(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["file", "run", "model"])
+def test_predict_refuses_an_out_dir_that_holds_something_else(tmp_path, tiny, where):
+    """--out-dir naming a file was a FileExistsError traceback; naming a run folder or the model folder silently
+    replaced the run's own eval_results.json and predictions.json. Refused before the model loads, left intact."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    target = {"file": tmp_path / "notes.txt", "run": tmp_path / "run", "model": model}[where]
+    if where == "file":
+        target.write_text("mine")
+    elif where == "run":
+        _fake_run(target)
+    before = _listing(tmp_path)
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    _one_line(_cli("predict", "sample:dev", "--model", model, "--out-dir", target, *windows), "predict",
+              "--out-dir", str(target))
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("out", ["training.txt", "train_log.jsonl"])
+def test_plot_refuses_an_out_that_is_not_a_png(tmp_path, out):
+    """A --out without the .png suffix was matplotlib's ValueError traceback (and, for a supported suffix, would
+    have overwritten whatever file was named)."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    before = _listing(run)
+    _one_line(_cli("plot", run, "--out", run / out), "plot", "--out", ".png")
+    assert _listing(run) == before
+
+
+def test_ask_with_a_run_folder_as_the_model_says_so(tmp_path):
+    """--model RUN_DIR (no config.json there) was transformers' ValueError traceback."""
+    run = _fake_run(tmp_path / "run")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "q", "context": "c"}) + "\n")
+    _one_line(_cli("ask", "--model", run, "--input", tmp_path / "q.jsonl"), "ask", str(run), "squad-ds export")
+
+
+def test_tune_refuses_an_out_dir_that_is_a_file(tmp_path, tiny):
+    """--out-dir naming a file was a FileExistsError traceback (after the features were built)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
+    (tmp_path / "notes.txt").write_text("mine")
+    _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--out-dir", tmp_path / "notes.txt"), "tune",
+              "--out-dir", "notes.txt", "not a directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _full_disk(tmp_path, mount):
+    disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
+    with open(disk / "filler", "wb") as f:
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * (2 << 20))
+    return disk
+
+
+def test_predict_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny, mount):
+    """The error named no file ("cannot write : no space left on the device") and left the empty folder behind."""
+    disk = _full_disk(tmp_path, mount)
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    last = _one_line(_cli("predict", "sample:dev", "--model", tiny, "--out-dir", disk / "p", *windows), "predict",
+                     str(disk / "p" / "predictions.json"), "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
+
+
+def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
+    """The error named no file ("cannot write : no space left on the device") and left an empty x.png behind."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    disk = _full_disk(tmp_path, mount)
+    last = _one_line(_cli("plot", run, "--out", disk / "x.png"), "plot", str(disk / "x.png"), "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
+
+
+def test_tune_onto_a_full_disk_names_the_file(tmp_path, tiny, mount):
+    """The error named no file: "cannot write : no space left on the device"."""
+    disk = _full_disk(tmp_path, mount)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
+    _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--stages", "0", "--max-micro", "1",
+                   "--variants", "none", "--out-dir", disk / "t"), "tune", f"{disk / 't'}/", "no space left")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_result_onto_a_full_stdout_is_one_line_naming_it(tmp_path):
+    """`squad-ds plot RUN > /dev/full` (and ask, predict…): the error said "cannot write : no space left"."""
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "plot", str(run)], env=env(), cwd=REPO,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
+    _one_line(proc, "plot", "cannot write the standard output", "no space left")
+
+
+def test_export_under_a_file_is_refused(tmp_path):
+    """`export --out FILE/model` was a NotADirectoryError traceback, after the model had loaded."""
+    from squad_ds.errors import ConfigError
+    from squad_ds.training.export import check_target
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
+        check_target(tmp_path / "notes.txt" / "model")
+
+
+@pytest.mark.parametrize("command", ["predict", "plot", "tune"])
+def test_an_output_path_under_a_file_is_one_line(tmp_path, tiny, command):
+    """A folder on the output path that is a file: NotADirectoryError / FileExistsError tracebacks."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    if command == "plot":
+        pytest.importorskip("matplotlib")
+        args = ["plot", _fake_run(tmp_path / "run"), "--out", notes / "x.png"]
+    elif command == "predict":
+        args = ["predict", "sample:dev", "--model", tiny, "--out-dir", notes / "p", *windows]
+    else:
+        args = ["tune", write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out"), "--deepspeed_config", "cpu_fp32",
+                "--out-dir", notes / "t"]
+    _one_line(_cli(*args), command, f"{notes} is a file, not a folder")
+    assert notes.read_text() == "mine"

@@ -55,10 +55,17 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     if path.exists():
         from safetensors import SafetensorError
 
+        if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+            raise ModelLoadError(f"{path}: a training run's folder, not a model directory: give its exported model "
+                                 f"({path / 'model'}), or write one with `squad-ds export {path}`")
         try:
             return loader(str(path), **kwargs)
         except (OSError, SafetensorError, EOFError) as e:  # missing, truncated or damaged files
             raise ModelLoadError(f"{path}: cannot load the {what}: {e}") from e
+        except ModelLoadError:
+            raise
+        except ValueError as e:  # a folder transformers does not recognise (no model_type in its config.json)
+            raise ModelLoadError(f"{path}: cannot load the {what}: {str(e).splitlines()[0]}") from e
     if name.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"{what}: {path}: no such directory")
     try:

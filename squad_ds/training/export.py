@@ -17,7 +17,7 @@ import torch
 
 from squad_ds import atomic, distributed
 from squad_ds.model_record import MODEL_RECORD
-from squad_ds.errors import CheckpointError, ConfigError, ModelLoadError, disk_error
+from squad_ds.errors import CheckpointError, ConfigError, ModelLoadError, disk_error, file_in_the_way
 from squad_ds.logs import log_main
 from squad_ds.training import checkpoint
 
@@ -151,6 +151,12 @@ def check_target(out_dir: str | Path) -> Path:
     """Refuse a model directory to write that would replace something squad-ds did not write: `out_dir` and its
     staging name must each be replaceable."""
     out_dir = Path(out_dir).absolute()  # "." has no name to stage beside
+    if not out_dir.name:
+        raise ConfigError(f"--out {out_dir}: a file-system root, not a model directory to replace (choose a folder "
+                          "inside it)")
+    in_the_way = file_in_the_way(out_dir.parent)
+    if in_the_way:
+        raise ConfigError(f"--out {out_dir}: {in_the_way} (choose another path)")
     for path in (out_dir, _staging(out_dir)):
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise ConfigError(f"{path} exists and is not a directory: not replacing it with a model directory "

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from squad_ds import distributed
+from squad_ds import atomic, distributed
 from squad_ds.config import EvalConfig
 from squad_ds.data.batching import TrimPolicy, is_left_padded, shape_batch, to_batch
 from squad_ds.data.packing import PAD_LOGIT, is_packed
@@ -123,14 +124,23 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
     if distributed.is_main():
         preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0",
                             getattr(model, "module", model).config)
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            write_predictions(preds, out_dir)
         unlabelled = dataset.unlabelled_ids()
-        if not unlabelled:
-            metrics = score_predictions(dataset, preds)
+        # Each file is written whole; when a write fails (a full disk), a folder this call created is removed
+        # again with what it holds (all of it written here).
+        created = out_dir is not None and not Path(out_dir).exists()
+        try:
             if out_dir is not None:
-                (Path(out_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                write_predictions(preds, out_dir)
+            if not unlabelled:
+                metrics = score_predictions(dataset, preds)
+                if out_dir is not None:
+                    atomic.write_text(Path(out_dir) / "eval_results.json", json.dumps(metrics, indent=2) + "\n")
+        except OSError:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        if not unlabelled:
             log_main("eval: %s", json.dumps(metrics))
         else:
             log_main("%s: %d of %d questions have no gold answers (e.g. %s): predictions written, not scored",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from squad_ds import atomic
 from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import emit_result, run_main
 from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
@@ -182,7 +183,7 @@ def _trial_cmd(spec_path: Path, nproc: int) -> list[str]:
 def launch(trial: Trial, spec: dict[str, Any], nproc: int, timeout_s: float, max_mem_bytes: int | None) -> Trial:
     """Run one trial process group; fill in status, throughput and peak memory."""
     d = Path(trial.dir)
-    (d / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    atomic.write_text(d / "spec.json", json.dumps(spec, indent=2) + "\n")
     t0 = time.monotonic()
     killed = None
     with open(d / "log.txt", "w") as log:
@@ -259,8 +260,10 @@ def prepare(args: argparse.Namespace) -> Search:
     parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
-    count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
+    count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     out.mkdir(parents=True, exist_ok=True)
     return Search(args.recipe, list(args.overrides), recipe, spec.ds_raw, spec.ds_name, plan.global_batch, world, cuda,
                   out)
@@ -307,7 +310,7 @@ def run_trial(s: Search, args: argparse.Namespace, t: Trial, max_mem: int | None
                 f"{'-' + t.variant.replace('+', '-') if t.variant else ''}")
     Path(t.dir).mkdir(parents=True, exist_ok=True)
     ds = candidate_ds_config(s.base_ds, t.stage, t.offload, t.micro, t.accum, s.world, s.cuda)
-    (Path(t.dir) / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    atomic.write_text(Path(t.dir) / "ds_config.json", json.dumps(ds, indent=2) + "\n")
     spec = {"recipe": s.recipe_name,
             "overrides": s.overrides + trial_overrides(t.ckpt) + VARIANTS.get(t.variant, []),
             "deepspeed_config": str(Path(t.dir) / "ds_config.json"), "steps": args.trial_steps, "result_dir": t.dir}
@@ -349,7 +352,7 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
                                "out_dir": str(s.out_dir)}
     if winner:
         tuned = s.out_dir / "ds_config.tuned.json"
-        tuned.write_text((Path(winner.dir) / "ds_config.json").read_text())
+        atomic.write_text(tuned, (Path(winner.dir) / "ds_config.json").read_text())
         sets = s.overrides + train_overrides(s.recipe, winner)
         # The tuned JSON pins train_batch_size for this world size: a multi-process tune trains as many processes.
         launcher = (["squad-ds", "train"] if s.world == 1 else
@@ -358,12 +361,12 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
                               *[a for o in sets for a in ("--set", o)], "--deepspeed-config", str(tuned)])
         summary.update(best=asdict(winner), ds_config=str(tuned), train_overrides=train_overrides(s.recipe, winner),
                        train_command=command)
-    (s.out_dir / "trials.json").write_text(json.dumps(
+    atomic.write_text(s.out_dir / "trials.json", json.dumps(
         {"recipe": s.recipe_name, "overrides": s.overrides, "base_deepspeed_config": s.base_ds_name,
          "device": "cuda" if s.cuda else "cpu", "world_size": s.world, "global_batch": s.global_batch,
          "best": asdict(winner) if winner else None, "train_command": command,
          "trials": [asdict(t) for t in s.trials]}, indent=2) + "\n")
-    (s.out_dir / "trials.md").write_text(tune_report.trials_markdown(s, winner, command))
+    atomic.write_text(s.out_dir / "trials.md", tune_report.trials_markdown(s, winner, command))
     return summary
 
 
