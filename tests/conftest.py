@@ -103,3 +103,23 @@ def one_process_run(tmp_path_factory, multihost_model):
     run_train(write_recipe(d / "r.yaml", multihost_model, d / "out", train={"micro_batch_size": 12},
                            output={"export": True}))
     return d / "out"
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(dir, *options): a tmpfs or read-only bind mount at dir for the test (root only, as in CI)."""
+    import subprocess
+
+    mounted = []
+
+    def do(target, *args):
+        target.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount here (needs root): {proc.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield do
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -383,26 +383,6 @@ def test_resume_from_another_runs_final_checkpoint_exports(tmp_path, model, fini
 
 # ------------------------------------------------------------------------------------------------------- disks
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(dir, *options): a tmpfs or read-only bind mount at dir for the test (root only, as in CI)."""
-    import subprocess
-
-    mounted = []
-
-    def do(target, *args):
-        target.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount here (needs root): {proc.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield do
-    for target in reversed(mounted):
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
 def test_disk_full_mid_save_is_one_line_and_the_run_resumes_exactly(tmp_path, model, finished, mount):
     """Each checkpoint of the tiny model is ~12 MB: a 30 MB disk takes steps 2 and 4, and fills during step 6."""
     import subprocess

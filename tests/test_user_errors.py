@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from test_faults import mount  # noqa: F401 - the fixture: a tmpfs or read-only bind mount (root only)
 from trainer_util import REPO, env, make_tiny_model, write_recipe
 
 
