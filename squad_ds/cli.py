@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
 
-from squad_ds import __version__
+from squad_ds import __version__, atomic
 from squad_ds.errors import emit_result, emit_text
 from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
 
@@ -29,12 +30,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out-file {args.out_file}: a directory; give the path of the file to write")
     # A sample name in the predictions' place is a SQuAD file given second: resolved, the swap is recognised.
     predictions = resolve_data_path(args.predictions) if args.predictions.startswith("sample:") else args.predictions
-    result = evaluate_files(resolve_data_path(args.data), predictions, na_prob_file=args.na_prob_file,
+    data = resolve_data_path(args.data)
+    if args.out_file and Path(args.out_file).exists():
+        for name, given in (("the data file", data), ("the predictions", predictions),
+                            ("--na-prob-file", args.na_prob_file)):
+            if given and Path(given).exists() and os.path.samefile(args.out_file, given):
+                raise ConfigError(f"--out-file {args.out_file} is {name} this command reads: writing the scores "
+                                  "there would replace it; give another file")
+    result = evaluate_files(data, predictions, na_prob_file=args.na_prob_file,
                             na_prob_thresh=args.na_prob_thresh, allow_missing=args.allow_missing)
     emit_result(result)
     if args.out_file:
-        with open(args.out_file, "w", encoding="utf-8") as f:
-            f.write(json.dumps(result) + "\n")
+        atomic.write_text(args.out_file, json.dumps(result) + "\n")
     return 0
 
 

@@ -118,3 +118,21 @@ def test_cli_bad_prediction_file(tmp_path, capsys, content, match):
 def test_cli_missing_file(tmp_path, capsys):
     assert main(["evaluate", str(SAMPLE_DEV), str(tmp_path / "none.json")]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["predictions", "data", "na_prob_file"])
+def test_out_file_that_is_an_input_is_refused_and_the_input_kept(tmp_path, capsys, which):
+    """`-o` naming a file the command reads overwrote it with the scores (the predictions were lost). Refused,
+    naming it, with the input untouched."""
+    data = tmp_path / "dev.json"
+    shutil.copy(SAMPLE_DEV_V2, data)
+    gold = {e.id: (e.answers[0].text if e.answers else "") for e in load_squad(data).examples}
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps(gold))
+    na = tmp_path / "na.json"
+    na.write_text(json.dumps({k: 0.0 for k in gold}))
+    target = {"predictions": preds, "data": data, "na_prob_file": na}[which]
+    before = target.read_bytes()
+    rc = main(["evaluate", str(data), str(preds), "--na-prob-file", str(na), "-o", str(target)])
+    assert rc == 2
+    assert "--out-file" in capsys.readouterr().err and target.read_bytes() == before
