@@ -248,3 +248,30 @@ def test_the_bert_large_wwm_recipe_runs_end_to_end_on_a_model_of_its_shape(tmp_p
     predicted = json.loads(run("-m", "squad_ds.cli", "predict", "sample:dev", "--model", str(out / "model"),
                                "--set", "data.max_eval_examples=16").stdout)
     assert predicted["f1"] == final["f1"]
+
+
+@needs_aio
+@pytest.mark.slow
+def test_a_disk_filling_during_an_nvme_run_stops_it_with_one_line_and_nothing_lost(tmp_path, model, mount):
+    """The swap files are made at start and rewritten in place, so a run fills a disk by what it adds: its
+    checkpoints, whose NVMe part DeepSpeed copies in (offloaded_tensors/). Each is ~12 MB for the tiny model: a
+    30 MB output disk takes steps 2 and 4 and fills during step 6. One line, the half checkpoint removed, the
+    swap folder gone, and the resume on a larger disk reaches the uninterrupted run's losses."""
+    full = losses(_train(tmp_path, model, "whole", "cpu_zero3_nvme_fp32", max_steps=6, save_steps=2, keep_last=3))
+    disk = mount(tmp_path / "disk", "-t", "tmpfs", "-o", "size=30m", "tmpfs")
+    (tmp_path / "swap").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", model, disk / "out", data={"max_eval_examples": 4},
+                          train={"max_steps": 6, "log_steps": 1, "save_steps": 2, "keep_last": 3})
+    swap = ["--ds-set", f"zero_optimization.offload_param.nvme_path={tmp_path / 'swap'}",
+            "--ds-set", f"zero_optimization.offload_optimizer.nvme_path={tmp_path / 'swap'}"]
+    proc = run_train(recipe, *swap, ds_config="cpu_zero3_nvme_fp32", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "cannot write" in err and "step00000006" in err and "no space left on the device" in err, err
+    assert complete_tags(disk / "out" / "checkpoints") == ["step00000002", "step00000004"]
+    assert not (disk / "out" / "checkpoints" / "step00000006").exists()
+    assert not list((tmp_path / "swap").iterdir())  # the process's swap folder went with it
+    subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
+    run_train(recipe, *swap, "--resume", "auto", ds_config="cpu_zero3_nvme_fp32")
+    resumed = losses(disk / "out")
+    assert all(abs(resumed[s] - full[s]) <= 1e-5 * abs(full[s]) for s in full), (full, resumed)
