@@ -134,6 +134,44 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def plot(records_file: Path, out: Path) -> Path:
+    """Peak memory against parameters at micro-batch 1, one series per setup, the ceilings drawn, the runs the
+    kernel killed marked at the ceiling and named in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in records_file.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, list[dict]] = {}
+    for r in rows:  # micro-batch 1, no checkpointing: the runs every size has
+        if r["micro"] == 1 and not r.get("activation_checkpointing"):
+            name = {"hf": "Trainer fp32", "hf-bf16": "Trainer bf16=True"}.get(r["ds_config"], f"squad-ds {r['ds_config']}")
+            series.setdefault(name, []).append(r)
+    for label, rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["params"])
+        ok = [r for r in rs if r["rc"] == 0]
+        killed = [r for r in rs if r["rc"] != 0 and r.get("ceiling_bytes")]
+        if killed:
+            label += "; killed at " + ", ".join(f"{r['params'] / 1e9:.2f} B" for r in killed)
+        line, = ax.plot([r["params"] / 1e9 for r in ok], [r["peak_rss_bytes"] / 2**30 for r in ok], "o-", label=label)
+        for r in killed:
+            ax.plot(r["params"] / 1e9, r["ceiling_bytes"] / 2**30, "x", color=line.get_color(), markersize=10)
+    for c in sorted({r["ceiling_bytes"] for r in rows if r.get("ceiling_bytes")}):
+        ax.axhline(c / 2**30, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(0.02, c / 2**30 + 0.2, f"{c / 2**30:.0f} GiB ceiling (x: killed by the kernel)", color="grey")
+    ax.set_xlabel("parameters (billions)")
+    ax.set_ylabel("peak resident memory (GiB)")
+    dates = sorted({r["date"] for r in rows})
+    ax.set_title(f"Peak memory by setup, seq 384: {rows[0]['machine']}, {', '.join(dates)}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
@@ -148,7 +186,11 @@ def main() -> None:
     p.add_argument("--ceiling-gib", type=float, default=None, help="run under this cgroup memory limit")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--out", default=str(REPO / "bench" / "memory_fit.jsonl"))
+    p.add_argument("--plot", default=None, metavar="PNG", help="plot --out's records to PNG instead of running")
     args = p.parse_args()
+    if args.plot:
+        print(plot(Path(args.out), Path(args.plot)))
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="memory_fit-", dir=args.cache if Path(args.cache).is_dir() else None) as t:
