@@ -312,3 +312,15 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path, tiny, command):
                 "--out-dir", notes / "t"]
     _one_line(_cli(*args), command, f"{notes} is a file, not a folder")
     assert notes.read_text() == "mine"
+
+
+def test_predict_onto_a_full_disk_removes_every_folder_it_created(tmp_path, tiny, mount):
+    """--out-dir a/b/c with a and b new: a failed predict removed c and left a/b behind."""
+    disk = _full_disk(tmp_path, mount)
+    (disk / "kept").mkdir()
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    for out in (disk / "a" / "b" / "c", disk / "kept" / "b" / "c"):
+        _one_line(_cli("predict", "sample:dev", "--model", tiny, "--out-dir", out, *windows), "predict",
+                  "no space left")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "kept"]
+        assert not any((disk / "kept").iterdir())  # a folder that was there stays, emptied of nothing
