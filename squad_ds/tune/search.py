@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing he
 POLL_S = 0.2
 WARMUP_STEPS = 2  # trial steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
+# What marks a folder as a training run's or a model's (as for predict's --out-dir): not a place for trials.
+NOT_TUNE_DIR = ("train_log.jsonl", "checkpoints", "effective_config.json", "config.json", "squad_ds.json")
 
 # Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel
 # plans, attention kernels), so they are measured here rather than guessed.
@@ -237,6 +240,7 @@ class Search:
     cuda: bool
     out_dir: Path
     trials: list[Trial] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)  # what this tune created, undone when it fails (`undo`)
 
 
 def prepare(args: argparse.Namespace) -> Search:
@@ -263,10 +267,15 @@ def prepare(args: argparse.Namespace) -> Search:
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
+    mark = next((n for n in NOT_TUNE_DIR if (out / n).exists()), None)
+    if mark is not None:
+        raise ConfigError(f"--out-dir {out}: holds {mark}, so it is a training run's or a model's folder: the "
+                          "trials would mix into its files (choose another path, e.g. a new folder inside it)")
     count_train_features(recipe)  # build the cache once here, not inside the first timed trial
+    created = atomic.missing_folders(out)[::-1]  # outermost first
     out.mkdir(parents=True, exist_ok=True)
     return Search(args.recipe, list(args.overrides), recipe, spec.ds_raw, spec.ds_name, plan.global_batch, world, cuda,
-                  out)
+                  out, created=created)
 
 
 def search(s: Search, args: argparse.Namespace, say=print) -> list[Trial]:
@@ -308,6 +317,7 @@ def run_trial(s: Search, args: argparse.Namespace, t: Trial, max_mem: int | None
     combo = Combo(t.stage, t.offload, t.ckpt)
     t.dir = str(s.out_dir / "trials" / f"{len(s.trials):02d}-{combo.label}-m{t.micro}"
                 f"{'-' + t.variant.replace('+', '-') if t.variant else ''}")
+    s.created += atomic.missing_folders(t.dir)[::-1]
     Path(t.dir).mkdir(parents=True, exist_ok=True)
     ds = candidate_ds_config(s.base_ds, t.stage, t.offload, t.micro, t.accum, s.world, s.cuda)
     atomic.write_text(Path(t.dir) / "ds_config.json", json.dumps(ds, indent=2) + "\n")
@@ -341,8 +351,29 @@ def best(trials: list[Trial]) -> Trial | None:
     return max(fits, key=lambda t: t.samples_per_s) if fits else None
 
 
+def undo(s: Search) -> None:
+    """After a failure (a full disk): remove what this tune created. A trial folder it created holds only what its
+    trial wrote and goes whole; a folder above them goes only if empty then; nothing that was there before."""
+    out = s.out_dir.absolute()
+    for d in reversed(s.created):
+        if d.parent == out / "trials":
+            shutil.rmtree(d, ignore_errors=True)
+    if out in s.created:  # the summary files are this tune's too (each written whole or not at all)
+        for name in ("ds_config.tuned.json", "trials.json", "trials.md"):
+            (out / name).unlink(missing_ok=True)
+    atomic.remove_folders(list(reversed(s.created)))
+
+
 def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
     s = prepare(args)
+    try:
+        return _tune(s, args, say)
+    except OSError:
+        undo(s)
+        raise
+
+
+def _tune(s: Search, args: argparse.Namespace, say=print) -> dict[str, Any]:
     say(f"tune: global batch {s.global_batch} on {s.world} {'GPU' if s.cuda else 'CPU process'}(es); "
         f"budget {args.budget_s:.0f} s; trials under {s.out_dir / 'trials'}")
     search(s, args, say)
