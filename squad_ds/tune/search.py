@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import shutil
@@ -83,6 +84,7 @@ def combos(stages: list[int], offload: bool, ckpt_mode: str) -> list[Combo]:
     """Cheapest first (plain, then checkpointing, then offload) so a short budget measures the likely winners.
     Offload needs ZeRO ≥ 1: DeepSpeed has nothing to offload at stage 0."""
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[ckpt_mode]
+    stages = list(dict.fromkeys(stages))  # --stages 0,0 runs stage 0 once
     out = [Combo(s, off, ck) for off in ([False, True] if offload else [False]) for ck in ckpts for s in stages]
     return [c for c in out if not (c.offload and c.stage == 0)]
 
@@ -129,7 +131,7 @@ def parse_variants(text: str, cuda: bool) -> list[str]:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; choose from auto, none, {', '.join(VARIANTS)}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
@@ -261,6 +263,13 @@ def prepare(args: argparse.Namespace) -> Search:
         raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
     if args.trial_steps < 1 or args.nproc < 1 or args.budget_s <= 0:
         raise ConfigError("--trial-steps, --nproc and --budget-s must be positive")
+    # NaN compares false with everything: a NaN budget or timeout never ran out, a NaN cap crashed.
+    for name, value, finite in (("--budget-s", args.budget_s, False), ("--trial-timeout-s", args.trial_timeout_s,
+                                False), ("--max-mem-gb", args.max_mem_gb, True)):
+        if value is not None and not (value > 0 and (not finite or math.isfinite(value))):
+            raise ConfigError(f"{name} {value}: must be a positive number{' of GB' if finite else ' of seconds'}")
+    if not args.stages:
+        raise ConfigError("--stages: no ZeRO stage given (e.g. --stages 0,2)")
     parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
@@ -401,13 +410,20 @@ def _tune(s: Search, args: argparse.Namespace, say=print) -> dict[str, Any]:
     return summary
 
 
+def _stage_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: ZeRO stages, comma-separated (e.g. 0,2)") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, positional=True)
     add_deepspeed_arguments(p)
     p.add_argument("--budget-s", type=float, default=300.0, help="stop launching trials after this (default 300)")
     p.add_argument("--trial-timeout-s", type=float, default=300.0, help="kill a trial after this (default 300)")
     p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch per device to try (default 256)")
-    p.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[0, 1, 2, 3],
+    p.add_argument("--stages", type=_stage_list, default=[0, 1, 2, 3],
                    help="ZeRO stages, comma-separated (default 0,1,2,3)")
     p.add_argument("--offload", action="store_true",
                    help="also try optimizer (ZeRO-3: and parameter) offload to CPU, where the same stage without "
