@@ -353,3 +353,24 @@ def test_predict_onto_a_full_disk_removes_every_folder_it_created(tmp_path, tiny
                   "no space left")
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "kept"]
         assert not any((disk / "kept").iterdir())  # a folder that was there stays, emptied of nothing
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_onnx_export_onto_a_full_or_read_only_disk_names_the_file_and_leaves_nothing(tmp_path, tiny, mount, disk):
+    """On a full disk the ONNX writer's OSError named no file ("cannot write : no space left") and a half-written
+    model.onnx stayed behind."""
+    pytest.importorskip("onnx")
+    from squad_ds.errors import disk_error
+    from squad_ds.training.export import export_onnx
+
+    if disk == "full":
+        target = _full_disk(tmp_path, mount)
+    else:
+        target = mount(tmp_path / "ro", "--bind", str(tmp_path / "ro"))
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(OSError) as e:
+        export_onnx(tiny, target / "model.onnx")
+    assert e.value.filename == str(target / "model.onnx")
+    assert disk_error(e.value, target / "model.onnx") is not None
+    assert sorted(p.name for p in target.iterdir()) == before
