@@ -20,13 +20,30 @@ if (( $# < 1 )); then
 fi
 recipe=$1
 shift
+# Bad input stops here with one line, before the launcher starts any rank (each would fail the same way).
+die() { echo "launch/train.sh: $*" >&2; exit 2; }
+if [[ $recipe == *.yaml || $recipe == *.yml ]] && [[ ! -f $recipe ]]; then
+    die "recipe $recipe: no such file"
+fi
 
 if [[ -z ${NUM_GPUS:-} ]]; then
     NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     (( NUM_GPUS > 0 )) || NUM_GPUS=1
 fi
+[[ $NUM_GPUS =~ ^[1-9][0-9]*$ ]] || die "NUM_GPUS=$NUM_GPUS: must be a whole number of processes, at least 1"
 read -ra launcher_args <<< "${DS_LAUNCHER_ARGS:-}"
 master_port=${MASTER_PORT:-29500}
+if ! [[ $master_port =~ ^[1-9][0-9]*$ ]] || (( master_port > 65535 )); then
+    die "MASTER_PORT=$master_port: must be a port number, 1 to 65535"
+fi
+for (( i = 0; i < ${#launcher_args[@]}; i++ )); do
+    case ${launcher_args[i]} in
+        -H|--hostfile) hostfile_arg=${launcher_args[i + 1]:-} ;;
+        --hostfile=*) hostfile_arg=${launcher_args[i]#*=} ;;
+        *) continue ;;
+    esac
+    [[ -f $hostfile_arg ]] || die "hostfile ${hostfile_arg:-(none given)} (DS_LAUNCHER_ARGS): no such file"
+done
 
 if [[ ${SQUAD_DS_SKIP_HOSTS_CHECK:-0} != 1 ]]; then
     hostfile="" check_args=()

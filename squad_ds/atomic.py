@@ -57,3 +57,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False) + "\n")
+
+
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """The folders that creating `path` would create, innermost first (`path` itself included when missing)."""
+    p = Path(path).absolute()
+    return [q for q in (p, *p.parents) if not q.exists() and not q.is_symlink()]
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Undo `missing_folders`' creations after a failure: each folder goes only if it is empty (a folder holding
+    something is someone else's by now), innermost first."""
+    for q in folders:
+        try:
+            q.rmdir()
+        except OSError:
+            pass

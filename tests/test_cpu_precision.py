@@ -49,6 +49,13 @@ def test_a_bad_pin_is_a_user_error(value):
         cp.choose(1, env={cp.ENV: value})
 
 
+@pytest.mark.parametrize("value", ["", "  ", "AUTO", " auto\n"])
+def test_an_empty_or_auto_pin_measures(value):
+    """Set but empty (`SQUAD_DS_CPU_PRECISION= squad-ds train`), or auto in any case: the measurement decides."""
+    assert cp.choose(1, env={cp.ENV: value}, rates=lambda: (100.0, 300.0), supported=lambda: True).name == cp.BF16
+    assert cp.choose(2, env={cp.ENV: value}, rates=_never, supported=_never).name == cp.FP32
+
+
 def test_the_matmul_rates_are_measured():
     fp32, bf16 = cp.matmul_rates((64, 64, 64), repeats=2)
     assert fp32 > 0 and bf16 > 0

@@ -63,9 +63,11 @@ def _run_train_sh(tmp_path: Path, *args: str, check_status: int = 0, **env: str)
     if "GPUS_LISTED" in env:
         lines = "".join(f"GPU {i}: Fake (UUID: GPU-{i})\\n" for i in range(int(env.pop("GPUS_LISTED"))))
         _fake_bin(tmp_path, "nvidia-smi", f'printf "{lines}"\n')
+    (tmp_path / "hf").write_text("n0 slots=1\n")  # the hostfile the tests name (run in tmp_path)
     base = {k: v for k, v in os.environ.items() if k not in {"NUM_GPUS", "DS_LAUNCHER_ARGS", "MASTER_PORT"}}
     res = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), *args], check=False, capture_output=True,
-                         text=True, env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env}, timeout=30)
+                         text=True, env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env}, timeout=30,
+                         cwd=tmp_path)
     if check_status and env.get("SQUAD_DS_SKIP_HOSTS_CHECK") != "1":
         assert res.returncode == 2 and "not launching" in res.stderr and res.stdout == "", res.stderr
         return []
@@ -131,3 +133,55 @@ def test_sbatch_requires_recipe_and_maps_slurm_ranks(tmp_path: Path) -> None:
     args = "-u -m squad_ds.train --recipe tiny --resume auto --deepspeed_config ds.json --set x=1 --set y=2"
     assert lines == [f"PY RANK={r} LOCAL_RANK={r} WORLD_SIZE=2 MASTER=nodeA:{20000 + 4242} OMP=3 ARGS={args}"
                      for r in (0, 1)], res.stdout
+
+
+def _train_sh_refuses(tmp_path: Path, *args: str, **env: str) -> str:
+    """launch/train.sh with a recording `deepspeed`: exit 2, one line naming the problem, nothing launched."""
+    bin_dir = _fake_bin(tmp_path, "deepspeed", f'touch {tmp_path / "launched"}\n')
+    _fake_bin(tmp_path, "squad-ds", f'touch {tmp_path / "launched"}\n')
+    base = {k: v for k, v in os.environ.items() if k not in {"NUM_GPUS", "DS_LAUNCHER_ARGS", "MASTER_PORT"}}
+    res = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), *args], check=False, capture_output=True,
+                         text=True, env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env}, timeout=30)
+    assert res.returncode == 2 and not (tmp_path / "launched").exists(), (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch/train.sh: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", " "])
+def test_train_sh_refuses_a_num_gpus_that_is_not_a_count(tmp_path: Path, value: str) -> None:
+    """NUM_GPUS=0, -1, two…: handed to the launcher as given (its own traceback, or a run of no process)."""
+    assert "NUM_GPUS" in _train_sh_refuses(tmp_path, "tiny", NUM_GPUS=value)
+
+
+@pytest.mark.parametrize("value", ["0", "70000", "port"])
+def test_train_sh_refuses_a_master_port_that_is_not_a_port(tmp_path: Path, value: str) -> None:
+    assert "MASTER_PORT" in _train_sh_refuses(tmp_path, "tiny", MASTER_PORT=value)
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_train_sh_refuses_a_hostfile_that_is_not_there(tmp_path: Path, skip: str) -> None:
+    """A missing hostfile reached `squad-ds hosts` (or, with the check skipped, the launcher) as given."""
+    line = _train_sh_refuses(tmp_path, "tiny", DS_LAUNCHER_ARGS=f"--hostfile {tmp_path / 'nohf'}",
+                             SQUAD_DS_SKIP_HOSTS_CHECK=skip)
+    assert "nohf" in line and "hostfile" in line
+
+
+def test_train_sh_refuses_a_recipe_file_that_is_not_there(tmp_path: Path) -> None:
+    """A recipe path (…/x.yaml) that does not exist started every rank to fail the same way."""
+    assert "nope.yaml" in _train_sh_refuses(tmp_path, str(tmp_path / "nope.yaml"))
+
+
+def test_sbatch_outside_slurm_and_with_a_missing_recipe_file_says_so(tmp_path: Path) -> None:
+    """Run by hand (no SLURM_JOB_ID), train.sbatch died on "SLURM_JOB_NODELIST: unbound variable"; a recipe path
+    that is not there started srun on every node."""
+    bin_dir = _fake_bin(tmp_path, "srun", f'touch {tmp_path / "launched"}\n')
+    _fake_bin(tmp_path, "scontrol", 'printf "nodeA\\n"\n')
+    script = str(REPO / "launch" / "slurm" / "train.sbatch")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RECIPE": "tiny"}
+    res = subprocess.run(["bash", script], check=False, capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 2 and "sbatch" in res.stderr and "unbound" not in res.stderr, res.stderr
+    env |= {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "nodeA", "SLURM_NTASKS": "1",
+            "RECIPE": str(tmp_path / "nope.yaml")}
+    res = subprocess.run(["bash", script], check=False, capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 2 and "nope.yaml" in res.stderr and not (tmp_path / "launched").exists(), res.stderr

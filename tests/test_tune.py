@@ -206,3 +206,37 @@ def test_tune_entry_points_share_the_user_error_exit(entry):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("squad-ds tune: error: ")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("bad,named", [
+    (["--budget-s", "nan"], "--budget-s"),  # never spent: every trial ran
+    (["--trial-timeout-s", "nan"], "--trial-timeout-s"),  # never killed a hung trial
+    (["--trial-timeout-s", "0"], "--trial-timeout-s"),  # killed every trial at once
+    (["--max-mem-gb", "nan"], "--max-mem-gb"),  # a ValueError traceback
+    (["--max-mem-gb", "-1"], "--max-mem-gb"),  # every trial "oom"
+    (["--max-mem-gb", "0"], "--max-mem-gb"),  # silently the default cap
+    (["--stages", ","], "--stages"),  # no trial at all, then "no trial fitted"
+])
+def test_hostile_tune_options_are_one_line(tmp_path, tiny_model, capsys, bad, named):
+    """Each was accepted and misbehaved (noted per case); refused with the option named, before anything is
+    written. Outside the refusal, a budget that launches nothing and one short trial at most keep this fast."""
+    args = ["tiny", *[a for s in _tiny_sets(tiny_model, tmp_path) for a in ("--set", s)], "--deepspeed_config",
+            "cpu_fp32", "--out-dir", str(tmp_path / "tune"), "--stages", "0", "--max-micro", "1",
+            "--activation-checkpointing", "off", "--variants", "none", "--trial-timeout-s", "3", "--budget-s", "1e-9"]
+    code = tune.main(args + bad)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("squad-ds tune: error: ") and named in last, (code, last)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_repeated_stages_and_variants_run_once():
+    assert [c.label for c in tune.combos([0, 0, 2], offload=False, ckpt_mode="off")] == ["z0", "z2"]
+    assert tune.parse_variants("trim64,trim64", cuda=False) == ["trim64"]
+
+
+def test_stages_that_are_not_numbers_say_so(capsys):
+    """--stages a said "invalid <lambda> value: 'a'"."""
+    with pytest.raises(SystemExit) as e:
+        tune.build_arg_parser().parse_args(["tiny", "--stages", "0,a"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "lambda" not in last and "--stages" in last and "comma-separated" in last, last

@@ -312,3 +312,65 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path, tiny, command):
                 "--out-dir", notes / "t"]
     _one_line(_cli(*args), command, f"{notes} is a file, not a folder")
     assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["run", "model"])
+def test_tune_refuses_an_out_dir_that_holds_something_else(tmp_path, tiny, where):
+    """--out-dir naming a training run's folder or a model folder: tune wrote trials.json, trials.md and trials/
+    among the run's or the model's own files. Refused, left intact (a budget that launches nothing keeps the
+    test short either way)."""
+    import shutil
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
+    if where == "run":
+        target = _fake_run(tmp_path / "run")
+    else:
+        target = tmp_path / "model"
+        shutil.copytree(tiny, target)
+        (target / "squad_ds.json").write_text("{}")
+    before = _listing(tmp_path)
+    _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--budget-s", "1e-9", "--variants", "none",
+                   "--out-dir", target), "tune", "--out-dir", str(target))
+    assert _listing(tmp_path) == before and not (target / "trials").exists()
+
+
+def test_tune_onto_a_full_disk_leaves_nothing_it_created(tmp_path, tiny, mount):
+    """A tune that failed on a full disk left its --out-dir a/b with an empty trials/00-z0-m1/ folder behind."""
+    disk = _full_disk(tmp_path, mount)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out")
+    _one_line(_cli("tune", recipe, "--deepspeed_config", "cpu_fp32", "--stages", "0", "--max-micro", "1",
+                   "--variants", "none", "--out-dir", disk / "a" / "t"), "tune", "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_predict_onto_a_full_disk_removes_every_folder_it_created(tmp_path, tiny, mount):
+    """--out-dir a/b/c with a and b new: a failed predict removed c and left a/b behind."""
+    disk = _full_disk(tmp_path, mount)
+    (disk / "kept").mkdir()
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    for out in (disk / "a" / "b" / "c", disk / "kept" / "b" / "c"):
+        _one_line(_cli("predict", "sample:dev", "--model", tiny, "--out-dir", out, *windows), "predict",
+                  "no space left")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "kept"]
+        assert not any((disk / "kept").iterdir())  # a folder that was there stays, emptied of nothing
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_onnx_export_onto_a_full_or_read_only_disk_names_the_file_and_leaves_nothing(tmp_path, tiny, mount, disk):
+    """On a full disk the ONNX writer's OSError named no file ("cannot write : no space left") and a half-written
+    model.onnx stayed behind."""
+    pytest.importorskip("onnx")
+    from squad_ds.errors import disk_error
+    from squad_ds.training.export import export_onnx
+
+    if disk == "full":
+        target = _full_disk(tmp_path, mount)
+    else:
+        target = mount(tmp_path / "ro", "--bind", str(tmp_path / "ro"))
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(OSError) as e:
+        export_onnx(tiny, target / "model.onnx")
+    assert e.value.filename == str(target / "model.onnx")
+    assert disk_error(e.value, target / "model.onnx") is not None
+    assert sorted(p.name for p in target.iterdir()) == before

@@ -7,6 +7,7 @@ without DeepSpeed's engine, from any complete checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -350,8 +351,19 @@ def export_onnx(model_dir: Path, out_file: Path, opset: int = 17) -> Path:
     example = tuple(torch.ones(1, 16, dtype=torch.long) for _ in names)
     dims = {n: {0: "batch", 1: "sequence"} for n in names}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Logits(model), example, str(out_file), input_names=names,
-                      output_names=["start_logits", "end_logits"], dynamic_axes=dims, opset_version=opset,
-                      dynamo=False)
+    # Written beside the target and renamed over it: a full disk leaves no half-written model.onnx (the exporter's
+    # OSError names no file; it is made to name the target).
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    try:
+        torch.onnx.export(Logits(model), example, str(tmp), input_names=names,
+                          output_names=["start_logits", "end_logits"], dynamic_axes=dims, opset_version=opset,
+                          dynamo=False)
+        os.replace(tmp, out_file)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(out_file)
+        raise
     log_main("wrote %s", out_file)
     return out_file

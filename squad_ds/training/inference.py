@@ -125,9 +125,9 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
         preds = postprocess(dataset.examples, features, arrays, family, cfg, dataset.version == "2.0",
                             getattr(model, "module", model).config)
         unlabelled = dataset.unlabelled_ids()
-        # Each file is written whole; when a write fails (a full disk), a folder this call created is removed
-        # again with what it holds (all of it written here).
-        created = out_dir is not None and not Path(out_dir).exists()
+        # Each file is written whole; when a write fails (a full disk), the folders this call created are removed
+        # again: the innermost with what it holds (all of it written here), those above it only if empty.
+        created = atomic.missing_folders(out_dir) if out_dir is not None else []
         try:
             if out_dir is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,8 @@ def evaluate(model, dataset, features, family: str, cfg: EvalConfig, device: tor
                     atomic.write_text(Path(out_dir) / "eval_results.json", json.dumps(metrics, indent=2) + "\n")
         except OSError:
             if created:
-                shutil.rmtree(out_dir, ignore_errors=True)
+                shutil.rmtree(created[0], ignore_errors=True)
+                atomic.remove_folders(created[1:])
             raise
         if not unlabelled:
             log_main("eval: %s", json.dumps(metrics))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,8 @@ HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing he
 POLL_S = 0.2
 WARMUP_STEPS = 2  # trial steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
+# What marks a folder as a training run's or a model's (as for predict's --out-dir): not a place for trials.
+NOT_TUNE_DIR = ("train_log.jsonl", "checkpoints", "effective_config.json", "config.json", "squad_ds.json")
 
 # Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel
 # plans, attention kernels), so they are measured here rather than guessed.
@@ -80,6 +84,7 @@ def combos(stages: list[int], offload: bool, ckpt_mode: str) -> list[Combo]:
     """Cheapest first (plain, then checkpointing, then offload) so a short budget measures the likely winners.
     Offload needs ZeRO ≥ 1: DeepSpeed has nothing to offload at stage 0."""
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[ckpt_mode]
+    stages = list(dict.fromkeys(stages))  # --stages 0,0 runs stage 0 once
     out = [Combo(s, off, ck) for off in ([False, True] if offload else [False]) for ck in ckpts for s in stages]
     return [c for c in out if not (c.offload and c.stage == 0)]
 
@@ -126,7 +131,7 @@ def parse_variants(text: str, cuda: bool) -> list[str]:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; choose from auto, none, {', '.join(VARIANTS)}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def train_overrides(recipe: Recipe, winner: Trial) -> list[str]:
@@ -237,6 +242,7 @@ class Search:
     cuda: bool
     out_dir: Path
     trials: list[Trial] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)  # what this tune created, undone when it fails (`undo`)
 
 
 def prepare(args: argparse.Namespace) -> Search:
@@ -257,16 +263,28 @@ def prepare(args: argparse.Namespace) -> Search:
         raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
     if args.trial_steps < 1 or args.nproc < 1 or args.budget_s <= 0:
         raise ConfigError("--trial-steps, --nproc and --budget-s must be positive")
+    # NaN compares false with everything: a NaN budget or timeout never ran out, a NaN cap crashed.
+    for name, value, finite in (("--budget-s", args.budget_s, False), ("--trial-timeout-s", args.trial_timeout_s,
+                                False), ("--max-mem-gb", args.max_mem_gb, True)):
+        if value is not None and not (value > 0 and (not finite or math.isfinite(value))):
+            raise ConfigError(f"{name} {value}: must be a positive number{' of GB' if finite else ' of seconds'}")
+    if not args.stages:
+        raise ConfigError("--stages: no ZeRO stage given (e.g. --stages 0,2)")
     parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
+    mark = next((n for n in NOT_TUNE_DIR if (out / n).exists()), None)
+    if mark is not None:
+        raise ConfigError(f"--out-dir {out}: holds {mark}, so it is a training run's or a model's folder: the "
+                          "trials would mix into its files (choose another path, e.g. a new folder inside it)")
     count_train_features(recipe)  # build the cache once here, not inside the first timed trial
+    created = atomic.missing_folders(out)[::-1]  # outermost first
     out.mkdir(parents=True, exist_ok=True)
     return Search(args.recipe, list(args.overrides), recipe, spec.ds_raw, spec.ds_name, plan.global_batch, world, cuda,
-                  out)
+                  out, created=created)
 
 
 def search(s: Search, args: argparse.Namespace, say=print) -> list[Trial]:
@@ -308,6 +326,7 @@ def run_trial(s: Search, args: argparse.Namespace, t: Trial, max_mem: int | None
     combo = Combo(t.stage, t.offload, t.ckpt)
     t.dir = str(s.out_dir / "trials" / f"{len(s.trials):02d}-{combo.label}-m{t.micro}"
                 f"{'-' + t.variant.replace('+', '-') if t.variant else ''}")
+    s.created += atomic.missing_folders(t.dir)[::-1]
     Path(t.dir).mkdir(parents=True, exist_ok=True)
     ds = candidate_ds_config(s.base_ds, t.stage, t.offload, t.micro, t.accum, s.world, s.cuda)
     atomic.write_text(Path(t.dir) / "ds_config.json", json.dumps(ds, indent=2) + "\n")
@@ -341,8 +360,29 @@ def best(trials: list[Trial]) -> Trial | None:
     return max(fits, key=lambda t: t.samples_per_s) if fits else None
 
 
+def undo(s: Search) -> None:
+    """After a failure (a full disk): remove what this tune created. A trial folder it created holds only what its
+    trial wrote and goes whole; a folder above them goes only if empty then; nothing that was there before."""
+    out = s.out_dir.absolute()
+    for d in reversed(s.created):
+        if d.parent == out / "trials":
+            shutil.rmtree(d, ignore_errors=True)
+    if out in s.created:  # the summary files are this tune's too (each written whole or not at all)
+        for name in ("ds_config.tuned.json", "trials.json", "trials.md"):
+            (out / name).unlink(missing_ok=True)
+    atomic.remove_folders(list(reversed(s.created)))
+
+
 def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
     s = prepare(args)
+    try:
+        return _tune(s, args, say)
+    except OSError:
+        undo(s)
+        raise
+
+
+def _tune(s: Search, args: argparse.Namespace, say=print) -> dict[str, Any]:
     say(f"tune: global batch {s.global_batch} on {s.world} {'GPU' if s.cuda else 'CPU process'}(es); "
         f"budget {args.budget_s:.0f} s; trials under {s.out_dir / 'trials'}")
     search(s, args, say)
@@ -370,13 +410,20 @@ def tune(args: argparse.Namespace, say=print) -> dict[str, Any]:
     return summary
 
 
+def _stage_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: ZeRO stages, comma-separated (e.g. 0,2)") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, positional=True)
     add_deepspeed_arguments(p)
     p.add_argument("--budget-s", type=float, default=300.0, help="stop launching trials after this (default 300)")
     p.add_argument("--trial-timeout-s", type=float, default=300.0, help="kill a trial after this (default 300)")
     p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch per device to try (default 256)")
-    p.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[0, 1, 2, 3],
+    p.add_argument("--stages", type=_stage_list, default=[0, 1, 2, 3],
                    help="ZeRO stages, comma-separated (default 0,1,2,3)")
     p.add_argument("--offload", action="store_true",
                    help="also try optimizer (ZeRO-3: and parameter) offload to CPU, where the same stage without "
