@@ -379,12 +379,8 @@ def train_loop(loop: Loop, state: LoopState, preemption: Preemption) -> LoopStat
 
 
 def _evaluate(loop: Loop, trim, out_dir: Path) -> dict:
-    if distributed.is_main():  # squad-ds's names, recorded before anything is written under them
-        if out_dir == loop.out:  # null_odds.json: SQuAD 2.0's only
-            run_dir.claim(loop.out, [n for n in run_dir.EVALUATION
-                                     if n != "null_odds.json" or loop.eval_set.version == "2.0"])
-        else:
-            run_dir.mark_eval_dir(out_dir)
+    if distributed.is_main():
+        run_dir.before_evaluation(loop.out, out_dir, loop.eval_set.version)
     metrics = evaluate(loop.engine, loop.eval_set, loop.eval_features, loop.family, loop.recipe.eval, loop.device,
                        out_dir, trim=trim)
     _monitor_eval(loop.engine, metrics)

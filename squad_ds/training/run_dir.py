@@ -116,6 +116,15 @@ def mark_eval_dir(d: Path) -> None:
     (d / EVAL_MARKER).touch()
 
 
+def before_evaluation(out: Path, eval_dir: Path, version: str) -> None:
+    """Record squad-ds's names before an evaluation writes under them: the run folder's prediction files
+    (null_odds.json for SQuAD 2.0 only), or an eval-STEP folder's marker."""
+    if eval_dir == out:
+        claim(out, [n for n in EVALUATION if n != "null_odds.json" or version == "2.0"])
+    else:
+        mark_eval_dir(eval_dir)
+
+
 def ours(out: Path, name: str) -> bool:
     """Whether OUTPUT/name is provably squad-ds's (a link is never: it points at something else)."""
     p = out / name

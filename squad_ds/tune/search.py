@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import shutil
@@ -25,13 +24,12 @@ from squad_ds.config import ConfigError, Recipe, add_recipe_arguments
 from squad_ds.errors import emit_result, run_main
 from squad_ds.options import SPELLING_NOTE, ArgumentParser, add_deepspeed_arguments, deepspeed_config_arg
 from squad_ds.tune import report as tune_report
+from squad_ds.tune.checks import check_options, check_out_dir
 
 HELP = "timed trials: best micro-batch / ZeRO stage / offload / checkpointing here"
 POLL_S = 0.2
 WARMUP_STEPS = 2  # trial steps before timing: allocator growth, cuDNN/sdpa autotuning, first-touch pages
 STATUSES = ("fits", "oom", "timeout", "error", "skipped")
-# What marks a folder as a training run's or a model's (as for predict's --out-dir): not a place for trials.
-NOT_TUNE_DIR = ("train_log.jsonl", "checkpoints", "effective_config.json", "config.json", "squad_ds.json")
 
 # Recipe settings tried at the winning memory configuration: their speed is the card's business (per-shape kernel
 # plans, attention kernels), so they are measured here rather than guessed.
@@ -252,34 +250,16 @@ def prepare(args: argparse.Namespace) -> Search:
     from squad_ds.training.assemble import count_train_features, resolve_run
 
     cuda = torch.cuda.is_available()
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: must be positive")
+    check_options(args)
     spec = resolve_run(args.recipe, args.overrides, deepspeed_config_arg(args), world_size=args.nproc, cuda=cuda,
                        ds_overrides=args.ds_overrides)
     recipe, world = spec.recipe, args.nproc
     _, plan = spec.plan(1)
-    bad = [s for s in args.stages if s not in (0, 1, 2, 3)]
-    if bad:
-        raise ConfigError(f"--stages: ZeRO stages are 0, 1, 2 and 3, got {bad}")
-    if args.trial_steps < 1 or args.nproc < 1 or args.budget_s <= 0:
-        raise ConfigError("--trial-steps, --nproc and --budget-s must be positive")
-    # NaN compares false with everything: a NaN budget or timeout never ran out, a NaN cap crashed.
-    for name, value, finite in (("--budget-s", args.budget_s, False), ("--trial-timeout-s", args.trial_timeout_s,
-                                False), ("--max-mem-gb", args.max_mem_gb, True)):
-        if value is not None and not (value > 0 and (not finite or math.isfinite(value))):
-            raise ConfigError(f"{name} {value}: must be a positive number{' of GB' if finite else ' of seconds'}")
-    if not args.stages:
-        raise ConfigError("--stages: no ZeRO stage given (e.g. --stages 0,2)")
     parse_variants(args.variants, cuda)  # a misspelt variant fails before the first trial
     if not micro_candidates(plan.global_batch // world, args.max_micro):
         raise ConfigError(f"--max-micro {args.max_micro}: no micro-batch ≥ 1 divides the global batch")
     out = Path(args.out_dir or Path(recipe.output.dir) / "tune")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
-    mark = next((n for n in NOT_TUNE_DIR if (out / n).exists()), None)
-    if mark is not None:
-        raise ConfigError(f"--out-dir {out}: holds {mark}, so it is a training run's or a model's folder: the "
-                          "trials would mix into its files (choose another path, e.g. a new folder inside it)")
+    check_out_dir(out)
     count_train_features(recipe)  # build the cache once here, not inside the first timed trial
     created = atomic.missing_folders(out)[::-1]  # outermost first
     out.mkdir(parents=True, exist_ok=True)
