@@ -1,4 +1,5 @@
-"""distributed.py without a process group: how a lost rank is reported, and the bounded wait for rank 0's store."""
+"""distributed.py: how a lost rank is reported, the bounded wait for rank 0's store, collective timeouts, and
+collectives that every rank must reach in the same order (two real gloo processes)."""
 from __future__ import annotations
 
 import socket
@@ -88,3 +89,64 @@ def test_groups_made_after_init_keep_the_runs_collective_timeout(tmp_path):
             p.wait()
     assert procs[0].returncode == 0 and "raised after" in out, (out, err[-2000:])
     assert float(out.split("raised after ")[1].split(" s")[0]) < 10, out
+
+
+RESAVE = """
+import os, sys, time
+from pathlib import Path
+from squad_ds import distributed
+from squad_ds.training import checkpoint
+distributed.init(cuda=False, timeout_s=5, rendezvous_timeout_s=60)
+ckpt = Path(sys.argv[1])
+old = ckpt / checkpoint.tag_for(8) / "left_by_the_interrupted_save.pt"
+
+class Engine:
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / f"shard_rank{distributed.rank()}.pt").write_text("x")
+
+if distributed.rank() == 1:  # rank 0 is faster: it has removed the old tag before rank 1 looks
+    deadline = time.monotonic() + 30
+    while old.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+try:
+    checkpoint.save(Engine(), ckpt, 8, {}, keep_last=2)
+except Exception as e:
+    print(f"rank {distributed.rank()}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    os._exit(3)
+os._exit(0)
+"""
+
+
+def test_saving_again_under_an_existing_tag_keeps_the_ranks_in_step(tmp_path):
+    """A resumed run saves again under a tag its interrupted course began: rank 0 removes the old one. Each rank
+    decided by looking for that folder itself, so a rank that looked after rank 0 had removed it skipped the
+    collectives around the removal and the two ranks met in different ones (a two-host resume stopped with
+    "another rank stopped answering"). Here rank 1 always looks after the removal."""
+    import subprocess
+    import sys
+
+    from trainer_util import env, free_port
+
+    from squad_ds.training import checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / checkpoint.tag_for(8)).mkdir(parents=True)
+    (ckpt / checkpoint.tag_for(8) / "left_by_the_interrupted_save.pt").write_text("old")
+    script = tmp_path / "resave.py"
+    script.write_text(RESAVE)
+    e = {**env(1), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt)], env={**e, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = []
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [(o, err[-1500:]) for o, err in outs]
+    assert checkpoint.complete_tags(ckpt) == [checkpoint.tag_for(8)]
+    saved = sorted(p.name for p in (ckpt / checkpoint.tag_for(8)).iterdir())
+    assert "left_by_the_interrupted_save.pt" not in saved
+    assert {"shard_rank0.pt", "shard_rank1.pt", "rng_rank0.pt", "rng_rank1.pt"} <= set(saved), saved

@@ -57,9 +57,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     tags and the tags in `keep` (the best evaluation's)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    if (ckpt_dir / tag).exists():  # saved before, on a course this run left (resumed from an older checkpoint)
-        distributed.on_main(lambda: _replace(ckpt_dir / tag))
-        distributed.barrier()
+    # Saved before, on a course this run left (resumed from an older checkpoint)? Rank 0 alone looks and removes it,
+    # and every rank waits in on_main: a rank that looked for itself after rank 0 had removed it would skip the
+    # collective and meet the others in another one.
+    distributed.on_main(lambda: _replace(ckpt_dir / tag))
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         # DeepSpeed keeps rank 0's client state only; dropout RNG differs per rank, so each rank saves its own.
@@ -91,8 +92,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
 
 
 def _replace(tag_dir: Path) -> None:
-    """Make way for a checkpoint saved again under its tag: its marker first, so that it is never taken as
-    complete half rewritten; then the rest (DeepSpeed's NVMe copy refuses an existing offloaded_tensors/)."""
+    """Make way for a checkpoint saved again under its tag, if there is one: its marker first, so that it is never
+    taken as complete half rewritten; then the rest (DeepSpeed's NVMe copy refuses an existing offloaded_tensors/)."""
+    if not tag_dir.exists():
+        return
     (tag_dir / MARKER).unlink(missing_ok=True)
     shutil.rmtree(tag_dir)
 
