@@ -170,3 +170,35 @@ def test_a_failed_build_is_one_user_error(monkeypatch):
             fd.ops()
     finally:
         fd.ops.cache_clear()
+
+
+def test_the_kernel_is_ready_before_training_starts(tmp_path):
+    """prepare_model (start-up, before the loop's clock) leaves the kernel built and loaded: the first step never
+    pays for a build."""
+    from tiny_models import save_tiny_checkpoint, tiny_bert_config
+    from transformers import AutoModelForQuestionAnswering
+
+    from squad_ds.training.engine import prepare_model
+
+    model = AutoModelForQuestionAnswering.from_pretrained(
+        save_tiny_checkpoint(tmp_path / "m", tiny_bert_config(dropout=0.1), None), attn_implementation="sdpa")
+    fd.ops.cache_clear()
+    prepare_model(model, load_recipe("tiny"), train=True)
+    assert fd.ops.cache_info().currsize == 1
+
+
+def test_a_slow_build_is_announced_and_timed_a_quick_load_is_silent(monkeypatch, caplog):
+    import logging
+    import time
+
+    monkeypatch.setattr(fd, "ops", lambda: time.sleep(0.6))
+    with caplog.at_level(logging.INFO, logger="squad_ds"):
+        fd.build(announce_after_s=0.2)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("building squad-ds's CPU dropout kernel" in m for m in said), said
+    assert any("kernel built in" in m for m in said), said
+    caplog.clear()
+    monkeypatch.setattr(fd, "ops", lambda: None)
+    with caplog.at_level(logging.INFO, logger="squad_ds"):
+        fd.build(announce_after_s=0.2)
+    assert not caplog.records

@@ -21,11 +21,14 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from squad_ds.errors import ConfigError
+from squad_ds.logs import log_main
 
 ATTN_NAME = "squad_ds_fused_dropout"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_dropout.cpp"
@@ -53,6 +56,29 @@ def ops():
         raise ConfigError(f"model.fused_dropout: the CPU attention kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); set "
                           "model.fused_dropout=false to train with torch's SDPA instead") from e
+
+
+def build(announce_after_s: float = 2.0) -> None:
+    """Build (or load) the kernel now, at start-up, never inside the first training step. A build (a minute or two,
+    once per machine and source) is announced once it has taken `announce_after_s`, and timed, so that the wait
+    has a reason on screen; loading a built kernel says nothing."""
+    started = time.monotonic()
+    announced = threading.Event()
+
+    def announce():
+        announced.set()
+        log_main("model.fused_dropout: building squad-ds's CPU dropout kernel for this machine (once; into "
+                  "TORCH_EXTENSIONS_DIR, as DeepSpeed builds its ops) ...")
+
+    timer = threading.Timer(announce_after_s, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        ops()
+    finally:
+        timer.cancel()
+    if announced.is_set():
+        log_main("model.fused_dropout: kernel built in %.0f s", time.monotonic() - started)
 
 
 class _AttentionDropout(torch.autograd.Function):
@@ -166,7 +192,7 @@ def replace_dropout_layers(model) -> int:
 def enable(model) -> None:
     """Before DeepSpeed wraps `model`: its dropout layers take the kernel's mask, and a model that runs transformers'
     SDPA attention gets the fused attention (XLNet and squad-ds's relative-position BERT keep their own)."""
-    ops()  # built now, at start-up, not inside the first step
+    build()
     replace_dropout_layers(model)
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         register()
