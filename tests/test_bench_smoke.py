@@ -130,3 +130,25 @@ def test_packing_families_smoke(tmp_path):
     assert set(res["families"]) == {"bert", "roberta", "electra"}
     for row in res["families"].values():
         assert row["packed"]["tokens_per_window"] <= row["trimmed"]["tokens_per_window"] <= 64
+
+
+@pytest.mark.slow
+def test_speed_parity_smoke_takes_the_shape_alternates_sides_and_keeps_every_pair(tmp_path):
+    from trainer_util import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "speed_parity.py"), "--model", str(model),
+                           "--train-file", "sample:train", "--n-train", "6", "--repeats", "2", "--seq", "64",
+                           "--doc-stride", "16", "--micro", "2", "--accum", "1", "--lr", "1e-4",
+                           "--sides", "squad-ds-default,hf", "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    s = res["settings"]
+    assert (s["max_seq_length"], s["doc_stride"], s["micro_batch_size"], s["gradient_accumulation_steps"],
+            s["lr"]) == (64, 16, 2, 1, 1e-4)
+    assert [(r["side"], r["repeat"]) for r in res["rows"]] == [("squad-ds-default", 0), ("hf", 0), ("hf", 1),
+                                                               ("squad-ds-default", 1)]
+    assert len(res["summary"]["pair_ratios"]["squad-ds-default / hf"]) == 2
+    assert res["summary"]["ratios"]["squad-ds-default / hf"] > 0
