@@ -212,18 +212,21 @@ def eval_arrays(features, examples: list[Example], length: int) -> tuple[np.ndar
 
 # ---------------------------------------------------------------------------------------------------- HF side
 
-def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str, bf16: bool = False):
+def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str, bf16: bool = False,
+                  deepspeed: dict | None = None):
+    """`deepspeed`: the Trainer's own DeepSpeed integration with that config (accelerate takes the DeepSpeed route
+    only when the Trainer is not told to use the CPU: DeepSpeed's CPU accelerator is then the device)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        bf16=bf16,
+        bf16=bf16, deepspeed=deepspeed,
         output_dir=str(out), per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps, per_device_eval_batch_size=s.eval_batch_size,
         learning_rate=s.lr, weight_decay=s.weight_decay, adam_beta1=s.adam_betas[0], adam_beta2=s.adam_betas[1],
         adam_epsilon=s.adam_eps, max_grad_norm=s.max_grad_norm, num_train_epochs=s.epochs,
         lr_scheduler_type="linear", warmup_steps=warmup_steps, optim="adamw_torch", seed=seed, data_seed=seed,
         train_sampling_strategy=sampling, save_strategy="no", eval_strategy="no", logging_steps=10,
-        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+        report_to=[], use_cpu=deepspeed is None, dataloader_num_workers=0, disable_tqdm=True)
 
 
 def hf_predict(model, tokenizer, s: Settings, features, out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -251,20 +254,22 @@ def warmup_steps_of(s: Settings, n_features: int) -> int:
 
 
 def hf_trainer(s: Settings, model, tokenizer, train_feats, seed: int, warmup_steps: int, out: Path,
-               bf16: bool = False):
+               bf16: bool = False, args=None):
     """The training Trainer as run_qa.py builds it, with dynamic padding, shuffled by `seed` and grouped by length
     (tests/test_accuracy_parity.py checks both: a sequential sampler here once fed the windows in file order);
     `bf16`: the Trainer's own bf16 mixed precision (its best CPU setting to compare with)."""
     from transformers import DataCollatorWithPadding, Trainer
 
-    args = training_args(s, out, seed, warmup_steps, sampling="group_by_length", bf16=bf16)
+    args = args or training_args(s, out, seed, warmup_steps, sampling="group_by_length", bf16=bf16)
     return Trainer(model=model, args=args, train_dataset=train_feats, processing_class=tokenizer,
                    data_collator=DataCollatorWithPadding(tokenizer))
 
 
 def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
-           evaluate: bool = True, bf16: bool = False) -> dict:
-    """Train (and with `evaluate`, predict and score) the Hugging Face side; `bf16`: Trainer's bf16=True."""
+           evaluate: bool = True, bf16: bool = False, deepspeed: dict | None = None) -> dict:
+    """Train (and with `evaluate`, predict and score) the Hugging Face side; `bf16`: Trainer's bf16=True;
+    `deepspeed`: the Trainer's DeepSpeed integration with that config (its arguments are made before the model, so
+    that ZeRO-3 builds the model partitioned, as the Trainer's documentation says)."""
     import datasets
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, set_seed
 
@@ -276,10 +281,12 @@ def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed:
     eval_raw = datasets.Dataset.from_dict(hf_rows(eval_set.examples))
     train_feats = train_raw.map(prepare_train_features, batched=True, remove_columns=train_raw.column_names,
                                 fn_kwargs={"tokenizer": tokenizer, "s": s})
+    warmup = warmup_steps_of(s, len(train_feats))
+    args = training_args(s, work / f"hf-{seed}", seed, warmup, sampling="group_by_length", bf16=bf16,
+                         deepspeed=deepspeed)
     set_seed(seed)  # the QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
-    warmup = warmup_steps_of(s, len(train_feats))
-    trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}", bf16=bf16)
+    trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}", args=args)
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train

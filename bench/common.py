@@ -25,8 +25,12 @@ TRAIN_NAME = "train-v1.1.reconstructed.json"
 SHAPES = {
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    # Past bert-large, for the memory benchmark (bench/memory_fit.py): 1.27 B parameters.
-    "bert-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
+    # Past bert-large, for the memory benchmark (bench/memory_fit.py): bert-large's 24 layers, wider (about
+    # 0.51, 0.62, 0.73, 0.98, 1.27, 1.61 and 1.97 B parameters).
+    **{f"bert-{name}": dict(hidden_size=h, num_hidden_layers=24, num_attention_heads=h // 128 if h % 128 == 0 else 16,
+                            intermediate_size=4 * h)
+       for name, h in (("0.5b", 1280), ("0.6b", 1408), ("0.7b", 1536), ("1b", 1792), ("1.3b", 2048),
+                       ("1.6b", 2304), ("2b", 2560))},
     # CPU sizes: big enough that a step is real matmul work, small enough for a 2-core CI machine.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
     "mini": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),

@@ -38,8 +38,42 @@ s = p.Settings(n_train={micro} * {steps}, n_eval=1, epochs=1.0, micro_batch_size
                gradient_accumulation_steps=1, max_seq_length={seq}, doc_stride=min(128, {seq} // 4),
                max_query_length=min(64, {seq} // 4))
 train, _ = p.make_inputs(s, "sample:train", "sample:dev", Path({work!r}))
-print(json.dumps(p.run_hf(s, train, train, {model!r}, 42, Path({work!r}), evaluate=False, bf16={bf16})))
+print(json.dumps(p.run_hf(s, train, train, {model!r}, 42, Path({work!r}), evaluate=False, bf16={bf16},
+                          deepspeed={deepspeed!r})))
 """
+# The Trainer with its own DeepSpeed integration: the ZeRO-3 configs of transformers' DeepSpeed documentation
+# ("ZeRO-3 example", "NVMe support"), as a Trainer user copies them; "auto" values are the Trainer's to fill.
+_HF_ZERO3 = {"overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+             "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+             "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+             "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
+_HF_OFFLOAD = {
+    "cpu": {"offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "offload_param": {"device": "cpu", "pin_memory": True}},
+    "nvme": {"offload_optimizer": {"device": "nvme", "nvme_path": "{nvme}", "pin_memory": True, "buffer_count": 4,
+                                   "fast_init": False},
+             "offload_param": {"device": "nvme", "nvme_path": "{nvme}", "pin_memory": True, "buffer_count": 5,
+                               "buffer_size": 1e8, "max_in_cpu": 1e9},
+             "aio": {"block_size": 262144, "queue_depth": 32, "thread_count": 1, "single_submit": False,
+                     "overlap_events": True}},
+}
+SIDES = ["squad-ds", "hf", "hf-bf16", "hf-ds", "hf-ds-bf16", "hf-ds-nvme", "hf-ds-nvme-bf16"]
+
+
+def hf_deepspeed(side: str, nvme: Path) -> dict | None:
+    """The DeepSpeed config of a Trainer side (hf-ds[-nvme][-bf16]), or None for the plain Trainer."""
+    if not side.startswith("hf-ds"):
+        return None
+    where = "nvme" if "-nvme" in side else "cpu"
+    zero = {"stage": 3, **json.loads(json.dumps(_HF_OFFLOAD[where]).replace("{nvme}", str(nvme))), **_HF_ZERO3}
+    aio = zero.pop("aio", None)
+    return {"bf16": {"enabled": "auto"}, "zero_optimization": zero, **({"aio": aio} if aio else {}),
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                      "weight_decay": "auto"}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_min_lr": "auto",
+                                                              "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto"}
 
 
 def model_dir(shape: str, cache: Path) -> Path:
@@ -87,24 +121,31 @@ def run_case(args, work: Path) -> dict:
               "output": {"dir": str(out), "export": False}}
     (work / "r.yaml").write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "squad_ds.train", "--recipe", str(work / "r.yaml"), "--deepspeed_config", args.ds]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     if args.side != "squad-ds":  # the Hugging Face Trainer as run_qa.py runs it (accuracy_parity.run_hf)
+        (work / "nvme").mkdir()
+        deepspeed = hf_deepspeed(args.side, work / "nvme")
         cmd = [sys.executable, "-c", HF_CHILD.format(bench=str(REPO / "bench"), work=str(work), model=str(model),
                                                      micro=args.micro, steps=args.steps, seq=args.seq,
-                                                     bf16=args.side == "hf-bf16")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+                                                     bf16=args.side.endswith("-bf16"), deepspeed=deepspeed)]
+        if deepspeed:  # a world of one, as the `deepspeed` launcher would set it up
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     group = _cgroup(int(args.ceiling_gib * 2**30)) if args.ceiling_gib else None
     t0 = time.time()
     with open(work / "stderr.log", "w") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=open(work / "stdout.log", "w"), stderr=err, cwd=REPO,
                                 preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
                                 if group else None)
+        sampler = _Sampler(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
+        sampler.stop()
     rc = os.waitstatus_to_exitcode(status)
     record = {"shape": args.shape, **SHAPES[args.shape], "side": args.side,
               "ds_config": args.ds if args.side == "squad-ds" else args.side, "seq": args.seq, "micro": args.micro,
               "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
               "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
+    record.update(sampler.peaks)
     if group:
         oom = (group / "memory.oom_control").read_text()
         record["oom_killed"] = "oom_kill 0" not in oom
@@ -121,6 +162,41 @@ def run_case(args, work: Path) -> dict:
     return record
 
 
+class _Sampler:
+    """The process's anonymous and file-backed resident memory (/proc/PID/status RssAnon, RssFile), sampled every
+    0.2 s: the peak RSS counts pages of memory-mapped files (safetensors weights being loaded), which the kernel can
+    drop under a ceiling; the anonymous peak is what must fit. And its storage traffic (/proc/PID/io)."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peaks, self._done = pid, {"peak_anon_bytes": 0, "peak_file_bytes": 0}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        keys = {"RssAnon:": "peak_anon_bytes", "RssFile:": "peak_file_bytes"}
+        while not self._done.wait(0.2):
+            try:
+                lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+            except OSError:
+                return
+            for line in lines:
+                name, _, value = line.partition("\t")
+                if name in keys and value.strip().endswith("kB"):
+                    self.peaks[keys[name]] = max(self.peaks[keys[name]], int(value.split()[0]) * 1024)
+            try:  # the storage traffic of the whole run (load, steps, checkpoint), as of the last sample
+                io = dict(line.split(": ") for line in Path(f"/proc/{self.pid}/io").read_text().splitlines())
+                self.peaks["disk_read_bytes"], self.peaks["disk_written_bytes"] = (int(io["read_bytes"]),
+                                                                                   int(io["write_bytes"]))
+            except (OSError, KeyError, ValueError):
+                pass
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def _params(model: Path) -> int:
     from squad_ds.modeling.factory import count_parameters
 
@@ -132,6 +208,11 @@ def _cpu() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+HF_NAMES = {"hf": "Trainer fp32", "hf-bf16": "Trainer bf16=True", "hf-ds": "Trainer + DeepSpeed ZeRO-3 CPU offload",
+            "hf-ds-bf16": "Trainer + DeepSpeed ZeRO-3 CPU offload, bf16", "hf-ds-nvme": "Trainer + DeepSpeed NVMe",
+            "hf-ds-nvme-bf16": "Trainer + DeepSpeed NVMe, bf16"}
 
 
 def plot(records_file: Path, out: Path) -> Path:
@@ -147,7 +228,7 @@ def plot(records_file: Path, out: Path) -> Path:
     series: dict[str, list[dict]] = {}
     for r in rows:  # micro-batch 1, no checkpointing: the runs every size has
         if r["micro"] == 1 and not r.get("activation_checkpointing"):
-            name = {"hf": "Trainer fp32", "hf-bf16": "Trainer bf16=True"}.get(r["ds_config"], f"squad-ds {r['ds_config']}")
+            name = HF_NAMES.get(r["ds_config"], f"squad-ds {r['ds_config']}")
             series.setdefault(name, []).append(r)
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["params"])
@@ -175,8 +256,10 @@ def plot(records_file: Path, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
-    p.add_argument("--side", default="squad-ds", choices=["squad-ds", "hf", "hf-bf16"],
-                   help="squad-ds, or the Hugging Face Trainer as run_qa.py runs it (fp32, or bf16=True)")
+    p.add_argument("--side", default="squad-ds", choices=SIDES,
+                   help="squad-ds, or the Hugging Face Trainer as run_qa.py runs it (fp32, or bf16=True), alone or "
+                        "with its DeepSpeed integration (hf-ds: ZeRO-3 offloading to CPU memory; hf-ds-nvme: to "
+                        "NVMe; the configs of transformers' DeepSpeed documentation)")
     p.add_argument("--ds", default="cpu_fp32", help="DeepSpeed config (shipped name or path)")
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--micro", type=int, default=1)
