@@ -82,7 +82,7 @@ class Settings:
         return self.micro_batch_size * self.gradient_accumulation_steps
 
 
-# The under-trained regime (issue 22): one epoch at lr 1e-4, 256/128, batch 16, on the 3,090 questions of
+# The under-trained regime: one epoch at lr 1e-4, 256/128, batch 16, on the 3,090 questions of
 # train-v1.1's articles 200-213, scored on the 1,190 questions of dev-v1.1's articles 20-24. How learning proceeds
 # shows most here, and so does the seed: two seeds a side spread by more than 4 F1, so it takes several.
 ONE_EPOCH_1E4 = Settings(epochs=1, lr=1e-4, max_seq_length=256, doc_stride=128, gradient_accumulation_steps=1,
