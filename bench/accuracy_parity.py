@@ -460,11 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     summ = write_results(out, header, rows)
     print(table(rows, summ))
     if not a.smoke:  # a smoke run proves the plumbing; its figures are nobody's result
-        regime = a.regime
-        harness.save(harness.record("accuracy_parity", {"rows": [
-            {k: r.get(k) for k in ("side", "seed", "exact_match", "f1", "train_samples_per_s", "wall_s")} for r in rows]},
-            key=regime, config={"regime": regime, "model": Path(model).name, "work": describe(s, train_src, eval_src)}),
-            a.results)
+        keep = ("side", "seed", "exact_match", "f1", "train_samples_per_s", "wall_s")
+        config = {"regime": a.regime, "model": Path(model).name, "work": describe(s, train_src, eval_src)}
+        harness.save(harness.record("accuracy_parity", {"rows": [{k: r.get(k) for k in keep} for r in rows]},
+                                    key=a.regime, config=config), a.results)
     return 0
 
 

@@ -65,7 +65,8 @@ def main() -> None:
 
     def run(side: str, rep: int, qa=qa) -> dict:
         ask = (lambda: [a.text for a in qa(questions, contexts)]) if side == "squad_ds" else (
-            lambda: diy_answers(qa.model, qa.tokenizer, questions, contexts, d.max_seq_length, qa.recipe.eval.batch_size))
+            lambda: diy_answers(qa.model, qa.tokenizer, questions, contexts, d.max_seq_length,
+                                qa.recipe.eval.batch_size))
         seconds, answers[side] = harness.timed(ask)
         return {"seconds": seconds}
 

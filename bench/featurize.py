@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures))
     harness.write_json(args.out, figures)
     q = params
-    harness.save(harness.record("featurize", figures, key=f"{Path(args.data).name.split('.json')[0].replace('.reconstructed', '')}, "
+    harness.save(harness.record("featurize", figures, key=f"{harness.data_name(args.data)}, "
                                 f"{q['max_seq_length']}/{q['doc_stride']}/{q['max_query_length']}",
                                 config={"data": f"{Path(args.data).name} ({info['examples']:,} questions), "
                                                 f"{q['max_seq_length']}/{q['doc_stride']}/{q['max_query_length']}"}),

@@ -160,6 +160,14 @@ def command(argv: list[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in ["python", *argv])
 
 
+def data_name(path: str | os.PathLike) -> str:
+    """'train-v1.1' for …/train-v1.1.reconstructed.json.gz: a data file as a record's key names it."""
+    name = Path(path).name
+    for suffix in (".gz", ".json", ".jsonl", ".reconstructed"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def record(bench: str, figures: dict, *, key: str = "", config: dict | None = None, note: str = "",
            argv: list[str] | None = None) -> dict:
     """One result: which bench, what it compared (key, config), when, on what, with which software, the command

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     harness.write_json(args.out, {"bench": "padding", "args": vars(args), "features": len(feats),
                                   "mean_real_length": real, "rows": rows})
     data = f"{Path(common.train_file(args.train_file)).name}: {len(feats):,} windows at {args.seq}/{args.stride}"
-    harness.save(harness.record("padding", {"rows": rows}, key=f"{data.split(':')[0]}, {args.seq}/{args.stride}",
+    name = harness.data_name(common.train_file(args.train_file))
+    harness.save(harness.record("padding", {"rows": rows}, key=f"{name}, {args.seq}/{args.stride}",
                                 config={"data": f"{data} (mean real length {real:.1f} tokens)", "seq": args.seq,
                                         "epochs": args.epochs}), args.results)
     return 0

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"total_s": stages["total"]["median"], "postprocess_s": stages["postprocess_bert"]["median"],
                "score_s": stages["metrics.score"]["median"], "stages": stages, "features": n}
     harness.write_json(args.out, figures)
-    harness.save(harness.record("postprocess_score", figures, key=f"{args.data.name}, random logits",
+    harness.save(harness.record("postprocess_score", figures, key=f"{harness.data_name(args.data)}, random logits",
                                 config={"data": f"{args.data.name} ({n:,} windows at {args.max_seq_length}/"
                                                 f"{args.doc_stride}/{args.max_query_length}), seeded random logits",
                                         "repeat": args.repeat}), args.results)

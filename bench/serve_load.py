@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 import time
 import urllib.error
 import urllib.request
@@ -221,8 +220,8 @@ def main() -> None:
     result["per_batch"] = round(served["answered"] / max(1, served["batches"]), 2)
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": os.environ.get("OMP_NUM_THREADS")}
     harness.report(result, args.out)
-    key = f"{Path(args.model).name}, {args.clients} clients" + (f", {args.slow_clients} slow clients"
-                                                                if args.slow_clients else "")
+    key = f"{args.clients} client{'s' * (args.clients > 1)}" + (f", {args.slow_clients} slow clients"
+                                                              if args.slow_clients else "")
     harness.save(harness.record("serve_load", result, key=key, config={
         "model": args.model, "clients": args.clients, "slow_clients": args.slow_clients, "questions": args.questions,
         "seconds": args.seconds}), args.results)

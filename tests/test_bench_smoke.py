@@ -1,4 +1,4 @@
-"""The training benchmarks still run and still write the fields their records and bench/gpu.sh read (no timing checks)."""
+"""The benchmarks still run, write the fields bench/gpu.sh reads and append their record (no timing checks)."""
 from __future__ import annotations
 
 import json
