@@ -508,19 +508,26 @@ def main(argv=None) -> int:
         for res in extra:
             add_rates(res, flops_seq, peak)
         fixed = {**spec, "find_max": False, "variants": [variants[0]], "micro": ours[0].get("micro", base["micro"])}
-        hf: list[dict] = []
-        for r in range(args.repeat):  # squad-ds, HF, squad-ds, HF, …: drift on a shared machine hits both
-            if not args.no_baseline and (r > 0 or "samples_per_s" in ours[0] or args.baseline_find_max):
-                hspec = {**fixed, "impl": "hf-trainer"}
-                if args.baseline_find_max and r == 0:
-                    hspec.update(find_max=True)
-                h = spawn(hspec, args.worker_timeout)
-                if (r == 0 and not args.baseline_find_max and "samples_per_s" not in h and cuda
-                        and "out of memory" in json.dumps(h).lower()):
-                    h = spawn({**hspec, "micro": max(1, fixed["micro"] // 2)}, args.worker_timeout)
-                hf.append(h)
-            if r < args.repeat - 1 and "samples_per_s" in ours[0]:
-                ours.append(spawn(fixed, args.worker_timeout))
+
+        def run(side: str, rep: int, first=ours[0], fixed=fixed) -> dict:
+            """squad-ds's first run is the one above (search, variants); later ones repeat it at its micro-batch.
+            The Trainer runs at that micro-batch (one step down if it runs out of memory there), or searches its own."""
+            if side == "squad-ds":
+                return first if rep == 0 else spawn(fixed, args.worker_timeout)
+            if rep == 0 and "samples_per_s" not in first and not args.baseline_find_max:
+                return {"skipped": "squad-ds did not run"}
+            hspec = {**fixed, "impl": "hf-trainer", "find_max": args.baseline_find_max and rep == 0}
+            h = spawn(hspec, args.worker_timeout)
+            if (rep == 0 and not hspec["find_max"] and "samples_per_s" not in h and cuda
+                    and "out of memory" in json.dumps(h).lower()):
+                h = spawn({**hspec, "micro": max(1, fixed["micro"] // 2)}, args.worker_timeout)
+            return h
+
+        # squad-ds, HF, then HF, squad-ds, …: drift on a shared machine hits both; one run when squad-ds failed
+        done = harness.interleave(["squad-ds"] + ([] if args.no_baseline else ["hf-trainer"]),
+                                  args.repeat if "samples_per_s" in ours[0] else 1, run)
+        ours = [r for r in done if r["side"] == "squad-ds"]
+        hf = [r for r in done if r["side"] == "hf-trainer" and "skipped" not in r]
         for group in (ours, hf):
             for res in group:
                 add_rates(res, flops_seq, peak)
@@ -534,11 +541,12 @@ def main(argv=None) -> int:
                 for res in extra:
                     rows.append(res)
                     print(table([res]).splitlines()[-1], flush=True)
-        pairs = [(o["samples_per_s"] / h["samples_per_s"], o["micro"] == h["micro"]) for o, h in zip(ours, hf)
-                 if "samples_per_s" in o and "samples_per_s" in h]
+        pairs = harness.paired(done, "squad-ds", "hf-trainer", "samples_per_s")
         if pairs:
-            ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": harness.stats(p for p, _ in pairs)["median"],
-                                  "pairs": [p for p, _ in pairs], "same_micro": all(same for _, same in pairs),
+            micro = {(r["side"], r["repeat"]): r.get("micro") for r in done}
+            ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": pairs["median"], "pairs": pairs["pairs"],
+                                  "same_micro": all(micro.get(("squad-ds", k)) == micro[("hf-trainer", k)]
+                                                    for k in range(args.repeat) if ("hf-trainer", k) in micro),
                                   "variant": variants[0]}
         save(partial=True)  # a run killed by its time box still leaves the finished stages
     print()

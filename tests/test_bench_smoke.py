@@ -75,6 +75,22 @@ def test_train_throughput_smoke(tmp_path):
     assert packed["flops_window"] <= trimmed["flops_window"]
 
 
+@pytest.mark.slow
+def test_train_throughput_against_the_trainer_smoke(tmp_path):
+    """The Trainer baseline and the harness's interleaving: squad-ds, HF, then HF, squad-ds; ratios of same-repeat
+    pairs (about 2 minutes: four worker processes)."""
+    pytest.importorskip("accelerate")
+    res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--steps", "2",
+               "--warmup", "1", "--zero", "0", "--micro", "2", "--repeat", "2", "--threads", "1")
+    assert [(r["impl"], r["repeat"]) for r in res["runs"]] == [("squad-ds", 0), ("squad-ds", 1), ("hf-trainer", 0),
+                                                             ("hf-trainer", 1)]
+    ratio = res["ratios"]["zero0"]
+    assert len(ratio["pairs"]) == 2 and ratio["same_micro"] and ratio["squad_ds_over_hf_trainer"] > 0
+    rec = _record(tmp_path, "train_throughput")
+    assert rec["figures"]["ratios"]["squad-ds / Trainer, ZeRO-0"]["pairs"] == ratio["pairs"]
+    assert {r["impl"] for r in rec["figures"]["rows"]} == {"squad-ds", "Trainer"}
+
+
 def test_padding_smoke(tmp_path):
     res = _run(tmp_path, "padding.py", "--seq", "128", "--stride", "64", "--micro", "8", "--epochs", "1")
     rows = {r["policy"]: r for r in res["rows"]}
