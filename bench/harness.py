@@ -152,11 +152,13 @@ def versions() -> dict[str, str]:
 
 
 def command(argv: list[str] | None = None) -> str:
-    """The command line that ran, as a user would type it from the repository root."""
-    argv = list(sys.argv if argv is None else argv)
-    script = Path(argv[0]).resolve()
-    if script.is_relative_to(REPO):
-        argv[0] = str(script.relative_to(REPO))
+    """The command line that ran, as a user would type it from the repository root (paths inside the repository
+    relative to it)."""
+    def local(arg: str) -> str:
+        return str(Path(arg).relative_to(REPO)) if arg.startswith("/") and Path(arg).is_relative_to(REPO) else arg
+
+    argv = [local(str(Path(a).resolve())) if i == 0 else local(a)
+            for i, a in enumerate(sys.argv if argv is None else argv)]
     return " ".join(shlex.quote(a) for a in ["python", *argv])
 
 

@@ -49,10 +49,12 @@ def test_a_child_process_peak_memory_and_its_time_out():
 
 
 def test_a_record_says_when_where_with_what_and_how(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / "padding.py"), "--seq", "128", "--out", "a b.json"])
+    monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / "padding.py"), "--seq", "128", "--out", "a b.json",
+                                      "--cache-dir", str(REPO / "runs" / "c"), "--train-file", "/data/t.json"])
     rec = harness.record("padding", {"x": 1}, key="k", config={"seq": 128}, note="n")
     assert set(rec) == {"bench", "key", "date", "machine", "versions", "command", "config", "figures", "note"}
-    assert rec["command"] == "python bench/padding.py --seq 128 --out 'a b.json'"
+    assert rec["command"] == ("python bench/padding.py --seq 128 --out 'a b.json' --cache-dir runs/c "
+                              "--train-file /data/t.json")
     assert rec["machine"]["cores"] >= 1 and set(rec["machine"]["flags"]) <= set(harness.FLAGS)
     assert rec["versions"]["python"].count(".") == 2 and rec["versions"]["torch"]
     path = tmp_path / "r" / "results.jsonl"
