@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
-import time
 
-from common import report
+import harness
 
 
 def diy_answers(model, tokenizer, questions, contexts, max_length: int, batch_size: int) -> list[str]:
@@ -48,6 +45,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="as squad-ds ask's --set")
     ap.add_argument("--out", default=None)
+    harness.add_arguments(ap)
     args = ap.parse_args()
 
     import torch
@@ -63,38 +61,38 @@ def main() -> None:
     contexts = [e.context for e in dataset.examples]
     qa = QuestionAnswerer(args.model, overrides=args.overrides)
     d = qa.recipe.data
-    times: dict[str, list[float]] = {"squad_ds": [], "diy": []}
     answers: dict[str, list[str]] = {}
-    for _ in range(args.reps):
-        for side in ("squad_ds", "diy"):
-            t0 = time.perf_counter()
-            if side == "squad_ds":
-                got = [a.text for a in qa(questions, contexts)]
-            else:
-                got = diy_answers(qa.model, qa.tokenizer, questions, contexts, d.max_seq_length,
-                                  qa.recipe.eval.batch_size)
-            times[side].append(time.perf_counter() - t0)
-            answers[side] = got
+
+    def run(side: str, rep: int, qa=qa) -> dict:
+        ask = (lambda: [a.text for a in qa(questions, contexts)]) if side == "squad_ds" else (
+            lambda: diy_answers(qa.model, qa.tokenizer, questions, contexts, d.max_seq_length,
+                                qa.recipe.eval.batch_size))
+        seconds, answers[side] = harness.timed(ask)
+        return {"seconds": seconds}
+
+    rows = harness.interleave(["squad_ds", "diy"], args.reps, run)
+    times = {side: [r["seconds"] for r in rows if r["side"] == side] for side in ("squad_ds", "diy")}
     result = {"model": args.model, "questions": len(questions), "reps": args.reps,
               "windows": {"max_seq_length": d.max_seq_length, "doc_stride": d.doc_stride},
               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     for side in times:
         ids = [e.id for e in dataset.examples]
-        result[side] = {"answers_per_s": round(len(questions) / statistics.median(times[side]), 1),
+        result[side] = {"answers_per_s": round(len(questions) / harness.stats(times[side])["median"], 1),
                         "seconds": [round(t, 2) for t in times[side]],
                         **{k: round(v, 2) for k, v in score(dataset, dict(zip(ids, answers[side]))).items()
                            if k in ("exact_match", "f1")}}
-    result["ratio"] = round(statistics.median(times["diy"]) / statistics.median(times["squad_ds"]), 2)
-    del qa
+    result["ratio"] = round(harness.paired(rows, "diy", "squad_ds", "seconds")["median"], 2)
+    del qa, run  # the model's memory, before the fresh process
     q, c = questions[0], contexts[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "squad_ds.cli", "ask", "--model", args.model, "--question", q,
-                           "--context", c, *[a for o in args.overrides for a in ("--set", o)]],
-                          capture_output=True, text=True)
-    result["ask_first_answer_s"] = round(time.perf_counter() - t0, 2)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-2000:])
-    report(result, args.out)
+    proc = harness.run_process([sys.executable, "-m", "squad_ds.cli", "ask", "--model", args.model, "--question", q,
+                                "--context", c, *[a for o in args.overrides for a in ("--set", o)]])
+    result["ask_first_answer_s"] = round(proc["wall_s"], 2)
+    if proc["returncode"] != 0:
+        raise SystemExit(proc["stderr"][-2000:])
+    harness.report(result, args.out)
+    harness.save(harness.record("ask_speed", result, key=f"{len(questions)} dev-sample questions",
+                                config={"model": args.model, "threads": result["torch_threads"],
+                                        "windows": result["windows"]}), args.results)
 
 
 if __name__ == "__main__":

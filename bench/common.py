@@ -1,18 +1,14 @@
-"""What the training benchmarks share: model configs, SQuAD train features, the engine path, timing and memory.
+"""What the training benchmarks share: model configs, SQuAD train features and the engine path (timing, memory,
+the machine and the records are bench/harness.py's).
 
 Everything here calls squad-ds's own pieces (resolve_ds_config, build_engine, BatchLoader, model_inputs) so a
 benchmark measures the code that trains, not a copy of it.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import resource
-import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -142,63 +138,8 @@ def init_distributed(cuda: bool) -> None:
     distributed.init(cuda)
 
 
-def reset_peak_memory(cuda: bool) -> None:
-    if cuda:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(cuda: bool) -> dict[str, Any]:
-    """GPU: max_memory_allocated since the last reset. CPU: the process's max RSS (run one config per process)."""
-    if cuda:
-        import torch
-
-        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated()), "peak_mem_kind": "cuda_max_allocated"}
-    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_mem_kind": "cpu_max_rss"}
-
-
 def sync(cuda: bool) -> None:
     if cuda:
         import torch
 
         torch.cuda.synchronize()
-
-
-def summarize(intervals: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(intervals), "mean_s": statistics.fmean(intervals),
-            "min_s": min(intervals), "n": len(intervals)}
-
-
-def environment() -> dict[str, Any]:
-    import deepspeed
-    import numpy
-    import torch
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-           "transformers": transformers.__version__, "numpy": numpy.__version__, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads()}
-    try:
-        import accelerate
-
-        env["accelerate"] = accelerate.__version__
-    except ImportError:
-        env["accelerate"] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return env
-
-
-def write_json(path: str | None, obj: Any) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def report(obj: Any, path: str | None) -> None:
-    """A bench's result: printed as JSON, and written to `path` (--out) when given."""
-    print(json.dumps(obj, indent=2))
-    write_json(path, obj)

@@ -8,17 +8,24 @@ Full SQuAD train at 384/128/64 with the MiniLM (bert-base-uncased) vocab by defa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+import harness  # noqa: E402
+
+COLD, ONLY = "squad-ds cold (read + featurize + write cache)", "squad-ds featurize only"
+CACHED, FILE = "squad-ds from cache (incl. load_squad + hash)", "squad-ds cache file load only"
+LOAD, BASE = "load_squad (data.py)", "HF datasets.map (run_qa.py)"
 
 
 def default_data() -> str:
@@ -84,9 +91,8 @@ def run_qa_baseline(examples, tokenizer, max_seq_length: int, doc_stride: int) -
                 tok["end_positions"].append(te + 1)
         return tok
 
-    t0 = time.perf_counter()
-    out = ds.map(prepare_train_features, batched=True, remove_columns=ds.column_names)
-    return time.perf_counter() - t0, len(out)
+    seconds, out = harness.timed(lambda: ds.map(prepare_train_features, batched=True, remove_columns=ds.column_names))
+    return seconds, len(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-query-length", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--out", default=None, help="the figures as JSON")
+    harness.add_arguments(p)
     args = p.parse_args(argv)
 
     from squad_ds.data import cache
@@ -111,39 +119,28 @@ def main(argv: list[str] | None = None) -> int:
                   max_query_length=args.max_query_length)
     rows: dict[str, float] = {}
     cache_dir = tempfile.mkdtemp(prefix="squad_ds_bench_")
+    build = functools.partial(load_or_build_features, args.data, tokenizer, split="train", cache_dir=cache_dir,
+                              progress=False, **params)
     try:
-        t0 = time.perf_counter()
-        feats, dataset, info = load_or_build_features(args.data, tokenizer, split="train", cache_dir=cache_dir,
-                                                      num_workers=args.num_workers, progress=False, **params)
-        rows["squad-ds cold (read + featurize + write cache)"] = time.perf_counter() - t0
+        rows[COLD], (feats, dataset, info) = harness.timed(lambda: build(num_workers=args.num_workers))
         examples = dataset.train_examples()
-        t0 = time.perf_counter()
-        featurize(examples, tokenizer, split="train", num_workers=args.num_workers, progress=False, **params)
-        rows["squad-ds featurize only"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, _, info2 = load_or_build_features(args.data, tokenizer, split="train", cache_dir=cache_dir,
-                                             progress=False, **params)
-        rows["squad-ds from cache (incl. load_squad + hash)"] = time.perf_counter() - t0
+        rows[ONLY], _ = harness.timed(lambda: featurize(examples, tokenizer, split="train",
+                                                        num_workers=args.num_workers, progress=False, **params))
+        rows[CACHED], (_, _, info2) = harness.timed(build)
         assert info2["cached"], "second call missed the cache"
-        t0 = time.perf_counter()
-        cache.load(info2["cache_file"], info2["key"])
-        rows["squad-ds cache file load only"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        load_squad(args.data)
-        rows["load_squad (data.py)"] = time.perf_counter() - t0
+        rows[FILE], _ = harness.timed(lambda: cache.load(info2["cache_file"], info2["key"]))
+        rows[LOAD], _ = harness.timed(lambda: load_squad(args.data))
         cache_mb = os.path.getsize(info2["cache_file"]) / 2**20
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     baseline_n = None
     if not args.no_baseline:
-        seconds, baseline_n = run_qa_baseline(examples, tokenizer, args.max_seq_length, args.doc_stride)
-        rows["HF datasets.map (run_qa.py)"] = seconds
+        rows[BASE], baseline_n = run_qa_baseline(examples, tokenizer, args.max_seq_length, args.doc_stride)
 
-    base = rows.get("HF datasets.map (run_qa.py)")
+    base = rows.get(BASE)
     print(f"\n{Path(args.data).name}: {info['examples']} examples -> {info['features']} features "
           f"(in_span {info['in_span']}, at_cls {info['at_cls']}); {args.max_seq_length}/{args.doc_stride}/"
-          f"{args.max_query_length}; cache file {cache_mb:.0f} MiB; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+          f"{args.max_query_length}; cache file {cache_mb:.0f} MiB")
     if baseline_n is not None:
         print(f"baseline features: {baseline_n} (no question truncation in run_qa.py)")
     print(f"| {'what':48} | {'seconds':>8} | {'baseline / this':>15} |")
@@ -151,8 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, sec in rows.items():
         ratio = f"{base / sec:.1f}x" if base and name.startswith("squad-ds") else ""
         print(f"| {name:48} | {sec:8.2f} | {ratio:>15} |")
-    print(json.dumps({"features": info["features"], "in_span": info["in_span"], "at_cls": info["at_cls"],
-                      "baseline_features": baseline_n, **{k: round(v, 3) for k, v in rows.items()}}))
+    figures = {"features": info["features"], "cold_s": rows[COLD], "featurize_only_s": rows[ONLY],
+               "from_cache_s": rows[CACHED], "cache_file_load_s": rows[FILE], "load_squad_s": rows[LOAD],
+               "cache_file_mib": round(cache_mb), "baseline_features": baseline_n}
+    if base:
+        figures.update(baseline_s=base, baseline_over_cold=base / rows[COLD],
+                       baseline_over_featurize_only=base / rows[ONLY])
+    print(json.dumps(figures))
+    harness.write_json(args.out, figures)
+    q = params
+    harness.save(harness.record("featurize", figures, key=f"{harness.data_name(args.data)}, "
+                                f"{q['max_seq_length']}/{q['doc_stride']}/{q['max_query_length']}",
+                                config={"data": f"{Path(args.data).name} ({info['examples']:,} questions), "
+                                                f"{q['max_seq_length']}/{q['doc_stride']}/{q['max_query_length']}"}),
+                 args.results)
     return 0
 
 

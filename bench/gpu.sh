@@ -79,6 +79,8 @@ else
   BUDGET=${GPU_SH_BUDGET:-500}  # seconds for everything; each stage also has its own box
 fi
 mkdir -p "$OUT"
+# The benches' records come back with $OUT (append them to bench/results.jsonl, then python bench/report.py).
+export SQUAD_DS_BENCH_RESULTS=${SQUAD_DS_BENCH_RESULTS:-$OUT/results.jsonl}
 WORK=/tmp/gpu_sh_work
 rm -rf "$WORK"; mkdir -p "$WORK"
 SUMMARY=$OUT/summary.txt

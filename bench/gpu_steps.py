@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 
 
 def env() -> int:
@@ -97,7 +98,7 @@ def finetune_summary(run_dir: str, out_json: str, wall_s: str) -> int:
         losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
         res["train"] = {"steps_logged": len(losses), "loss_first": losses[0],
                         "loss_last_100_mean": statistics.fmean(losses[-100:])}
-    common.write_json(out_json, res)
+    harness.write_json(out_json, res)
     print("finetune:", json.dumps(res.get("eval_results", "no eval_results.json")), "wall", res["wall_s"], "s")
     return 0
 
@@ -171,7 +172,7 @@ def sdpa_probe(out_json: str) -> int:
     for pref, r in res["prefs"].items():
         print(f"sdpa-probe {pref}: mean first-call excess {r['mean_excess_ms']:.1f} ms, "
               f"mean warm fwd+bwd {r['mean_again_ms']:.1f} ms")
-    common.write_json(out_json, res)
+    harness.write_json(out_json, res)
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 import train_throughput as tp  # noqa: E402
 
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-timeout", type=int, default=90)
     p.add_argument("--simulate-oom-above", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True)
+    harness.add_arguments(p)
     args = p.parse_args(argv)
 
     import torch
@@ -109,14 +111,19 @@ def main(argv=None) -> int:
         result["probes"].append(probe)
         rate = "out of memory" if oom else f"{probe['samples_per_s']:.1f} samples/s"
         print(f"[{args.impl} {args.variant if args.impl == 'squad-ds' else ''}] micro {m}: {rate}", flush=True)
-        common.write_json(args.out, result)  # a time box that ends the search keeps what was probed
+        harness.write_json(args.out, result)  # a time box that ends the search keeps what was probed
         return not oom
 
     best = search(fits, args.start, args.limit, args.resolution or max(1, args.start // 4))
     result["max_micro"] = best
     result.update({k: v for k, v in next((q for q in result["probes"] if q["micro"] == best), {}).items()
                    if k in ("samples_per_s", "peak_mem_bytes", "peak_mem_kind")})
-    common.write_json(args.out, result)
+    harness.write_json(args.out, result)
+    if not args.simulate_oom_above:
+        harness.save(harness.record("max_micro", result, key=f"{args.model}, seq {args.seq}, ZeRO-{args.zero}, "
+                                    f"{args.impl} {result['variant'] or ''}".strip(),
+                                    config={k: result[k] for k in ("impl", "variant", "model", "seq", "zero")}),
+                     args.results)
     print(json.dumps({k: result[k] for k in ("impl", "variant", "max_micro")}), flush=True)
     return 0 if best else 1
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
-from common import report
+import harness
 
 SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
              max_position_embeddings=514, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -27,6 +25,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--out", default=None)
+    harness.add_arguments(ap)
     args = ap.parse_args()
 
     import numpy as np
@@ -69,21 +68,27 @@ def main() -> None:
                 batch, _ = shape_batch(to_batch(feats, order[s:s + args.micro], keys, torch.device("cpu")), False,
                                        policy)
                 tokens.append(batch["input_ids"].numel() / args.micro)
-                t0 = time.perf_counter()
-                if is_packed(batch):
-                    loss = unpadded.qa_loss(model(**unpadded.model_inputs(batch, config)), batch)
-                else:
-                    loss = model(**model_inputs("bert", batch, train=True, config=config)).loss
-                loss.backward()
-                times.append(time.perf_counter() - t0)
+
+                def step(batch=batch):
+                    if is_packed(batch):
+                        loss = unpadded.qa_loss(model(**unpadded.model_inputs(batch, config)), batch)
+                    else:
+                        loss = model(**model_inputs("bert", batch, train=True, config=config)).loss
+                    loss.backward()
+
+                times.append(harness.timed(step)[0])
                 model.zero_grad(set_to_none=True)
             row[name] = {"tokens_per_window": round(statistics.mean(tokens), 1),
-                         "ms_per_step": round(1000 * statistics.median(times), 1)}
+                         "ms_per_step": round(1000 * harness.stats(times)["median"], 1)}
         row["packed_vs_trimmed"] = round(row["trimmed"]["ms_per_step"] / row["packed"]["ms_per_step"], 2)
         row["packed_vs_full"] = round(row["full"]["ms_per_step"] / row["packed"]["ms_per_step"], 2)
         result["families"][family] = row
-    report(result, args.out)
-
+    harness.report(result, args.out)
+    harness.save(harness.record("packing_families", {"families": result["families"]},
+                                key=f"seq {args.seq}, micro {args.micro}",
+                                config={"model": "random models of all-MiniLM-L6-v2's shape (6 layers, hidden 384)",
+                                        "seq": args.seq, "stride": args.stride, "micro": args.micro,
+                                        "batches": args.batches}), args.results)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 
 # name: (trim, group by length, pad_to_multiple_of, unpad)
 POLICIES = {
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-file", default=None)
     p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
     p.add_argument("--out", default=None)
+    harness.add_arguments(p)
     args = p.parse_args(argv)
     feats, info = common.load_features(common.load_tokenizer(), args.seq, args.stride, path=args.train_file,
                                        cache_dir=args.cache_dir)
@@ -74,8 +76,13 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{micro:>5} {name:<20} {r['tokens_per_sequence']:>10.1f} {r['vs_full']:>8.3f} "
                   f"{r['attention_length']:>8.1f} {r['distinct_shapes']:>7}", flush=True)
-    common.write_json(args.out, {"bench": "padding", "args": vars(args), "features": len(feats),
-                                 "mean_real_length": real, "rows": rows})
+    harness.write_json(args.out, {"bench": "padding", "args": vars(args), "features": len(feats),
+                                  "mean_real_length": real, "rows": rows})
+    data = f"{Path(common.train_file(args.train_file)).name}: {len(feats):,} windows at {args.seq}/{args.stride}"
+    name = harness.data_name(common.train_file(args.train_file))
+    harness.save(harness.record("padding", {"rows": rows}, key=f"{name}, {args.seq}/{args.stride}",
+                                config={"data": f"{data} (mean real length {real:.1f} tokens)", "seq": args.seq,
+                                        "epochs": args.epochs}), args.results)
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 
 # First match wins; kernel names (CUDA) or aten op names (CPU), lower-cased.
 CATEGORIES = (
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-file", default=None)
     p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
     p.add_argument("--out", default=None)
+    harness.add_arguments(p)
     args = p.parse_args(argv)
     import torch
 
@@ -155,9 +157,12 @@ def main(argv=None) -> int:
         gc.collect()  # the variant's engine and model, before the next one is built
         if cuda:
             torch.cuda.empty_cache()
-    common.write_json(args.out, {"bench": "profile_step", "model": model_name, "seq": seq, "cuda": cuda,
-                                 "device": torch.cuda.get_device_name() if cuda else "cpu", "results": results,
-                                 "env": common.environment()})
+    harness.write_json(args.out, {"bench": "profile_step", "model": model_name, "seq": seq, "cuda": cuda,
+                                  "device": torch.cuda.get_device_name() if cuda else "cpu", "results": results,
+                                  "machine": harness.machine(), "versions": harness.versions()})
+    harness.save(harness.record("profile_step", {"results": results}, key=f"{model_name}, seq {seq}, micro {micro}",
+                                config={"model": model_name, "seq": seq, "micro": micro, "steps": args.steps}),
+                 args.results)
     return 0
 
 

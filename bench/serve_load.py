@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common import report
+import harness
 
 
 def free_port() -> int:
@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=32, help="dev-sample questions the clients cycle through")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
+    harness.add_arguments(ap)
     args = ap.parse_args()
 
     from squad_ds.ask import QuestionAnswerer
@@ -218,7 +219,12 @@ def main() -> None:
     result["server"] = served
     result["per_batch"] = round(served["answered"] / max(1, served["batches"]), 2)
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": os.environ.get("OMP_NUM_THREADS")}
-    report(result, args.out)
+    harness.report(result, args.out)
+    key = f"{args.clients} client{'s' * (args.clients > 1)}" + (f", {args.slow_clients} slow clients"
+                                                              if args.slow_clients else "")
+    harness.save(harness.record("serve_load", result, key=key, config={
+        "model": args.model, "clients": args.clients, "slow_clients": args.slow_clients, "questions": args.questions,
+        "seconds": args.seconds}), args.results)
 
 
 if __name__ == "__main__":

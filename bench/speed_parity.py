@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import accuracy_parity as parity
+import harness
 
 SIDES = ("squad-ds", "hf", "hf-bf16", "squad-ds-sdpa")
 OPTIONAL_SIDES = ("squad-ds-compile", parity.BF16_SIDE, "squad-ds-default")
@@ -166,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(parity.REPO / "runs" / "speed_parity"))
     p.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/results.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in its own process
+    harness.add_arguments(p)
     a = p.parse_args(argv)
     s = dataclasses.replace(parity.Settings(), n_train=a.n_train, epochs=a.epochs, max_seq_length=a.seq,
-                            doc_stride=a.doc_stride, max_query_length=min(64, a.seq // 4), micro_batch_size=a.micro, gradient_accumulation_steps=a.accum,
-                            lr=a.lr)
+                            doc_stride=a.doc_stride, max_query_length=min(64, a.seq // 4), micro_batch_size=a.micro,
+                            gradient_accumulation_steps=a.accum, lr=a.lr)
     work = Path(a.work_dir)
     model = _model(a.model)
     train_src = a.train_file or parity.default_file("train-v1.1.reconstructed.json", "sample:train")
@@ -204,7 +206,41 @@ def main(argv: list[str] | None = None) -> int:
            "cpu_count": os.cpu_count()}
     Path(a.out or work / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(table(summary, peaks))
+    harness.save(record(rows, summary, peaks, s, train_src, model), a.results)
     return 0
+
+
+def record(rows: list[dict], summary: dict, peaks: dict[str, float], s: parity.Settings, train_src: str,
+           model: str) -> dict:
+    """The run as bench/report.py shows it: per side its repeats, ratios with their same-repeat pairs, and which
+    squad-ds side is this CPU's default (squad-ds's own start-up measurement)."""
+    from squad_ds.training import cpu_precision
+
+    default = parity.BF16_SIDE if cpu_precision.choose(1).name == cpu_precision.BF16 else "squad-ds"
+    sides = {side: {**v, "samples_per_s_repeats": [r["train_samples_per_s"] for r in rows if r["side"] == side]}
+             for side, v in summary["sides"].items()}
+    ratios = {}
+    for name in summary["ratios"]:
+        a, b = name.split(" / ")
+        ratios[name] = harness.paired(rows, a, b, "train_samples_per_s")
+    return harness.record(
+        "speed_parity", {"sides": sides, "ratios": ratios, "matmul_peak_gflops": peaks},
+        key=",".join(sides) + ("" if s.n_train == 640 else f" ({s.n_train} questions)") + _shape_key(s, model),
+        config={"model": Path(model).name, "default": default,
+                "work": f"{s.n_train} questions of {Path(train_src).name}, {s.epochs:g} epoch(s), "
+                        f"{s.max_seq_length}/{s.doc_stride}, micro {s.micro_batch_size} × "
+                        f"{s.gradient_accumulation_steps}, lr {s.lr:g}, dropout on"})
+
+
+def _shape_key(s: parity.Settings, model: str) -> str:
+    """Nothing at run_qa's shape on MiniLM (the records before the shape was an argument); else the shape, so that a
+    run at another shape sits beside them instead of replacing them."""
+    run_qa = (s.max_seq_length, s.doc_stride, s.micro_batch_size, s.gradient_accumulation_steps, s.lr) == \
+        (384, 128, 16, 2, 3e-4)
+    if run_qa and model == parity.minilm_dir():
+        return ""
+    return (f" [{Path(model).name} {s.max_seq_length}/{s.doc_stride} micro {s.micro_batch_size}"
+            f"×{s.gradient_accumulation_steps} lr {s.lr:g}]")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 
 
 # squad-ds variants. "full" is the HF baseline's workload (every batch the full --seq, random order; the trainer's
@@ -100,6 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-timeout", type=int, default=900, help="seconds per (implementation, stage) process")
     p.add_argument("--measure-peak", action="store_true", help="only measure the bf16 matmul peak and print it")
     p.add_argument("--out", default=None, help="write all results as JSON here")
+    harness.add_arguments(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec of one worker process
     return p.parse_args(argv)
 
@@ -173,7 +174,7 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
     replay = bool(v.get("trim") or v.get("unpad"))
     n = w + steps * (2 if replay else 1)
     model = copy.deepcopy(template)
-    common.reset_peak_memory(cuda)
+    harness.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"]
                                 or v.get("activation_checkpointing", False),
                                 optimizer=v.get("optimizer", spec.get("optimizer") or "auto"),
@@ -220,7 +221,7 @@ def run_squad_ds(template, feats, spec: dict, micro: int, variant: str = "full")
         return {"micro": micro, "variant": variant, **rates, "global_steps": engine.global_steps,
                 "init_and_first_step_s": first_step_s, "optimizer": type(engine.optimizer).__name__,
                 "sdpa": v.get("sdpa", "auto"), "loss_first": losses[0], "loss_last": losses[-1],
-                **common.peak_memory(cuda)}
+                **harness.peak_memory(cuda)}
     finally:
         del engine, model
         gc.collect()
@@ -245,7 +246,7 @@ def _rates(stamps: dict[int, float], start: int, stop: int, micro: int, cuda: bo
         out.update(samples_per_s=out["samples_per_s_window"], timing="window")
     else:
         steps = [stamps[i + 1] - stamps[i] for i in range(start, stop)]
-        out.update(step_s=common.summarize(steps), samples_per_s=micro / statistics.median(steps),
+        out.update(step_s=harness.stats(steps), samples_per_s=micro / statistics.median(steps),
                    timing="median_step")
     return out
 
@@ -276,7 +277,7 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
     cuda = spec["cuda"]
     n = spec["warmup"] + spec["steps"]
     model = copy.deepcopy(template)
-    common.reset_peak_memory(cuda)
+    harness.reset_peak_memory(cuda)
     recipe = common.make_recipe(micro, n, activation_checkpointing=spec["activation_checkpointing"])
     from squad_ds import distributed
     from squad_ds.training.assemble import run_spec
@@ -308,7 +309,7 @@ def run_hf_trainer(template, feats, spec: dict, micro: int) -> dict:
             out = trainer.train()
             return {"micro": micro, **_rates(stamps, spec["warmup"], n, micro, cuda),
                     "global_steps": trainer.state.global_step, "train_loss": out.training_loss,
-                    **common.peak_memory(cuda)}
+                    **harness.peak_memory(cuda)}
         finally:
             del trainer, model
             gc.collect()
@@ -360,7 +361,7 @@ def worker(spec: dict) -> int:
             result["probes"].append(probe)
             print(f"[{spec['impl']} zero{spec['zero']} {variants[0] if ours else ''}] micro {m}: "
                   f"{probe['samples_per_s']:.2f} samples/s", flush=True)
-            common.write_json(spec["out"], result)
+            harness.write_json(spec["out"], result)
         ok = [p for p in result["probes"] if "error" not in p]
         if ok:
             result.update(max(ok, key=lambda p: p["micro"]))
@@ -380,9 +381,9 @@ def worker(spec: dict) -> int:
                     res = {"micro": result["micro"], "variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}",
                            "oom": _is_oom(e)}
                 result["variant_results"].append(res)
-                common.write_json(spec["out"], result)
+                harness.write_json(spec["out"], result)
     finally:
-        common.write_json(spec["out"], result)
+        harness.write_json(spec["out"], result)
     return 0
 
 
@@ -394,15 +395,8 @@ def spawn(spec: dict, timeout: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tp_worker_") as tmp:
         spec = {**spec, "out": str(Path(tmp) / "result.json")}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        t0 = time.perf_counter()
-        timed_out, stderr, rc = False, "", None
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            stderr, rc = proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            timed_out = True
-            stderr = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        wall = time.perf_counter() - t0
+        proc = harness.run_process(cmd, timeout=timeout)
+        timed_out, stderr, rc, wall = proc["timed_out"], proc["stderr"], proc["returncode"], proc["wall_s"]
         path = Path(spec["out"])
         res = json.loads(path.read_text()) if path.is_file() else {"impl": spec["impl"], "zero": spec["zero"]}
         res["worker_wall_s"] = wall
@@ -415,6 +409,7 @@ def spawn(spec: dict, timeout: int) -> dict:
                 res.setdefault("error", res["timed_out"])
         elif "samples_per_s" not in res and "tflops" not in res:
             res.setdefault("error", f"worker exited {rc}")
+        res["process_peak_rss_bytes"] = proc["peak_rss_bytes"]
         if rc not in (0, None) or "error" in res or timed_out:
             res["stderr_tail"] = stderr[-2000:]
         return res
@@ -466,7 +461,7 @@ def main(argv=None) -> int:
             raise SystemExit("--measure-peak needs a CUDA GPU")
         res = spawn({"impl": "peak", "zero": None, "cuda": True, "ds_config": None}, 120)
         print(json.dumps(res))
-        common.write_json(args.out, res)
+        harness.write_json(args.out, res)
         return 0 if "tflops" in res else 1
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1")
@@ -496,11 +491,12 @@ def main(argv=None) -> int:
     rows, runs, ratios = [], [], {}
 
     def save(partial: bool):
-        common.write_json(args.out, {"bench": "train_throughput", "partial": partial, "args": vars(args),
+        harness.write_json(args.out, {"bench": "train_throughput", "partial": partial, "args": vars(args),
                                      "flops_per_sequence": flops_seq, "peak_tflops": peak,
                                      "peak_source": peak_source if peak else None, "peak_measurement": peak_info,
                                      "results": rows, "runs": runs, "ratios": ratios,
-                                     **({} if partial else {"env": _env_in_subprocess()})})
+                                     **({} if partial else {"machine": harness.machine(),
+                                                            "versions": harness.versions()})})
 
     for z in zeros:
         spec = {**base, "impl": "squad-ds", "zero": z, "ds_config": common.ds_config_name(z, cuda)}
@@ -512,19 +508,26 @@ def main(argv=None) -> int:
         for res in extra:
             add_rates(res, flops_seq, peak)
         fixed = {**spec, "find_max": False, "variants": [variants[0]], "micro": ours[0].get("micro", base["micro"])}
-        hf: list[dict] = []
-        for r in range(args.repeat):  # squad-ds, HF, squad-ds, HF, …: drift on a shared machine hits both
-            if not args.no_baseline and (r > 0 or "samples_per_s" in ours[0] or args.baseline_find_max):
-                hspec = {**fixed, "impl": "hf-trainer"}
-                if args.baseline_find_max and r == 0:
-                    hspec.update(find_max=True)
-                h = spawn(hspec, args.worker_timeout)
-                if (r == 0 and not args.baseline_find_max and "samples_per_s" not in h and cuda
-                        and "out of memory" in json.dumps(h).lower()):
-                    h = spawn({**hspec, "micro": max(1, fixed["micro"] // 2)}, args.worker_timeout)
-                hf.append(h)
-            if r < args.repeat - 1 and "samples_per_s" in ours[0]:
-                ours.append(spawn(fixed, args.worker_timeout))
+
+        def run(side: str, rep: int, first=ours[0], fixed=fixed) -> dict:
+            """squad-ds's first run is the one above (search, variants); later ones repeat it at its micro-batch.
+            The Trainer runs at that micro-batch (one step down if it runs out of memory there), or searches its own."""
+            if side == "squad-ds":
+                return first if rep == 0 else spawn(fixed, args.worker_timeout)
+            if rep == 0 and "samples_per_s" not in first and not args.baseline_find_max:
+                return {"skipped": "squad-ds did not run"}
+            hspec = {**fixed, "impl": "hf-trainer", "find_max": args.baseline_find_max and rep == 0}
+            h = spawn(hspec, args.worker_timeout)
+            if (rep == 0 and not hspec["find_max"] and "samples_per_s" not in h and cuda
+                    and "out of memory" in json.dumps(h).lower()):
+                h = spawn({**hspec, "micro": max(1, fixed["micro"] // 2)}, args.worker_timeout)
+            return h
+
+        # squad-ds, HF, then HF, squad-ds, …: drift on a shared machine hits both; one run when squad-ds failed
+        done = harness.interleave(["squad-ds"] + ([] if args.no_baseline else ["hf-trainer"]),
+                                  args.repeat if "samples_per_s" in ours[0] else 1, run)
+        ours = [r for r in done if r["side"] == "squad-ds"]
+        hf = [r for r in done if r["side"] == "hf-trainer" and "skipped" not in r]
         for group in (ours, hf):
             for res in group:
                 add_rates(res, flops_seq, peak)
@@ -538,11 +541,12 @@ def main(argv=None) -> int:
                 for res in extra:
                     rows.append(res)
                     print(table([res]).splitlines()[-1], flush=True)
-        pairs = [(o["samples_per_s"] / h["samples_per_s"], o["micro"] == h["micro"]) for o, h in zip(ours, hf)
-                 if "samples_per_s" in o and "samples_per_s" in h]
+        pairs = harness.paired(done, "squad-ds", "hf-trainer", "samples_per_s")
         if pairs:
-            ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": statistics.median(p for p, _ in pairs),
-                                  "pairs": [p for p, _ in pairs], "same_micro": all(same for _, same in pairs),
+            micro = {(r["side"], r["repeat"]): r.get("micro") for r in done}
+            ratios[f"zero{z}"] = {"squad_ds_over_hf_trainer": pairs["median"], "pairs": pairs["pairs"],
+                                  "same_micro": all(micro.get(("squad-ds", k)) == micro[("hf-trainer", k)]
+                                                    for k in range(args.repeat) if ("hf-trainer", k) in micro),
                                   "variant": variants[0]}
         save(partial=True)  # a run killed by its time box still leaves the finished stages
     print()
@@ -551,6 +555,7 @@ def main(argv=None) -> int:
         print(f"{k}: squad-ds ({v['variant']}) / HF Trainer samples/s = {v['squad_ds_over_hf_trainer']:.3f} "
               f"(median of {len(v['pairs'])}){'' if v['same_micro'] else ' (different micro-batches)'}")
     save(partial=False)
+    harness.save(record(args, rows, ratios, peak), args.results)
     failed = [r for r in rows if "samples_per_s" not in r]
     return 1 if failed else 0
 
@@ -560,11 +565,23 @@ def _config_for_flops(args):
     return common.model_config(args.model, vocab_size=30522, max_positions=max(512, args.seq))
 
 
-def _env_in_subprocess() -> dict:
-    try:
-        return common.environment()
-    except Exception as e:  # noqa: BLE001 - versions are nice to have, never worth failing the run
-        return {"error": str(e)}
+def record(args, rows: list[dict], ratios: dict, peak: float | None) -> dict:
+    """The run as bench/report.py shows it: one row per (implementation, stage, variant), the same-stage ratios."""
+    page_rows = [{"impl": "Trainer" if r["impl"] == "hf-trainer" else r["impl"], "zero": r["zero"],
+                  "optimizer": r.get("optimizer"), "variant": r.get("variant"), "micro": r.get("micro"),
+                  "attention_length": r.get("mean_seq_len"), "tokens_per_sequence": r.get("tokens_per_seq"),
+                  "samples_per_s": r.get("samples_per_s"), "tflops": r.get("tflops"), "mfu": r.get("mfu"),
+                  "peak_mem_gib": r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None,
+                  **({"error": r["error"]} if "error" in r else {})} for r in rows]
+    return harness.record(
+        "train_throughput", {"rows": page_rows, "peak_tflops": peak,
+                             "ratios": {f"squad-ds / Trainer, ZeRO-{k[4:]}": {"median": v["squad_ds_over_hf_trainer"],
+                                                                             "pairs": v["pairs"]}
+                                        for k, v in ratios.items()}},
+        key=f"{args.model}, seq {args.seq}, ZeRO {args.zero}, variants {args.variants}"
+            + ("" if args.no_baseline else ", against the Trainer"),
+        config={"model": args.model, "seq": args.seq, "stride": args.stride, "warmup_steps": args.warmup,
+                "timed_steps": args.steps, "repeat": args.repeat, "threads": args.threads})
 
 
 if __name__ == "__main__":

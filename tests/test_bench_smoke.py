@@ -1,4 +1,4 @@
-"""The training benchmarks still run and still write the fields RESULTS.md and bench/gpu.sh read (no timing checks)."""
+"""The benchmarks still run, write the fields bench/gpu.sh reads and append their record (no timing checks)."""
 from __future__ import annotations
 
 import json
@@ -12,20 +12,42 @@ from trainer_util import REPO, env
 pytestmark = pytest.mark.squad_dir_inputs
 
 
-def _run(tmp_path, script: str, *args: str) -> dict:
+def _run(tmp_path, script: str, *args: str, cache: bool = True) -> dict:
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--cache-dir", str(tmp_path / "cache"),
-                           "--out", str(out)], env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    extra = ["--cache-dir", str(tmp_path / "cache")] if cache else []
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *extra, "--out", str(out),
+                           "--results", str(tmp_path / "results.jsonl")], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
 
 
-def test_loop_overhead_smoke(tmp_path):
-    res = _run(tmp_path, "loop_overhead.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--micro", "4",
-               "--steps", "3", "--reps", "1")
-    for side in ("plain", "squad_ds"):
-        assert res[side]["n"] == 3 and res[side]["median_s"] > 0
-    assert {"overhead", "overhead_paired_median", "per_rep", "env", "model_config"} <= res.keys()
+def _record(tmp_path, bench: str) -> dict:
+    """The one record the run appended, with what bench/report.py reads from every record."""
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1, lines
+    rec = json.loads(lines[0])
+    assert rec["bench"] == bench and rec["key"] and rec["figures"]
+    assert rec["command"].startswith(f"python bench/{bench}.py ") and "--results" in rec["command"]
+    assert rec["machine"]["cores"] >= 1 and rec["machine"]["cpu"] and "load average" in rec["machine"]["load"]
+    assert rec["versions"]["torch"] and rec["versions"]["deepspeed"] and len(rec["date"]) == 10
+    return rec
+
+
+def test_featurize_smoke(tmp_path):
+    from squad_ds.sample_data import SAMPLE_TRAIN
+
+    res = _run(tmp_path, "featurize.py", "--data", str(SAMPLE_TRAIN), "--no-baseline", cache=False)
+    assert res["features"] > 1000 and res["cold_s"] > 0 and res["from_cache_s"] > 0
+    assert _record(tmp_path, "featurize")["figures"]["features"] == res["features"]
+
+
+def test_postprocess_score_smoke(tmp_path):
+    from squad_ds.sample_data import SAMPLE_DEV
+
+    res = _run(tmp_path, "postprocess_score.py", "--data", str(SAMPLE_DEV), "--repeat", "2", cache=False)
+    assert res["stages"]["total"]["n"] == 2 and res["total_s"] > 0
+    assert _record(tmp_path, "postprocess_score")["figures"]["total_s"] == res["total_s"]
 
 
 @pytest.mark.slow
@@ -39,6 +61,8 @@ def test_train_throughput_smoke(tmp_path):
     assert row["global_steps"] == 3 and row["samples_per_s"] > 0 and row["mfu"] is None  # no peak on CPU
     assert "cold_samples_per_s" not in row and row["sdpa"] == "auto"
     assert res["flops_per_sequence"] > 0 and res["ratios"] == {}
+    assert [r["variant"] for r in _record(tmp_path, "train_throughput")["figures"]["rows"]] == [
+        "full", "trim64_efficient", "unpad64"]
     # A trimmed variant runs its timed batches twice (first pass, then every shape seen) and keeps both rates.
     assert trimmed["variant"] == "trim64_efficient" and trimmed["sdpa"] == "efficient"
     assert trimmed["global_steps"] == 1 + 2 * 2
@@ -49,6 +73,22 @@ def test_train_throughput_smoke(tmp_path):
     assert packed["tokens_per_seq"] <= packed["mean_seq_len"] in (64, 96, 128)
     # The same batches (possibly all full windows at this length): never more tokens through the weights.
     assert packed["flops_window"] <= trimmed["flops_window"]
+
+
+@pytest.mark.slow
+def test_train_throughput_against_the_trainer_smoke(tmp_path):
+    """The Trainer baseline and the harness's interleaving: squad-ds, HF, then HF, squad-ds; ratios of same-repeat
+    pairs (about 2 minutes: four worker processes)."""
+    pytest.importorskip("accelerate")
+    res = _run(tmp_path, "train_throughput.py", "--model", "tiny", "--seq", "64", "--stride", "32", "--steps", "2",
+               "--warmup", "1", "--zero", "0", "--micro", "2", "--repeat", "2", "--threads", "1")
+    assert [(r["impl"], r["repeat"]) for r in res["runs"]] == [("squad-ds", 0), ("squad-ds", 1), ("hf-trainer", 0),
+                                                             ("hf-trainer", 1)]
+    ratio = res["ratios"]["zero0"]
+    assert len(ratio["pairs"]) == 2 and ratio["same_micro"] and ratio["squad_ds_over_hf_trainer"] > 0
+    rec = _record(tmp_path, "train_throughput")
+    assert rec["figures"]["ratios"]["squad-ds / Trainer, ZeRO-0"]["pairs"] == ratio["pairs"]
+    assert {r["impl"] for r in rec["figures"]["rows"]} == {"squad-ds", "Trainer"}
 
 
 def test_padding_smoke(tmp_path):
@@ -63,6 +103,7 @@ def test_padding_smoke(tmp_path):
     # Packing leaves exactly the real tokens outside attention; attention keeps trim64's lengths.
     assert rows["unpad64, grouped"]["tokens_per_sequence"] == pytest.approx(res["mean_real_length"])
     assert rows["unpad64, grouped"]["attention_length"] == rows["trim64, grouped"]["tokens_per_sequence"]
+    assert _record(tmp_path, "padding")["figures"]["rows"] == res["rows"]
 
 
 def test_profile_step_smoke(tmp_path):
@@ -71,6 +112,7 @@ def test_profile_step_smoke(tmp_path):
     for r in res["results"]:
         assert r["device_ms_per_step"] > 0 and abs(sum(r["share"].values()) - 1) < 1e-3
         assert r["share"].get("matmul", 0) > 0 and r["top"] and r["top"][0]["ms_per_step"] > 0
+    _record(tmp_path, "profile_step")
 
 
 def test_max_micro_search_doubles_then_bisects():
@@ -102,12 +144,14 @@ def test_max_micro_smoke(tmp_path):
     assert res["max_micro"] == 5
     assert [p["micro"] for p in res["probes"]] == [2, 4, 8, 6, 5]
     assert all(p["samples_per_s"] > 0 for p in res["probes"] if not p["oom"])
+    assert not (tmp_path / "results.jsonl").exists()  # a simulated boundary is nobody's result
 
 
 def _bench(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)], env=env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out), "--results",
+                           str(tmp_path / "results.jsonl")], env=env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
 
@@ -121,6 +165,7 @@ def test_ask_speed_smoke(tmp_path, ask_model):
     for side in ("squad_ds", "diy"):
         assert res[side]["answers_per_s"] > 0 and "f1" in res[side]
     assert res["ratio"] > 0 and res["ask_first_answer_s"] > 0
+    assert _record(tmp_path, "ask_speed")["figures"]["ratio"] == res["ratio"]
 
 
 @pytest.mark.slow
@@ -130,6 +175,19 @@ def test_packing_families_smoke(tmp_path):
     assert set(res["families"]) == {"bert", "roberta", "electra"}
     for row in res["families"].values():
         assert row["packed"]["tokens_per_window"] <= row["trimmed"]["tokens_per_window"] <= 64
+    assert _record(tmp_path, "packing_families")["figures"]["families"] == res["families"]
+
+
+@pytest.mark.slow
+def test_serve_load_smoke(tmp_path, ask_model):
+    from conftest import ASK_WINDOWS
+
+    res = _bench(tmp_path, "serve_load.py", "--model", str(ask_model), "--clients", "2", "--seconds", "2",
+                 "--slow-clients", "2", "--questions", "4", *[a for s in ASK_WINDOWS for a in ("--set", s)])
+    for load in ("quiet", "with_slow_clients"):
+        assert res[load]["answered"] > 0 and res[load]["n_wrong"] == 0 and res[load]["n_errors"] == 0
+    rec = _record(tmp_path, "serve_load")
+    assert rec["config"]["slow_clients"] == 2 and rec["figures"]["p99_ratio"] == res["p99_ratio"]
 
 
 @pytest.mark.slow
@@ -141,7 +199,8 @@ def test_speed_parity_smoke_takes_the_shape_alternates_sides_and_keeps_every_pai
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "speed_parity.py"), "--model", str(model),
                            "--train-file", "sample:train", "--n-train", "6", "--repeats", "2", "--seq", "64",
                            "--doc-stride", "16", "--micro", "2", "--accum", "1", "--lr", "1e-4",
-                           "--sides", "squad-ds-default,hf", "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                           "--sides", "squad-ds-default,hf", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                           "--results", str(tmp_path / "results.jsonl")],
                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
@@ -152,3 +211,4 @@ def test_speed_parity_smoke_takes_the_shape_alternates_sides_and_keeps_every_pai
                                                                ("squad-ds-default", 1)]
     assert len(res["summary"]["pair_ratios"]["squad-ds-default / hf"]) == 2
     assert res["summary"]["ratios"]["squad-ds-default / hf"] > 0
+    assert "64/16 micro 2×1 lr 0.0001" in _record(tmp_path, "speed_parity")["key"]

@@ -91,7 +91,8 @@ def trim_policy(data, cuda: bool) -> TrimPolicy:
     """The recipe's `data.trim_padding` / `data.pad_to_multiple_of` (a DataConfig) for this device. None (auto)
     trims on CPU, where fewer tokens is directly less time, and keeps full-length batches on CUDA, where batches
     of ever-new shapes ran slower per sequence than full-length ones: a cost per new shape that bounded shapes
-    (`pad_to_multiple_of`) should amortise. Figures: bench/RESULTS.md ("Padding waste", GPU section)."""
+    (`pad_to_multiple_of`) should amortise. Figures: docs/RESULTS.md (padding and batch
+    shapes; BERT-large on an H100)."""
     trim = (not cuda) if data.trim_padding is None else data.trim_padding
     return TrimPolicy(trim=trim, multiple=data.pad_to_multiple_of, unpad=data.unpad)
 

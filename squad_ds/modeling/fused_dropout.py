@@ -2,7 +2,7 @@
 
 With `dropout_p > 0`, `scaled_dot_product_attention` on a CPU leaves its fused kernel for the unfused math path and
 draws the mask with ATen's Bernoulli sampler: on all-MiniLM-L6-v2 that made a training step 2.5x as long as one
-without dropout (bench/RESULTS.md). `csrc/attention_dropout.cpp` computes each (batch, head) in a per-thread
+without dropout (torch.profiler on a 2-core CPU, 2026-11-29). `csrc/attention_dropout.cpp` computes each (batch, head) in a per-thread
 buffer, with the keep-mask drawn from a counter-based hash of (seed, element index): nothing the size of the
 attention matrix is stored, and backward regenerates exactly the forward's mask. The seed of each call is drawn
 from torch's default generator, so runs are deterministic under `train.seed` and a resumed run (which restores the

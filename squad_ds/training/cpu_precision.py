@@ -3,7 +3,7 @@
 
 A CPU flag does not say which is faster. Both machines this project has run on list `avx512_bf16`: on the AMD EPYC
 a bf16 matmul ran at 2.6x the fp32 rate and a model step took 0.7x the time; on the Intel Xeon bf16 ran at about half
-the fp32 rate and every bf16 step was slower (bench/RESULTS.md). So a single process measures, at start-up, one
+the fp32 rate and every bf16 step was slower (docs/RESULTS.md). So a single process measures, at start-up, one
 matmul of a BERT-base feed-forward shape in each precision (about half a second) and takes bf16 only where it is
 clearly faster (BF16_MIN_SPEEDUP: the attention kernel, layer norms and the optimizer stay fp32, so a step gains
 less than its matmuls). Several processes take fp32 without measuring: ranks sharing cores would measure each other,

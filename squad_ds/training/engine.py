@@ -133,7 +133,8 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
         engine.compile()  # nn.Module.compile in place: parameter names (checkpoints, export) stay as they are
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
         # A world of one: DeepSpeed would still flatten, all-reduce and unflatten every gradient each step
-        # for no effect, at a measurable cost per step on CPU (bench/RESULTS.md, "Loop overhead").
+        # for no effect, at a measurable cost per step on CPU (+3 to +7 % a step of a tiny
+        # BERT against a plain PyTorch loop, 2-core CPU, 2026-11-26).
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 

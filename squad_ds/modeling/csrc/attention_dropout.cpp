@@ -2,7 +2,8 @@
 //
 // Why: with dropout_p > 0, torch's scaled_dot_product_attention leaves its fused CPU kernel for the unfused math
 // path, which materialises [B, H, S, S] scores, probabilities and a Bernoulli mask in memory and makes some ten
-// passes over them; that cost more than all the model's linear layers together (bench/RESULTS.md). Here each
+// passes over them; that cost more than all the model's linear layers together (torch.profiler,
+// all-MiniLM-L6-v2 at 16 x 256 on a 2-core Intel Xeon, 2026-12-02). Here each
 // (batch, head) is one task whose S x S scores stay in a per-thread buffer (in L2 for SQuAD's lengths), the
 // keep-mask comes from a counter-based hash of (seed, element index) — no mask is stored, backward recomputes the
 // very same one — and the five products go to the BLAS gemm that ATen uses.

@@ -1,0 +1,292 @@
+"""docs/RESULTS.md's sections, one function each: records in, Markdown lines out (bench/report.py assembles them)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from records import GIB, MEMORY_PLOT, NR, duration, machine_label, mean, memory_machine, meta, num, of, pct, \
+    rows_table, table, val
+
+SIDE_NAMES = {"squad-ds": "squad-ds, `cpu_fp32`", "squad-ds-bf16": "squad-ds, `cpu_bf16_autocast`",
+              "squad-ds-sdpa": "squad-ds, `model.fused_dropout=false`",
+              "squad-ds-compile": "squad-ds, `train.compile=true`",
+              "hf": "Trainer, run_qa's recipe (fp32)", "hf-bf16": "Trainer, `bf16=True`"}
+TRAINER = {"hf": "the Trainer (fp32)", "hf-bf16": "the Trainer (`bf16=True`)"}
+CAVEATS = {"roberta_large_squad2": "with an answerability classifier squad-ds lacks",
+           "electra_large_squad2": "with layer-wise lr decay and an answerability head squad-ds lacks",
+           "deberta_v3_base_squad2": "training settings not published",
+           "deberta_v3_large_squad2": "training settings not published"}
+
+
+def train_measured(r: dict) -> str:
+    f = r["figures"]
+    if "f1" not in f:
+        return f"not scored ({r['date']}, {machine_label(r['machine'])})"
+    took = duration(f["wall_s"]) if "wall_s" in f else f"{val(f['train_h'])} h of training"
+    precision = r["config"]["precision"].split(" (")[0].replace("cpu_bf16_autocast", "bf16 autocast")
+    return (f"**{val(f['f1'])} / {val(f['exact_match'])}** in {took} "
+            f"({machine_label(r['machine'])}, {precision.replace('cpu_fp32', 'fp32')}, {r['date']})")
+
+
+def recipes(records: list[dict]) -> list[str]:
+    from squad_ds.config import list_recipes, load_recipe
+
+    runs = of(records, "train")
+    rows = []
+    for name in list_recipes():
+        if name.endswith("_large_batch") or name == "tiny":
+            continue
+        rec = load_recipe(name)
+        pub = "—"
+        if rec.expected:
+            pub = " / ".join(val(rec.expected[k]) for k in ("f1", "exact_match") if k in rec.expected)
+            pub += f" ({CAVEATS[name]})" if name in CAVEATS else ""
+        mine = [r for r in runs if r["config"].get("recipe") == name]
+        measured = "; ".join(train_measured(r) for r in mine) or "not yet run"
+        rows.append([f"`{name}`", rec.model.name_or_path, rec.data.version or "1.1 sample", pub, measured])
+    out = ["## Recipes: published scores and measured ones", "",
+           "Published targets are the recipes' `expected` scores, from the sources each recipe cites "
+           "([RECIPES.md](RECIPES.md)); measured: dev F1 / EM of `squad-ds train` (the demo: on the shipped dev "
+           "sample's 401 questions).", "",
+           *table(["recipe", "model", "SQuAD", "published F1 / EM", "measured F1 / EM"], rows), ""]
+    for r in runs:
+        out.append(f"- `{r['key']}`: {meta(r)}" + (f" {r['note']}" if r["note"] else ""))
+        if r["figures"].get("evals"):
+            steps = ", ".join(f"step {e['step']:,} ({num(e['epochs'])} epochs) {num(e['f1'])} / {num(e['exact_match'])}"
+                              for e in r["figures"]["evals"])
+            out.append(f"  Scores over the run (F1 / EM): {steps}.")
+        if r["figures"].get("plot"):
+            plot = Path(r["figures"]["plot"]).relative_to("docs")
+            out += ["", f"  ![{r['key']}: loss and dev scores over steps]({plot})"]
+    return out + [""]
+
+
+def speed(records: list[dict]) -> list[str]:
+    out = ["## Training speed against the Hugging Face Trainer", "",
+           "`bench/speed_parity.py`: the same model, windows, batch and schedule through `squad-ds train` and "
+           "through the `Trainer` as `run_qa.py` uses it, each side in its own process, sides interleaved over "
+           "repeats. Samples/s: windows ÷ the training loop's seconds (repeats in brackets); ratios: the median of "
+           "same-repeat ratios (pairs in brackets). Model FLOP/s count every window at its own length; MFU is over "
+           "the best 4096³ matmul rate measured in the same run. Sides as `--sides` names them: `squad-ds` (fp32), "
+           "`squad-ds-bf16` (bf16 autocast), `squad-ds-sdpa` (torch's dropout), `squad-ds-compile`, `hf` (the Trainer "
+           "with run_qa's recipe), `hf-bf16` (with `bf16=True`); the machine's default squad-ds side is marked.", ""]
+    for r in of(records, "speed_parity"):
+        f, c = r["figures"], r["config"]
+        out += [f"### {machine_label(r['machine'])}: {', '.join(f['sides'])}", "", f"{c['model']}, {c['work']}.", ""]
+        rows = []
+        for side, v in f["sides"].items():
+            name = SIDE_NAMES.get(side, side) + (" **(default here)**" if side == c.get("default") else "")
+            reps = v.get("samples_per_s_repeats")
+            reps = f" ({', '.join(num(x) for x in reps)})" if reps else ""
+            rows.append([name, f"{num(v['samples_per_s'])}{reps}", num(v.get("s_per_step")),
+                         f"{num(v['peak_rss_gib'])} GiB" if "peak_rss_gib" in v else NR,
+                         num(v.get("model_gflops"), 0), pct(v["mfu"]) if "mfu" in v else NR])
+        out += table(["side", "samples/s", "s / optimizer step", "peak RSS", "model GFLOP/s", "MFU"], rows) + [""]
+        for k, v in f["ratios"].items():
+            pairs = v["pairs"] if isinstance(v["pairs"], list) else None
+            out.append(f"- {k}: **{num(v['median'])}×**" + (f" ({', '.join(num(p) for p in pairs)})" if pairs else ""))
+        peaks = f.get("matmul_peak_gflops")
+        if peaks:
+            out.append(f"- 4096³ matmul in this run: fp32 {num(peaks['fp32'], 0)} GFLOP/s, "
+                       f"bf16 {num(peaks['bf16'], 0)}" + ("" if peaks["bf16"] == NR else " GFLOP/s"))
+        out += ["", meta(r) + (f" {r['note']}" if r["note"] else ""), ""]
+    return out
+
+
+def accuracy(records: list[dict]) -> list[str]:
+    out = ["## Accuracy against the Hugging Face Trainer", "",
+           "`bench/accuracy_parity.py`: all-MiniLM-L6-v2 trained through `squad-ds train` and through the `Trainer` "
+           "with run_qa's recipe (its logits scored by squad-ds's post-processing and metrics), several seeds a "
+           "side. Spread: max − min over the seeds. The same seed gives squad-ds's fp32 and bf16 sides the same "
+           "batches and dropout masks.", ""]
+    runs = of(records, "accuracy_parity")
+    for regime in dict.fromkeys(r["config"]["regime"] for r in runs):
+        mine = [r for r in runs if r["config"]["regime"] == regime]
+        out += [f"### Regime `{regime}`", "", f"{mine[0]['config']['work']}.", ""]
+        rows, means = [], {}
+        for r in mine:
+            for side in dict.fromkeys(x["side"] for x in r["figures"]["rows"]):
+                xs = [x for x in r["figures"]["rows"] if x["side"] == side]
+                f1s = [x["f1"] for x in xs]
+                means[side] = mean(f1s)
+                seeds = ", ".join(f"{x['seed']}: {num(x['exact_match'])} / {num(x['f1'])}" for x in xs)
+                rows.append([SIDE_NAMES.get(side, side), seeds,
+                             f"{num(mean([x['exact_match'] for x in xs]))} / **{num(mean(f1s))}**",
+                             num(max(f1s) - min(f1s)), f"{r['date']}, {machine_label(r['machine'])}"])
+        out += table(["side", "seed: EM / F1", "mean EM / F1", "F1 spread", "measured"], rows) + [""]
+        for side in means:
+            for other in ("hf", "squad-ds"):
+                pair = side != other and other in means and side.startswith("squad-ds")
+                if pair and (other, side) != ("squad-ds", "hf"):
+                    out.append(f"- ΔF1 {side} − {other} (means): **{means[side] - means[other]:+.2f}**")
+        out.append("")
+        out += [f"- {meta(r)}" + (f" {r['note']}" if r["note"] else "") for r in mine] + [""]
+    return out
+
+
+THROUGHPUT_COLUMNS = [("impl", "side", str), ("zero", "ZeRO", str), ("optimizer", "optimizer", str),
+                      ("batches", "batches", str), ("variant", "variant", str), ("micro", "micro", str),
+                      ("attention_length", "attention length", lambda x: num(x, 1)),
+                      ("tokens_per_sequence", "tokens / sequence (matmuls)", lambda x: num(x, 1)),
+                      ("samples_per_s", "samples/s", lambda x: num(x, 1 if x >= 100 else 2)),
+                      ("tflops", "TFLOP/s", lambda x: num(x, 1)),
+                      ("mfu", "MFU", pct), ("peak_mem_gib", "peak memory", lambda x: f"{num(x)} GiB"),
+                      ("error", "error", str)]
+
+
+def gpu_and_batching(records: list[dict]) -> list[str]:
+    out = ["## Throughput by batching and DeepSpeed setup", "",
+           "`bench/train_throughput.py` (on a GPU through `bench/gpu.sh`): squad-ds's engine path and, where shown, "
+           "`transformers.Trainer` with the same resolved DeepSpeed JSON, on the same windows and initial weights.", ""]
+    for r in of(records, "train_throughput"):
+        f, c = r["figures"], r["config"]
+        out += [f"### {r['key']} ({machine_label(r['machine'])})", ""]
+        out += rows_table(f["rows"], THROUGHPUT_COLUMNS)
+        out.append("")
+        for k, v in f.get("ratios", {}).items():
+            out.append(f"- {k}: **{num(v['median'])}×** ({len(v['pairs'])} pair{'s' if len(v['pairs']) > 1 else ''})")
+        desc = ", ".join(f"{k} {v}" for k, v in c.items())
+        out += [f"- {desc}.", "", meta(r) + (f" {r['note']}" if r["note"] else ""), ""]
+    for r in of(records, "padding"):
+        out += ["### Padding and batch shapes (`bench/padding.py`)", "", f"{r['config']['data']}, "
+                f"{r['config']['epochs']} epochs through the trainer's own `epoch_order` and `BatchLoader`.", ""]
+        out += table(["micro", "policy", "tokens / sequence", "vs full", "distinct shapes"],
+                     [[x["micro"], x["policy"], num(x["tokens_per_sequence"], 1)
+                       + (f" (attention: {num(x['attention_length'], 1)})"
+                          if abs(x.get("attention_length", x["tokens_per_sequence"]) - x["tokens_per_sequence"]) >= 0.05
+                          else ""),
+                       num(x["tokens_per_sequence"] / r["config"].get("seq", 384), 3), x["distinct_shapes"]]
+                      for x in r["figures"]["rows"]])
+        out += ["", meta(r) + f" {r['note']}", ""]
+    for r in of(records, "packing_families"):
+        c = r["config"]
+        out += ["### Packed batches per model family (`bench/packing_families.py`)", "",
+                f"{c['model']}, seq {c['seq']}, micro {c['micro']}, {c['batches']} length-grouped micro-batches; "
+                "training forward + backward, median per micro-batch.", ""]
+        out += table(["family", "tokens per window: full / trimmed / packed", "ms per step: full / trimmed / packed",
+                      "packed vs trimmed", "packed vs full"],
+                     [[fam, " / ".join(num(v[p]["tokens_per_window"], 1) for p in ("full", "trimmed", "packed")),
+                       " / ".join(num(v[p]["ms_per_step"], 0) for p in ("full", "trimmed", "packed")),
+                       f"{num(v['trimmed']['ms_per_step'] / v['packed']['ms_per_step'])}×",
+                       f"{num(v['full']['ms_per_step'] / v['packed']['ms_per_step'])}×"]
+                      for fam, v in r["figures"]["families"].items()])
+        out += ["", meta(r) + f" {r['note']}", ""]
+    return out
+
+
+def data_and_scoring(records: list[dict]) -> list[str]:
+    out = ["## Featurization and scoring", ""]
+    rows = []
+    for r in of(records, "featurize"):
+        f = r["figures"]
+        labels = (("cache_file_load_s", "cache file alone"), ("baseline_s", "run_qa.py's `datasets.map`"))
+        extra = "".join(f"; {label} {num(f[k])} s" for k, label in labels if k in f)
+        ratios = (f"; baseline ÷ squad-ds: {num(f['baseline_over_cold'], 1)}× cold, "
+                  f"{num(f['baseline_over_featurize_only'], 1)}× featurize only") if "baseline_s" in f else ""
+        rows.append([f"featurize {r['key']} (`bench/featurize.py`): {f['features']:,} windows",
+                     f"cold {num(f['cold_s'])} s, from cache {num(f['from_cache_s'])} s{extra}{ratios}",
+                     f"{r['date']}, {machine_label(r['machine'])}"])
+    for r in of(records, "postprocess_score"):
+        rows.append([f"post-process + score {r['key']} (`bench/postprocess_score.py`)",
+                     f"{num(r['figures']['total_s'])} s", f"{r['date']}, {machine_label(r['machine'])}"])
+    out += table(["what", "seconds", "measured"], rows) + [""]
+    out += [f"- {meta(r)}" + (f" {r['note']}" if r["note"] else "")
+            for r in of(records, "featurize") + of(records, "postprocess_score")]
+    return out + [""]
+
+
+def ask_and_serve(records: list[dict]) -> list[str]:
+    out = ["## Asking and serving", ""]
+    for r in of(records, "ask_speed"):
+        f = r["figures"]
+        out += [f"`bench/ask_speed.py`: {r['key']}, {r['config']['model']}, both sides in one process, interleaved.",
+                ""]
+        out += table(["side", "answers/s", "seconds per rep", "EM / F1"],
+                     [[side, num(f[k]["answers_per_s"], 1), ", ".join(num(s) for s in f[k]["seconds"]),
+                       f"{num(f[k]['exact_match'])} / {num(f[k]['f1'])}"]
+                      for k, side in (("squad_ds", "`QuestionAnswerer`, one call"), ("diy", "transformers 5 by hand"))])
+        out += ["", f"squad-ds ÷ by hand: **{num(f['ratio'])}×** the answers per second; first answer of "
+                f"`squad-ds ask` in a fresh process: {num(f['ask_first_answer_s'])} s.", "", meta(r) + f" {r['note']}", ""]
+    serve = of(records, "serve_load")
+    plain = [r for r in serve if "quiet" not in r["figures"]]
+    if plain:
+        out += ["`bench/serve_load.py`: `squad-ds serve` in its own process, clients cycling through the dev "
+                "sample's questions, every answer checked against the Python API's.", ""]
+        out += table(["clients", "answered", "wrong / errors", "answers/s", "p50 / p90 / p99 latency", "per batch",
+                      "measured"],
+                     [[r["config"]["clients"], f"{r['figures']['answered']:,}",
+                       f"{r['figures']['n_wrong']} / {r['figures']['n_errors']}", num(r["figures"]["answers_per_s"], 1),
+                       " / ".join(f"{val(r['figures']['latency_ms'][p])} ms" for p in ("p50", "p90", "p99")),
+                       num(r["figures"]["per_batch"], 1), f"{r['date']}, {machine_label(r['machine'])}"]
+                      for r in plain])
+        out += [""] + [f"- {meta(r)}" for r in plain] + [""]
+    for r in serve:
+        if "quiet" not in r["figures"]:
+            continue
+        f = r["figures"]
+        q, s = f["quiet"], f["with_slow_clients"]
+        out += [f"With slow clients ({r['config']['model']}; {r['config']['clients']} clients): quiet "
+                f"**{num(q['answers_per_s'], 1)} answers/s**, p50 {num(q['latency_ms']['p50'], 1)} ms, p99 "
+                f"{num(q['latency_ms']['p99'], 1)} ms; with {s['slow_clients']['clients']} slow clients beside them "
+                f"**{num(s['answers_per_s'], 1)} answers/s**, p50 {num(s['latency_ms']['p50'], 1)} ms, p99 "
+                f"{num(s['latency_ms']['p99'], 1)} ms (p99 ratio {num(f['p99_ratio'])}); {q['answered']:,} and "
+                f"{s['answered']:,} answers, {q['n_wrong'] + s['n_wrong']} wrong; "
+                f"{s['slow_clients']['requests_ended']['408']} slow requests ended with 408. "
+                "Limits: [ASK.md](ASK.md#limits).", "", meta(r) + f" {r['note']}", ""]
+    return out
+
+
+def plan_estimate(r: dict) -> str:
+    """What `squad-ds plan` estimates today for a memory_fit row (— for a setup it does not know)."""
+    from squad_ds.training import memory as mem
+    from squad_ds.training.ds_config import load_ds_config
+
+    try:
+        setup = mem.Setup.of(load_ds_config(r["ds_config"]), 1)
+    except Exception:  # noqa: BLE001 - a setup the plan does not cover is shown without an estimate
+        return "—"
+    shape = mem.Shape(r["params"], r["num_hidden_layers"], r["hidden_size"], r["num_attention_heads"],
+                      r["intermediate_size"], 30522)
+    e = mem.estimate(shape, setup, seq=r["seq"], micro=r["micro"], checkpointing=r["activation_checkpointing"],
+                     cuda=False)
+    return f"{num(e.device_bytes / GIB)} GiB"
+
+
+def memory(records: list[dict], runs: list[dict]) -> list[str]:
+    out = ["## Memory: what fits on a CPU, by setup", "",
+           "`bench/memory_fit.py`: peak resident memory (the kernel's maximum resident set of the process) of real "
+           "`squad-ds train` runs and of the `Trainer` on randomly initialised BERT shapes with the QA head, the "
+           "shipped SQuAD sample's windows at 384, two optimizer steps (squad-ds saves its final checkpoint). "
+           "Ceiling: the run was in a cgroup with that memory limit, enforced by the kernel (no swap). plan: what "
+           "`squad-ds plan` estimates for it today (`tests/test_plan.py` holds each squad-ds row within ±15 %).", ""]
+    rows = []
+    for r in runs:
+        side = r.get("side") or ("hf" if r["ds_config"] in TRAINER else "squad-ds")
+        setup, plan = f"squad-ds `{r['ds_config']}`", "—"
+        if side != "squad-ds":  # the Trainer: bench/memory_fit.py --side …
+            setup = {"hf": "Trainer, fp32", "hf-bf16": "Trainer, `bf16=True`"}.get(
+                r["ds_config"], f"Trainer ({side}), `{r['ds_config']}`")
+        else:
+            plan = plan_estimate(r)
+        peak = f"{num(r['peak_rss_bytes'] / GIB)} GiB" if r["rc"] == 0 else (
+            "killed by the kernel (OOM)" if r.get("ceiling_bytes") else f"failed (exit {r['rc']})")
+        rows.append([r["shape"], f"{num(r['params'] / 1e6, 0)} M", setup, r["micro"],
+                     "yes" if r["activation_checkpointing"] else "no",
+                     f"{num(r['ceiling_bytes'] / GIB, 0)} GiB" if r.get("ceiling_bytes") else "—", peak, plan,
+                     num(r["s_per_step"]) if r["rc"] == 0 else "—", f"{r['date']}, {memory_machine(r['machine'])}"])
+    out += table(["shape", "parameters", "setup", "micro-batch", "act. checkpointing", "ceiling", "peak", "plan",
+                  "s / step", "measured"], rows)
+    out += ["", f"![Peak memory against parameters by setup](plots/{MEMORY_PLOT.name})", "",
+            "Commands: `python bench/memory_fit.py --shape SHAPE --ds CONFIG --seq 384 --micro N [--ceiling-gib G]` "
+            "(`--side hf` for the Trainer) for a row; the plot is drawn by `python bench/report.py`. "
+            "Seconds per step are inflated where other work ran beside the runs.", ""]
+    for r in of(records, "memory_fit"):
+        f = r["figures"]
+        if "rows" in f:
+            what = "; ".join(f"{x['shape']}, micro {x['micro']}: {num(x['peak_gib_deepspeed_defaults'])} GiB with "
+                             f"DeepSpeed's defaults, {num(x['peak_gib_squad_ds'])} GiB with squad-ds's sizing"
+                             for x in f["rows"])
+        else:
+            what = (f"peak {'–'.join(num(g, 1) for g in f['peak_gib'])} GiB, about {val(f['s_per_step'])} s a step, "
+                    f"{duration(60 * f['wall_min'])} in all")
+        out.append(f"- {r['key']} ({r['config']['setup']}): {what}. {meta(r)} {r['note']}")
+    return out + [""]
