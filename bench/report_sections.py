@@ -10,7 +10,43 @@ SIDE_NAMES = {"squad-ds": "squad-ds, `cpu_fp32`", "squad-ds-bf16": "squad-ds, `c
               "squad-ds-sdpa": "squad-ds, `model.fused_dropout=false`",
               "squad-ds-compile": "squad-ds, `train.compile=true`",
               "hf": "Trainer, run_qa's recipe (fp32)", "hf-bf16": "Trainer, `bf16=True`"}
-TRAINER = {"hf": "the Trainer (fp32)", "hf-bf16": "the Trainer (`bf16=True`)"}
+TRAINER = {"hf": "the Trainer (fp32)", "hf-bf16": "the Trainer (`bf16=True`)",
+           "hf-ds": "the Trainer + DeepSpeed (ZeRO-3, CPU offload)",
+           "hf-ds-bf16": "the Trainer + DeepSpeed (ZeRO-3, CPU offload, `bf16=True`)",
+           "hf-ds-nvme": "the Trainer + DeepSpeed (ZeRO-3, NVMe offload)",
+           "hf-ds-nvme-bf16": "the Trainer + DeepSpeed (ZeRO-3, NVMe offload, `bf16=True`)"}
+
+
+def setup_name(r: dict) -> str:
+    """A memory_fit row's setup as the page names it."""
+    side = r.get("side") or ("hf" if r["ds_config"] in TRAINER else "squad-ds")
+    if side == "squad-ds":
+        return f"squad-ds `{r['ds_config']}`"
+    name = TRAINER.get(r["ds_config"], f"the Trainer ({side})")
+    return name[0].upper() + name[1:]
+
+
+def capacity(runs: list[dict]) -> list[dict]:
+    """Per ceiling and setup (micro-batch 1, no activation checkpointing): the largest model that completed under it
+    and the smallest the kernel killed, largest first."""
+    by: dict[tuple, dict] = {}
+    for r in runs:
+        if not r.get("ceiling_bytes") or r["micro"] != 1 or r["activation_checkpointing"]:
+            continue
+        c = by.setdefault((r["ceiling_bytes"], setup_name(r)), {"ceiling": r["ceiling_bytes"], "setup": setup_name(r),
+                                                                "fit": None, "killed": None})
+        if r["rc"] == 0 and (c["fit"] is None or r["params"] > c["fit"]["params"]):
+            c["fit"] = r
+        elif r["rc"] != 0 and r.get("oom_killed") and (c["killed"] is None or r["params"] < c["killed"]["params"]):
+            c["killed"] = r
+    return sorted(by.values(), key=lambda c: (-c["ceiling"], -(c["fit"]["params"] if c["fit"] else 0)))
+
+
+def trainer_largest(cap: list[dict], ceiling: int) -> dict | None:
+    """The largest model the plain Trainer (fp32 or bf16=True) completed under `ceiling`."""
+    fits = [c["fit"] for c in cap if c["ceiling"] == ceiling and c["fit"] and c["fit"].get("side", "hf") in TRAINER
+            and not c["fit"]["ds_config"].startswith("hf-ds")]
+    return max(fits, key=lambda r: r["params"], default=None)
 CAVEATS = {"roberta_large_squad2": "with an answerability classifier squad-ds lacks",
            "electra_large_squad2": "with layer-wise lr decay and an answerability head squad-ds lacks",
            "deberta_v3_base_squad2": "training settings not published",
@@ -256,25 +292,48 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
            "`bench/memory_fit.py`: peak resident memory (the kernel's maximum resident set of the process) of real "
            "`squad-ds train` runs and of the `Trainer` on randomly initialised BERT shapes with the QA head, the "
            "shipped SQuAD sample's windows at 384, two optimizer steps (squad-ds saves its final checkpoint). "
+           "Anonymous peak: the largest RssAnon sampled every 0.2 s (the peak RSS also counts pages of the "
+           "memory-mapped weights being loaded, which the kernel can drop under a ceiling). Disk: the process's "
+           "reads and writes reaching storage (/proc/PID/io) over the whole run: load, steps, checkpoint. "
            "Ceiling: the run was in a cgroup with that memory limit, enforced by the kernel (no swap). plan: what "
            "`squad-ds plan` estimates for it today (`tests/test_plan.py` holds each squad-ds row within ±15 %).", ""]
+    cap = capacity(runs)
+    if cap:
+        out += ["### The largest model that trains, by setup", "",
+                "Micro-batch 1 at 384, no activation checkpointing, under the ceiling: the largest BERT shape that "
+                "completed and the smallest the kernel killed (sizes between were not run), and its size against "
+                "the largest the plain Trainer completed under the same ceiling.", ""]
+        crows = []
+        for c in cap:
+            base = trainer_largest(cap, c["ceiling"])
+            fit, killed = c["fit"], c["killed"]
+            crows.append([f"{num(c['ceiling'] / GIB, 0)} GiB", c["setup"],
+                          f"**{num(fit['params'] / 1e9)} B** ({num(fit['peak_rss_bytes'] / GIB, 1)} GiB peak)"
+                          if fit else "none run fitted",
+                          f"{num(killed['params'] / 1e9)} B" if killed else "none run",
+                          f"{num(fit['params'] / base['params'])}×" if fit and base else "—",
+                          "; ".join(dict.fromkeys(f"{r['date']}, {memory_machine(r['machine'])}"
+                                                  for r in (fit, killed) if r))])
+        out += table(["ceiling", "setup", "largest completed", "smallest killed", "against the Trainer's largest",
+                      "measured"], crows) + [""]
     rows = []
     for r in runs:
         side = r.get("side") or ("hf" if r["ds_config"] in TRAINER else "squad-ds")
-        setup, plan = f"squad-ds `{r['ds_config']}`", "—"
-        if side != "squad-ds":  # the Trainer: bench/memory_fit.py --side …
-            setup = {"hf": "Trainer, fp32", "hf-bf16": "Trainer, `bf16=True`"}.get(
-                r["ds_config"], f"Trainer ({side}), `{r['ds_config']}`")
-        else:
+        setup, plan = setup_name(r), "—"
+        if side == "squad-ds":
             plan = plan_estimate(r)
         peak = f"{num(r['peak_rss_bytes'] / GIB)} GiB" if r["rc"] == 0 else (
             "killed by the kernel (OOM)" if r.get("ceiling_bytes") else f"failed (exit {r['rc']})")
+        anon = f"{num(r['peak_anon_bytes'] / GIB)} GiB" if r["rc"] == 0 and r.get("peak_anon_bytes") else "—"
+        disk = (f"{num(r['disk_read_bytes'] / 1e9, 0)} / {num(r['disk_written_bytes'] / 1e9, 0)} GB"
+                if r["rc"] == 0 and "disk_read_bytes" in r else "—")
         rows.append([r["shape"], f"{num(r['params'] / 1e6, 0)} M", setup, r["micro"],
                      "yes" if r["activation_checkpointing"] else "no",
-                     f"{num(r['ceiling_bytes'] / GIB, 0)} GiB" if r.get("ceiling_bytes") else "—", peak, plan,
-                     num(r["s_per_step"]) if r["rc"] == 0 else "—", f"{r['date']}, {memory_machine(r['machine'])}"])
-    out += table(["shape", "parameters", "setup", "micro-batch", "act. checkpointing", "ceiling", "peak", "plan",
-                  "s / step", "measured"], rows)
+                     f"{num(r['ceiling_bytes'] / GIB, 0)} GiB" if r.get("ceiling_bytes") else "—", peak, anon, plan,
+                     num(r["s_per_step"]) if r["rc"] == 0 else "—", disk,
+                     f"{r['date']}, {memory_machine(r['machine'])}"])
+    out += table(["shape", "parameters", "setup", "micro-batch", "act. checkpointing", "ceiling", "peak",
+                  "anonymous peak", "plan", "s / step", "disk read / written (whole run)", "measured"], rows)
     out += ["", f"![Peak memory against parameters by setup](plots/{MEMORY_PLOT.name})", "",
             "Commands: `python bench/memory_fit.py --shape SHAPE --ds CONFIG --seq 384 --micro N [--ceiling-gib G]` "
             "(`--side hf` for the Trainer) for a row; the plot is drawn by `python bench/report.py`. "
