@@ -330,10 +330,13 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
         rows.append([r["shape"], f"{num(r['params'] / 1e6, 0)} M", setup, r["micro"],
                      "yes" if r["activation_checkpointing"] else "no",
                      f"{num(r['ceiling_bytes'] / GIB, 0)} GiB" if r.get("ceiling_bytes") else "—", peak, anon, plan,
-                     num(r["s_per_step"]) if r["rc"] == 0 else "—", disk,
+                     num(r["s_per_step"]) if r["rc"] == 0 and "s_per_step" in r else "—",
+                     num(r["micro"] * r["accum"] * r["seq"] / r["s_per_step"], 0)
+                     if r["rc"] == 0 and r.get("s_per_step") else "—", disk,
                      f"{r['date']}, {memory_machine(r['machine'])}"])
     out += table(["shape", "parameters", "setup", "micro-batch", "act. checkpointing", "ceiling", "peak",
-                  "anonymous peak", "plan", "s / step", "disk read / written (whole run)", "measured"], rows)
+                  "anonymous peak", "plan", "s / step", "tokens / s", "disk read / written (whole run)", "measured"],
+                 rows)
     out += ["", f"![Peak memory against parameters by setup](plots/{MEMORY_PLOT.name})", "",
             "Commands: `python bench/memory_fit.py --shape SHAPE --ds CONFIG --seq 384 --micro N [--ceiling-gib G]` "
             "(`--side hf` for the Trainer) for a row; the plot is drawn by `python bench/report.py`. "
