@@ -237,7 +237,7 @@ def _shape_key(s: parity.Settings, model: str) -> str:
     run at another shape sits beside them instead of replacing them."""
     run_qa = (s.max_seq_length, s.doc_stride, s.micro_batch_size, s.gradient_accumulation_steps, s.lr) == \
         (384, 128, 16, 2, 3e-4)
-    if run_qa and model == parity.minilm_dir():
+    if run_qa and (model == parity.minilm_dir() or Path(model).name == "all-MiniLM-L6-v2"):
         return ""
     return (f" [{Path(model).name} {s.max_seq_length}/{s.doc_stride} micro {s.micro_batch_size}"
             f"×{s.gradient_accumulation_steps} lr {s.lr:g}]")

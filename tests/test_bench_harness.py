@@ -101,3 +101,15 @@ def test_speed_parity_records_repeats_pairs_and_the_default(monkeypatch):
     assert rec["key"] == "squad-ds-bf16,hf" and rec["config"]["default"] == "squad-ds-bf16"
     assert f["sides"]["squad-ds-bf16"]["samples_per_s_repeats"] == [12.0, 15.0]
     assert f["ratios"]["squad-ds-bf16 / hf"] == {"median": 2.5, "pairs": [2.0, 3.0]}
+
+
+def test_speed_parity_records_at_another_shape_sit_beside_run_qas():
+    import dataclasses
+
+    import speed_parity
+
+    s = speed_parity.parity.Settings(n_train=640, epochs=1.0)
+    demo = dataclasses.replace(s, max_seq_length=256, gradient_accumulation_steps=1, lr=1e-4)
+    assert speed_parity._shape_key(s, "/m/all-MiniLM-L6-v2") == ""
+    assert speed_parity._shape_key(demo, "/m/all-MiniLM-L6-v2") == " [all-MiniLM-L6-v2 256/128 micro 16×1 lr 0.0001]"
+    assert "bert-large" in speed_parity._shape_key(s, "/cache/models/bert-large")
