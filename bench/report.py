@@ -99,6 +99,15 @@ def readme_block(records: list[dict], memory_runs: list[dict]) -> str:
             line += (f"; the largest the Trainer trains is {num(base['params'] / 1e9)} B"
                      + (f" (killed at {num(killed['params'] / 1e9)} B)" if killed else "")
                      + f": **{num(big['params'] / base['params'], 1)}×** the parameters")
+        batch = sections.micro_capacity(memory_runs, "bert-large")
+        ours_b = [c for c in batch if c["fit"] and c["setup"].startswith("squad-ds")]
+        theirs_b = [c for c in batch if c["fit"] and c["setup"].lower() == sections.TRAINER["hf"].lower()]
+        if ours_b and theirs_b:
+            a, b = max(ours_b, key=lambda c: c["fit"]["micro"]), max(theirs_b, key=lambda c: c["fit"]["micro"])
+            line += (f"; at bert-large 384 it trains micro-batches of {a['fit']['micro']}"
+                     + (" (activation checkpointing)" if a["ckpt"] else "")
+                     + f", the Trainer {b['fit']['micro']}" + (f" (killed at {b['killed']['micro']})"
+                                                               if b["killed"] else ""))
         lines.append(line + ".")
     for r in of(recs, "train_throughput"):
         x = r["figures"]["rows"][0]

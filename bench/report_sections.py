@@ -42,6 +42,25 @@ def capacity(runs: list[dict]) -> list[dict]:
     return sorted(by.values(), key=lambda c: (-c["ceiling"], -(c["fit"]["params"] if c["fit"] else 0)))
 
 
+def micro_capacity(runs: list[dict], shape: str) -> list[dict]:
+    """Per ceiling, setup and checkpointing, for one shape: the largest micro-batch that completed under the ceiling
+    and the smallest the kernel killed (where a micro-batch above 1 was tried, or one was killed)."""
+    by: dict[tuple, dict] = {}
+    for r in runs:
+        if r["shape"] != shape or not r.get("ceiling_bytes"):
+            continue
+        key = (r["ceiling_bytes"], setup_name(r), bool(r["activation_checkpointing"]))
+        c = by.setdefault(key, {"ceiling": key[0], "setup": key[1], "ckpt": key[2], "fit": None, "killed": None,
+                                "tried": set()})
+        c["tried"].add(r["micro"])
+        if r["rc"] == 0 and (c["fit"] is None or r["micro"] > c["fit"]["micro"]):
+            c["fit"] = r
+        elif r["rc"] != 0 and r.get("oom_killed") and (c["killed"] is None or r["micro"] < c["killed"]["micro"]):
+            c["killed"] = r
+    return sorted((c for c in by.values() if max(c["tried"]) > 1 or c["killed"]),
+                  key=lambda c: (-c["ceiling"], -(c["fit"]["micro"] if c["fit"] else 0)))
+
+
 def trainer_largest(cap: list[dict], ceiling: int) -> dict | None:
     """The largest model the plain Trainer (fp32 or bf16=True) completed under `ceiling`."""
     fits = [c["fit"] for c in cap if c["ceiling"] == ceiling and c["fit"] and c["fit"].get("side", "hf") in TRAINER
@@ -316,6 +335,21 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
                                                   for r in (fit, killed) if r))])
         out += table(["ceiling", "setup", "largest completed", "smallest killed", "against the Trainer's largest",
                       "measured"], crows) + [""]
+    batch = micro_capacity(runs, "bert-large")
+    if batch:
+        out += ["### The largest micro-batch at bert-large, 384", "",
+                "BERT-large's shape (334 M parameters, random init) under the ceiling: the largest micro-batch that "
+                "completed and the smallest the kernel killed (sizes between were not run).", ""]
+        out += table(["ceiling", "setup", "act. checkpointing", "largest completed", "smallest killed",
+                      "s / step at the largest", "tokens / s", "measured"],
+                     [[f"{num(c['ceiling'] / GIB, 0)} GiB", c["setup"], "yes" if c["ckpt"] else "no",
+                       f"**{c['fit']['micro']}** ({num(c['fit']['peak_rss_bytes'] / GIB, 1)} GiB peak)"
+                       if c["fit"] else "none run fitted", c["killed"]["micro"] if c["killed"] else "none run",
+                       num(c["fit"]["s_per_step"]) if c["fit"] and c["fit"].get("s_per_step") else "—",
+                       num(c["fit"]["micro"] * c["fit"]["seq"] / c["fit"]["s_per_step"], 0)
+                       if c["fit"] and c["fit"].get("s_per_step") else "—",
+                       "; ".join(dict.fromkeys(f"{r['date']}, {memory_machine(r['machine'])}"
+                                               for r in (c["fit"], c["killed"]) if r))] for c in batch]) + [""]
     rows = []
     for r in runs:
         side = r.get("side") or ("hf" if r["ds_config"] in TRAINER else "squad-ds")
