@@ -343,3 +343,42 @@ def test_the_pruner_stops_a_trial_scripted_to_be_bad_and_saves_its_steps(tiny_mo
     without = 4 * 6
     assert res["steps"] == 18 + rows[3]["steps"] < without
     print(f"pruning: {res['steps']} steps run of {without} without it")
+
+
+def test_the_slurm_array_script_runs_one_worker_of_the_study(tmp_path):
+    script = str(REPO / "launch" / "slurm" / "search.sbatch")
+    bare = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    res = subprocess.run(["bash", script], env={**bare, "RECIPE": "tiny"}, capture_output=True, text=True)
+    assert res.returncode == 2 and "not inside a SLURM job" in res.stderr
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "squad-ds").write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n")
+    (bin_ / "squad-ds").chmod(0o755)
+    job = {**bare, "PATH": f"{bin_}:{bare['PATH']}", "SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "5",
+           "SLURM_ARRAY_TASK_ID": "1", "RECIPE": "tiny", "N_TRIALS": "8", "TRIAL_LAUNCHER": "torchrun --standalone"}
+    res = subprocess.run(["bash", script, "--param", "train.lr=log:1e-5:5e-4"], env=job, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[1:] == ["search", "tiny", "--out-dir", "runs/search-5", "--n-trials", "8",
+                                           "--launcher", "torchrun --standalone", "--param",
+                                           "train.lr=log:1e-5:5e-4"]
+    res = subprocess.run(["bash", script], env={**job, "N_TRIALS": "0"}, capture_output=True, text=True)
+    assert res.returncode == 2 and "N_TRIALS=0" in res.stderr
+
+
+def test_ctrl_c_mid_trial_queues_it_again_and_the_next_run_reruns_it(tmp_path):
+    storage = study.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 1)
+    st = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+
+    def interrupted(trial):
+        trial.suggest_float("train.lr", 1e-5, 1e-3, log=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.work(st, 2, interrupted, (Surplus,), wait_s=0.5, say=lambda m: None)
+    assert [t.state.name for t in st.get_trials()] == ["FAIL", "WAITING"]
+    ran: list[float] = []
+    study.work(st, 2, _stand_in(ran), (Surplus,), wait_s=0.5, say=lambda m: None)
+    trials = st.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == trials[0].params and len(study.counted(st)) == 2

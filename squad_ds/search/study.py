@@ -131,7 +131,10 @@ def work(study: Any, n_trials: int, objective: Callable[[Any], float], catch: tu
     import optuna
     from optuna.trial import TrialState
 
+    current: list[int] = []
+
     def guarded(trial: Any) -> float:
+        current[:] = [trial.number]
         me = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         if is_fresh(me) and places_taken(study, before=trial.number) >= n_trials:
             from squad_ds.search.objective import Surplus
@@ -145,7 +148,11 @@ def work(study: Any, n_trials: int, objective: Callable[[Any], float], catch: tu
         optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         if TrialState.WAITING in states or places_taken(study) < n_trials:
-            study.optimize(guarded, n_trials=1, catch=catch)
+            try:
+                study.optimize(guarded, n_trials=1, catch=catch)
+            except KeyboardInterrupt:
+                _requeue_interrupted(study, current)
+                raise
             waiting_said = False
             continue
         if TrialState.RUNNING not in states:
@@ -155,3 +162,15 @@ def work(study: Any, n_trials: int, objective: Callable[[Any], float], catch: tu
                 "(a rerun starts here if their worker died)")
             waiting_said = True
         time.sleep(wait_s)
+
+
+def _requeue_interrupted(study: Any, current: list[int]) -> None:
+    """Ctrl-C: Optuna marks the trial failed at once (its heart was still beating, so no other worker would rerun
+    it); queue it again as a stale one is, with the storage's own callback."""
+    from optuna.trial import TrialState
+
+    t = next((t for t in study.get_trials(deepcopy=False) if current and t.number == current[0]), None)
+    requeue = getattr(study._storage, "get_heartbeat_stale_trial_callback", None) or getattr(
+        study._storage, "get_failed_trial_callback", None)
+    if t is not None and t.state == TrialState.FAIL and requeue is not None and requeue() is not None:
+        requeue()(study, t)
