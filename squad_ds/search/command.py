@@ -95,11 +95,12 @@ def check_metric(recipe_name: str | None, sets: list[str], metric: str, searched
                           f"v{data.version} (use f1 or exact_match)")
 
 
-def _sampler_pruner(args: argparse.Namespace) -> tuple[Any, Any]:
+def _sampler_pruner(args: argparse.Namespace, offset: int = 0) -> tuple[Any, Any]:
     import optuna
 
-    sampler = (optuna.samplers.TPESampler(n_startup_trials=args.startup_trials, seed=args.seed)
-               if args.sampler == "tpe" else optuna.samplers.RandomSampler(seed=args.seed))
+    seed = None if args.seed is None else args.seed + offset
+    sampler = (optuna.samplers.TPESampler(n_startup_trials=args.startup_trials, seed=seed)
+               if args.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(),
               "none": lambda: optuna.pruners.NopPruner()}[args.pruner]()
@@ -138,6 +139,9 @@ def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     sampler, pruner = _sampler_pruner(args)
     settings = study.settings_doc(args.recipe, args.overrides, args.metric, args.deepspeed_config, dists)
     st = study.open_study(storage, args.study_name, settings, dists, args.resume, sampler, pruner)
+    if args.seed is not None and st.get_trials(deepcopy=False):
+        # A worker joining or resuming with the seed the study started with would propose its first values again.
+        st.sampler = _sampler_pruner(args, offset=len(st.get_trials(deepcopy=False)))[0]
     out.mkdir(parents=True, exist_ok=True)
     trials_dir = out / ("trials" if args.study_name == "search" else f"trials-{args.study_name}")
     setup = TrialSetup(args.recipe, args.overrides, args.deepspeed_config,
@@ -173,7 +177,7 @@ def finish(st: Any, args: argparse.Namespace, setup: TrialSetup, out: Path, say=
                             "steps": best.user_attrs.get("steps"), "dir": best.user_attrs.get("dir")},
                    "recipe": str(recipe_file), "train": f"squad-ds train --recipe {shlex.quote(str(recipe_file))}"})
     lr_key = next((k for k in best.params if k == "train.lr"), None)
-    result["plots"] = [str(out / n) for n in report.plots(st, out, lr_key)]
+    result["plots"] = [str(out / n) for n in report.plots(st, out, lr_key, args.metric)]
     if args.keep_best is not None:
         result["removed"] = report.keep_best(st, args.keep_best, setup.trials_dir)
     say(f"best: trial {best.number}, {args.metric} {best.value:.4f}, {best.params}; train it with "

@@ -67,7 +67,7 @@ def best_recipe(recipe: str | None, sets: list[str], deepspeed_config: str | Non
     return dump_recipe(r)
 
 
-def plots(study: Any, out: Path, lr_key: str | None) -> list[str]:
+def plots(study: Any, out: Path, lr_key: str | None, metric: str) -> list[str]:
     """score over trials, parameter importances, and the score against the learning rate (when searched): PNGs
     written with Optuna's matplotlib plots; none without matplotlib, or with too few finished trials."""
     try:
@@ -92,6 +92,9 @@ def plots(study: Any, out: Path, lr_key: str | None) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 ax = draw()
+            for a in (ax.flat if hasattr(ax, "flat") else [ax]):
+                if a.get_ylabel() == "Objective Value":
+                    a.set_ylabel(f"dev {metric}")
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
             fig.tight_layout()
             atomic.write(out / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))

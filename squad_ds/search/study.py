@@ -44,8 +44,14 @@ def open_storage(url: str, heartbeat_s: int) -> Any:
     else:
         retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
     try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                          **retry)
+        for attempt in range(5):
+            try:
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                  grace_period=3 * heartbeat_s, **retry)
+            except Exception as e:  # noqa: BLE001 - workers started together race to create the tables: again
+                if attempt == 4 or not any(w in str(e) for w in ("UNIQUE constraint", "already exists", "locked")):
+                    raise
+                time.sleep(0.5 + attempt)
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as e:
         raise ConfigError(f"--storage {url}: cannot open it ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors (no server, bad URL, no driver) name no user error
