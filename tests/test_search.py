@@ -87,6 +87,8 @@ def test_the_space_from_the_command_line_and_from_yaml_is_the_same(tmp_path):
     (["--param", "train.lr=log:1e-5:5e-4", "--metric", "best_f1"], "--metric best_f1: SQuAD v2.0 only"),
     (["--param", "train.lr=log:1e-5:5e-4", "--set", "train.lr=1e-3"], "both searched and fixed"),
     (["--param", "train.lr=log:1e-5:5e-4", "--set", "data.eval_file=null"], "no data.eval_file"),
+    (["--param", "train.lr=log:1e-5:5e-4", "--deepspeed-config", "zero9_bf16"], "zero9_bf16"),
+    (["--param", "train.lr=log:1e-5:5e-4", "--launcher", " "], "--launcher: empty"),
     ([], "no search space"),
 ])
 def test_bad_input_is_one_line_before_any_trial(tmp_path, capsys, args, problem):

@@ -117,7 +117,9 @@ def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     out = Path(args.out_dir)
     check_out_dir(out)
     if args.deepspeed_config:
-        load_recipe(args.recipe, [*args.overrides, f"deepspeed_config={args.deepspeed_config}"])
+        from squad_ds.training.ds_config import load_ds_config
+
+        load_ds_config(args.deepspeed_config)  # a name or file every trial would fail on
     base = load_recipe(args.recipe, args.overrides)
     if args.pruner != "none" and not base.train.eval_steps and "train.eval_steps" not in {p.key for p in params}:
         say("note: train.eval_steps is 0, so trials evaluate only at their end and nothing is pruned "
