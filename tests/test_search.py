@@ -386,3 +386,26 @@ def test_ctrl_c_mid_trial_queues_it_again_and_the_next_run_reruns_it(tmp_path):
     trials = st.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == trials[0].params and len(study.counted(st)) == 2
+
+
+@pytest.mark.parametrize("name,cls", [("median", "MedianPruner"), ("hyperband", "HyperbandPruner"),
+                                      ("none", "NopPruner")])
+def test_each_pruner_prunes_a_stand_in_trial_that_reports_badly(tmp_path, name, cls):
+    args = command.build_arg_parser().parse_args(["--pruner", name, "--startup-trials", "2", "--seed", "0"])
+    sampler, pruner = command._sampler_pruner(args)
+    assert type(pruner).__name__ == cls and type(sampler).__name__ == "TPESampler"
+    st = optuna.create_study(storage=study.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 1), study_name="s",
+                             direction="maximize", sampler=sampler, pruner=pruner)
+    curves = [[50, 60, 70, 80, 90]] * 4 + [[1, 1, 1, 1, 1]]
+
+    def objective(trial):
+        trial.suggest_float("train.lr", 1e-5, 1e-3, log=True)
+        for step, value in enumerate(curves[trial.number], start=1):
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    study.work(st, 5, objective, (Surplus,), wait_s=0.5, say=lambda m: None)
+    last = st.get_trials()[-1]
+    assert last.state.name == ("COMPLETE" if name == "none" else "PRUNED")
