@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help=tune.HELP)
     tune.add_arguments(tu)
     tu.set_defaults(func=tune.command)
+
+    from squad_ds.search import command as search
+
+    se = sub.add_parser("search", help=search.HELP)
+    search.add_arguments(se)
+    se.set_defaults(func=search.command)
     return p
 
 

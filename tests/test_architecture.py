@@ -125,6 +125,7 @@ LAYERS = [
     ("entry points", ("squad_ds.plot", "squad_ds.train", "squad_ds.predict", "squad_ds.ask", "squad_ds.serve",
                       "squad_ds.effective", "squad_ds.hosts", "squad_ds.plan")),
     ("tune", ("squad_ds.tune",)),
+    ("search", ("squad_ds.search",)),
     ("cli", ("squad_ds.cli",)),
 ]
 
