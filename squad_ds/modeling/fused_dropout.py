@@ -2,19 +2,20 @@
 
 With `dropout_p > 0`, `scaled_dot_product_attention` on a CPU leaves its fused kernel for the unfused math path and
 draws the mask with ATen's Bernoulli sampler: on all-MiniLM-L6-v2 that made a training step 2.5x as long as one
-without dropout (torch.profiler on a 2-core CPU, 2026-11-29). `csrc/attention_dropout.cpp` computes each (batch, head) in a per-thread
-buffer, with the keep-mask drawn from a counter-based hash of (seed, element index): nothing the size of the
-attention matrix is stored, and backward regenerates exactly the forward's mask. The seed of each call is drawn
-from torch's default generator, so runs are deterministic under `train.seed` and a resumed run (which restores the
-generator) draws the same masks.
+without dropout (torch.profiler on a 2-core CPU, 2026-11-29). `csrc/attention_dropout.cpp` computes each (batch,
+head) in a per-thread buffer, with the keep-mask drawn from a counter-based hash of (seed, element index): nothing
+the size of the attention matrix is stored, and backward regenerates exactly the forward's mask. The seed of each
+call is drawn from torch's default generator, so runs are deterministic under `train.seed` and a resumed run (which
+restores the generator) draws the same masks.
 
 It is one registered attention function (ATTN_NAME) of transformers' own model, as packed batches are: same class,
 weights, checkpoints and export. Only training calls with attention dropout take the kernel (computed in float32,
 cast back to the inputs' dtype); everything else (evaluation, dropout 0, grouped-query attention) is transformers'
 SDPA attention, unchanged.
 
-The kernel is built on first use with torch's C++ extension loader (as DeepSpeed builds its CPU ops), for this
-CPU's vector instructions, into TORCH_EXTENSIONS_DIR.
+The kernel is built at start-up (`enable`, before training's first step) with torch's C++ extension loader (as
+DeepSpeed builds its CPU ops), for this CPU's vector instructions, into TORCH_EXTENSIONS_DIR, once per machine and
+source; a build is announced and timed (`build`).
 """
 from __future__ import annotations
 

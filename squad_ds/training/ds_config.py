@@ -213,8 +213,8 @@ _OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16
 
 def default_ds_config(cuda: bool, world_size: int = 1) -> tuple[str, str]:
     """(shipped config, why) for a run that names none. bf16 on CUDA: ZeRO-2 across several GPUs; ZeRO-0 on one,
-    where ZeRO-2 partitions nothing and measured no faster with more memory (docs/RESULTS.md: BERT-large on an H100). On a
-    CPU, fp32 or bf16 mixed precision as measured here (cpu_precision)."""
+    where ZeRO-2 partitions nothing and measured no faster with more memory (docs/RESULTS.md: BERT-large on an
+    H100). On a CPU, fp32 or bf16 mixed precision as measured here (cpu_precision)."""
     if not cuda:
         choice = cpu_precision.choose(world_size)
         return choice.name, choice.reason
