@@ -13,14 +13,12 @@ from squad_ds.config import ConfigError, add_recipe_arguments, load_recipe
 from squad_ds.errors import emit_result, run_main
 from squad_ds.options import SPELLING_NOTE, ArgumentParser
 from squad_ds.search import report, space, study
+from squad_ds.tune.checks import check_out_dir  # the same refusal: a run's or a model's folder
 from squad_ds.search.objective import METRIC_KEYS, Surplus, TrialFailed, TrialSetup, run_trial
 
 HELP = "hyper-parameter search for dev F1/EM (Optuna): each trial a real train run, pruned on its evaluations"
 V2_ONLY = ("best_f1", "HasAns_f1")
 # What marks a folder as a training run's or a model's: not a place for a study.
-NOT_SEARCH_DIR = ("train_log.jsonl", "checkpoints", "effective_config.json", "config.json", "squad_ds.json")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, positional=True, recipe_help="named recipe or YAML file the trials start from "
                          "(default: the embedded demo); --set fixes a key for every trial")
@@ -62,15 +60,6 @@ def check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"{name} {shown}: must be {'≥ 0' if name == '--startup-trials' else 'positive'}")
     if args.launcher is not None and not shlex.split(args.launcher):
         raise ConfigError("--launcher: empty (leave it out to run each trial with this Python)")
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out-dir {out}: exists and is not a directory (choose another path)")
-    mark = next((n for n in NOT_SEARCH_DIR if (out / n).exists()), None)
-    if mark is not None:
-        raise ConfigError(f"--out-dir {out}: holds {mark}, so it is a training run's or a model's folder: choose "
-                          "another path, e.g. a new folder inside it")
 
 
 def check_metric(recipe_name: str | None, sets: list[str], metric: str, searched: set[str]) -> None:
