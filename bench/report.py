@@ -28,7 +28,8 @@ def page(records: list[dict], memory_runs: list[dict]) -> str:
             "bench/report.py` writes this page, its plots and README.md's results from them. Of several records of "
             "one comparison on one machine, the newest is shown; git keeps the others. How to run each benchmark: "
             "[bench/README.md](../bench/README.md).", ""]
-    body = (sections.recipes(recs) + sections.speed(recs) + sections.accuracy(recs) + sections.gpu_and_batching(recs)
+    body = (sections.recipes(recs) + sections.speed(recs) + sections.accuracy(recs) + sections.search(recs)
+            + sections.gpu_and_batching(recs)
             + sections.data_and_scoring(recs) + sections.ask_and_serve(recs) + sections.memory(recs, memory_runs))
     return "\n".join(head + body).rstrip("\n") + "\n"
 

@@ -178,6 +178,39 @@ def accuracy(records: list[dict]) -> list[str]:
     return out
 
 
+def search(records: list[dict]) -> list[str]:
+    """`squad-ds search` studies: each trial's values, score and steps, with and without pruning."""
+    runs = of(records, "search")
+    if not runs:
+        return []
+    out = ["## Accuracy tuning: `squad-ds search`", "",
+           "The same trials searched twice, without pruning and with `--pruner median`: F1 on the dev questions "
+           "(and optimizer steps run), the steps and wall time of each study, and the best recipe "
+           "(`best_recipe.yaml`) retrained with `squad-ds train --recipe`.", ""]
+    for r in runs:
+        f = r["figures"]
+        best_u = max(f["trials"], key=lambda t: t["f1_unpruned"])
+        best_m = max(f["trials"], key=lambda t: t["f1_median"] if t["pruned_at"] is None else -1)
+        rows = [[t["trial"], f"{t['lr']:.2e}", num(t["warmup_proportion"], 3), num(t["weight_decay"], 3),
+                 f"{'**' if t is best_u else ''}{num(t['f1_unpruned'])}{'**' if t is best_u else ''} "
+                 f"({t['steps_unpruned']})",
+                 (f"pruned at step {t['pruned_at']}: {num(t['f1_median'])} ({t['steps_median']})" if t["pruned_at"]
+                  else f"{'**' if t is best_m else ''}{num(t['f1_median'])}{'**' if t is best_m else ''} "
+                       f"({t['steps_median']})")] for t in f["trials"]]
+        su, sm = sum(t["steps_unpruned"] for t in f["trials"]), sum(t["steps_median"] for t in f["trials"])
+        rows.append(["all", "", "", "", f"{su} steps, {duration(f['wall_s_unpruned'])}",
+                     f"**{sm} steps** ({pct(sm / su - 1)}), {duration(f['wall_s_median'])}"])
+        out += [f"{r['config']['work']}.", ""]
+        out += table(["trial", "lr", "warmup", "weight decay", "F1, no pruning (steps)", "F1, `--pruner median` "
+                      "(steps)"], rows)
+        same = f["best_recipe_retrained_f1"] == f["best_recorded_f1"]
+        out += ["", f"- The pruned study's best recipe retrained to F1 {f['best_recipe_retrained_f1']!r}"
+                + (" (what the study recorded, to the last digit)." if same else
+                   f" against {f['best_recorded_f1']!r} recorded."),
+                f"- {meta(r)}" + (f" {r['note']}" if r["note"] else ""), ""]
+    return out
+
+
 THROUGHPUT_COLUMNS = [("impl", "side", str), ("zero", "ZeRO", str), ("optimizer", "optimizer", str),
                       ("batches", "batches", str), ("variant", "variant", str), ("micro", "micro", str),
                       ("attention_length", "attention length", lambda x: num(x, 1)),

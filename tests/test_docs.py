@@ -210,10 +210,11 @@ def overrides(args: list[str]) -> list[str]:
     return [o for o in found if "=" in o and o.split("=")[0] not in ("section.key", "SECTION.KEY")]
 
 
-def override_problems(override: str, recipe: str | None = None) -> list[str]:
+def override_problems(override: str, recipe: str | None = None, before: tuple[str, ...] = ()) -> list[str]:
     """`section.key=value` must be a recipe key that takes that value: the same loading `--set` goes through, on the
-    command's recipe (the demo where none is named). A mapping's entry (`data.columns.question`) must be a column
-    the layout has."""
+    command's recipe (the demo where none is named), after the command's earlier overrides `before` (as the CLI
+    applies them, in order: `--set data.doc_stride=64 --set data.max_seq_length=128`). A mapping's entry
+    (`data.columns.question`) must be a column the layout has."""
     key, _, value = override.partition("=")
     if "$" in value or any(map(_placeholder, value.split() or [""])):  # ${SQUAD_DIR}/…, B x N x A: key only
         value = None
@@ -227,7 +228,7 @@ def override_problems(override: str, recipe: str | None = None) -> list[str]:
     if value is None:
         return []
     try:
-        load_recipe(recipe, [f"{key}={value}"])
+        load_recipe(recipe, [*before, f"{key}={value}"])
     except ConfigError as e:
         return [f"--set {override}: {e}"]
     return []
@@ -269,7 +270,12 @@ def command_problems(command: str) -> list[str]:
             if not recipe.endswith((".yaml", ".yml")):  # a YAML file of the reader's own is not checked
                 problems.append(f"{where}: no recipe {recipe}")
             recipe = None
-        problems += [f"{where}: {p}" for o in overrides(args) for p in override_problems(o, recipe)]
+        good: list[str] = []
+        for o in overrides(args):
+            found = override_problems(o, recipe, tuple(good))
+            problems += [f"{where}: {p}" for p in found]
+            if not found and "$" not in o and not any(map(_placeholder, o.partition("=")[2].split() or [""])):
+                good.append(o)
     return problems
 
 
