@@ -56,6 +56,7 @@ def qa(ask_qa):
     return ask_qa
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_one_dev_question_is_answered_as_predict_answers_it(tmp_path, bert, qa):
     """The API's answer for a dev question equals `squad-ds predict` on a one-question SQuAD file, and the CLI's
     equals both (its stdout: one JSON document)."""

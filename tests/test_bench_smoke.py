@@ -106,6 +106,7 @@ def test_padding_smoke(tmp_path):
     assert _record(tmp_path, "padding")["figures"]["rows"] == res["rows"]
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_profile_step_smoke(tmp_path):
     res = _run(tmp_path, "profile_step.py", "--seq", "64", "--micro", "2", "--warmup", "1", "--steps", "1")
     assert [r["variant"] for r in res["results"]] == ["full", "trim64"] and not res["cuda"]

@@ -119,6 +119,7 @@ def test_export_cli_prints_its_result_json(best_run, tmp_path):
     assert json.loads(proc.stdout)["step"] == 6
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_early_stopping_after_patience_evaluations(tmp_path, model):
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "out", data={"max_eval_examples": 4},
                           train={"max_steps": 8, "eval_steps": 1, "early_stopping_patience": 2})

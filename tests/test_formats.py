@@ -214,6 +214,7 @@ def test_feature_cache_is_shared_across_formats(tmp_path):
     assert outs[0]["cache_file"] == outs[1]["cache_file"] and outs[0]["features"] == outs[1]["features"]
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_uncached_hub_dataset_offline_fails_in_seconds(monkeypatch, tmp_path):
     pytest.importorskip("datasets", reason="Hugging Face datasets need the datasets extra")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

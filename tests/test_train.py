@@ -186,6 +186,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_dropout_is_on_in_every_training_forward(tmp_path):
     """From the first micro-batch, after every evaluation and after a resume: every dropout layer of the model
     runs in training mode (from_pretrained returns a model in eval mode)."""
@@ -358,6 +359,7 @@ def test_rank0_failure_while_exporting_stops_every_rank(tmp_path, tiny_model):
     assert (out / "checkpoints").is_dir() and not (out / "model").exists()
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_predict_on_an_unlabelled_file(tmp_path, tiny_model):
     """`squad-ds predict` on a test file (v1.1 questions, no answers): the same predictions as on the labelled
     file, written but not scored."""

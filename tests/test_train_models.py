@@ -57,6 +57,7 @@ def xlnet_checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("xlnet") / "ckpt", tiny_xlnet_config(tokenizer=tok), tok)
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 @pytest.mark.parametrize("version", ["1.1", "2.0"])
 def test_xlnet_trains_evaluates_and_exports(tmp_path, xlnet_checkpoint, version):
     data = {} if version == "1.1" else {"train_file": "sample:dev-v2", "eval_file": "sample:dev-v2"}

@@ -150,6 +150,7 @@ def test_columns_for_a_squad_json_file_are_refused():
         load_squad(SAMPLE_DEV, columns={"question": "query"})
 
 
+@pytest.mark.slow  # 12 s or more on a 2-core CPU: the slow set (docs/TESTING.md)
 def test_predict_errors(tmp_path, tiny):
     import shutil
 
