@@ -30,7 +30,8 @@ def page(records: list[dict], memory_runs: list[dict]) -> str:
             "[bench/README.md](../bench/README.md).", ""]
     body = (sections.recipes(recs) + sections.speed(recs) + sections.accuracy(recs) + sections.search(recs)
             + sections.gpu_and_batching(recs)
-            + sections.data_and_scoring(recs) + sections.ask_and_serve(recs) + sections.memory(recs, memory_runs))
+            + sections.data_and_scoring(recs) + sections.ask_and_serve(recs) + sections.memory(recs, memory_runs)
+            + sections.tests(recs))
     return "\n".join(head + body).rstrip("\n") + "\n"
 
 

@@ -211,6 +211,25 @@ def search(records: list[dict]) -> list[str]:
     return out
 
 
+def tests(records: list[dict]) -> list[str]:
+    """How long the test suite and its marked sets take (docs/TESTING.md says what each holds)."""
+    runs = of(records, "tests")
+    if not runs:
+        return []
+    out = ["## The test suite", "", "How long each set of tests took ([TESTING.md](TESTING.md) says what each "
+           "holds and how CI runs them).", ""]
+    rows = []
+    for r in runs:
+        f = r["figures"]
+        took = f"{f['tests']:,} tests in {duration(f['wall_s'])}"
+        if "install_train_score_s" in f:
+            took = f"command 1 in {duration(f['install_train_score_s'])}; command 2: {took}"
+        rows.append([r["key"], took, f"{r['date']}, {machine_label(r['machine'])}, {r['machine']['load']}"])
+    out += table(["set", "took", "measured"], rows) + [""]
+    out += [f"- {r['key']}: {meta(r)}" + (f" {r['note']}" if r["note"] else "") for r in runs] + [""]
+    return out
+
+
 THROUGHPUT_COLUMNS = [("impl", "side", str), ("zero", "ZeRO", str), ("optimizer", "optimizer", str),
                       ("batches", "batches", str), ("variant", "variant", str), ("micro", "micro", str),
                       ("attention_length", "attention length", lambda x: num(x, 1)),
