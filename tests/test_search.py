@@ -338,7 +338,9 @@ def test_the_pruner_stops_a_trial_scripted_to_be_bad_and_saves_its_steps(tiny_mo
     scores = {"0": [50, 60, 70], "1": [50, 60, 70], "2": [55, 65, 75], "3": [1, 1, 1]}
     argv = _argv(tiny_model, tmp_path, "--n-trials", "4", "--pruner", "median", "--startup-trials", "3",
                  "--launcher", f"{sys.executable} {REPO / 'tests' / 'scripted_trial.py'}")
-    res = _result(_search(argv, extra_env={"SCRIPTED_TRIAL_SCORES": json.dumps(scores)}))
+    # each evaluation is followed by 2 s of "training" (4 of the search's polls), so that the tiny run cannot end
+    # before the search has read its score and stopped it
+    res = _result(_search(argv, extra_env={"SCRIPTED_TRIAL_SCORES": json.dumps(scores), "SCRIPTED_TRIAL_PAUSE_S": "2"}))
     rows = {r["trial"]: r for r in _trials(out)}
     assert [rows[i]["state"] for i in range(4)] == ["complete"] * 3 + ["pruned"]
     assert rows[3]["score"] == 1 and rows[2]["score"] == 75 and res["best"]["trial"] == 2
