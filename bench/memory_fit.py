@@ -259,7 +259,8 @@ def main() -> None:
     p.add_argument("--side", default="squad-ds", choices=SIDES,
                    help="squad-ds, or the Hugging Face Trainer as run_qa.py runs it (fp32, or bf16=True), alone or "
                         "with its DeepSpeed integration (hf-ds: ZeRO-3 offloading to CPU memory; hf-ds-nvme: to "
-                        "NVMe; the configs of transformers' DeepSpeed documentation)")
+                        "NVMe; the configs of transformers' DeepSpeed documentation; with -bf16 transformers "
+                        "refuses to start on a CPU, which the record shows)")
     p.add_argument("--ds", default="cpu_fp32", help="DeepSpeed config (shipped name or path)")
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--micro", type=int, default=1)
