@@ -50,9 +50,11 @@ def test_replanned_step_counts_and_the_adam_implementation_are_allowed_and_logge
     now = copy.deepcopy(DS)
     now["scheduler"]["params"].update(total_num_steps=200, warmup_num_steps=20)
     now["optimizer"]["params"]["torch_adam"] = False
+    now["optimizer"]["params"]["fused"] = True  # a run saved before fused AdamW was the CPU default resumes fused
     lines = _check(DS, now)
     assert "deepspeed.scheduler.params.total_num_steps: 60 → 200" in lines
     assert "deepspeed.optimizer.params.torch_adam: True → False" in lines
+    assert "deepspeed.optimizer.params.fused: None → True" in lines
     assert resume.replanned(resume.deepspeed_settings(DS), resume.deepspeed_settings(now))
     assert not resume.replanned(resume.deepspeed_settings(DS), resume.deepspeed_settings(DS))
 

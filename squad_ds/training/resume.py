@@ -23,7 +23,7 @@ LAYOUT = ("micro_batch", "accumulation", "world_size", "num_features")
 # Of the DeepSpeed settings a checkpoint records (deepspeed_settings), those a resume may change: the scheduler's step
 # counts (planned from train.max_steps / train.epochs) and how Adam is computed (the same update either way).
 REPLANNED = ("scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps")
-FREE_DS = REPLANNED + ("optimizer.params.torch_adam",)
+FREE_DS = REPLANNED + ("optimizer.params.torch_adam", "optimizer.params.fused")
 
 
 # The shipped CPU config of each precision deepspeed_settings records (for the way out of a refused resume).
