@@ -316,16 +316,13 @@ _SPS = re.compile(r"\| ([0-9.]+) samples/s \|")
 _TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")
 
 
-def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
-                 evaluate: bool = True, sets: tuple[str, ...] = (), ds_config: str = "cpu_fp32",
-                 side: str = "squad-ds") -> dict:
-    """`squad-ds train` with the recipe both sides share (its CPU defaults, plus `sets` as --set overrides, in the
-    shipped DeepSpeed config `ds_config`); without `evaluate`, no eval file: the training loop's time only."""
-    out = work / f"{side}-{seed}"
+def write_squad_ds_recipe(s: Settings, train_file: Path, eval_file: Path | None, model_dir: str, seed: int,
+                          work: Path, out: Path, ds_config: str | None, side: str) -> Path:
+    """The recipe both sides share, as `squad-ds train` reads it (eval_file None: no evaluation)."""
     recipe = {
         "model": {"name_or_path": model_dir},
-        "data": {"train_file": str(train_file), "eval_file": str(eval_file), "max_seq_length": s.max_seq_length,
-                 "doc_stride": s.doc_stride, "max_query_length": s.max_query_length,
+        "data": {"train_file": str(train_file), "eval_file": eval_file and str(eval_file),
+                 "max_seq_length": s.max_seq_length, "doc_stride": s.doc_stride, "max_query_length": s.max_query_length,
                  "cache_dir": str(work / "cache")},
         "eval": {"n_best_size": s.n_best_size, "max_answer_length": s.max_answer_length,
                  "batch_size": s.eval_batch_size},
@@ -336,10 +333,19 @@ def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str,
         "output": {"dir": str(out), "export": False},
         "deepspeed_config": ds_config,
     }
-    if not evaluate:
-        recipe["data"]["eval_file"] = None
     path = work / f"{side}-{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_squad_ds(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
+                 evaluate: bool = True, sets: tuple[str, ...] = (), ds_config: str = "cpu_fp32",
+                 side: str = "squad-ds") -> dict:
+    """`squad-ds train` with the recipe both sides share (its CPU defaults, plus `sets` as --set overrides, in the
+    shipped DeepSpeed config `ds_config`); without `evaluate`, no eval file: the training loop's time only."""
+    out = work / f"{side}-{seed}"
+    path = write_squad_ds_recipe(s, train_file, eval_file if evaluate else None, model_dir, seed, work, out,
+                                 ds_config, side)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "squad_ds.train", "--recipe", str(path), "--overwrite",

@@ -213,3 +213,41 @@ def test_speed_parity_smoke_takes_the_shape_alternates_sides_and_keeps_every_pai
     assert len(res["summary"]["pair_ratios"]["squad-ds-default / hf"]) == 2
     assert res["summary"]["ratios"]["squad-ds-default / hf"] > 0
     assert "64/16 micro 2×1 lr 0.0001" in _record(tmp_path, "speed_parity")["key"]
+
+
+def test_profile_sides_gives_each_operator_to_what_owns_it():
+    """An operator inside the fused attention (its gemm) or the optimizer step is theirs, not a linear layer's;
+    elsewhere the operator's own name decides."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from profile_sides import part_of
+
+    assert part_of(["autograd::engine::evaluate_function: _AttentionDropoutBackward", "aten::addmm"]) == "attention"
+    assert part_of(["aten::scaled_dot_product_attention", "aten::bernoulli_"]) == "attention"
+    assert part_of(["Optimizer.step#AdamW.step", "aten::mul_"]) == "optimizer"
+    assert part_of(["aten::linear", "aten::addmm"]) == "linear"
+    assert part_of(["autograd::engine::evaluate_function: AddmmBackward0", "aten::mm"]) == "linear"
+    assert part_of(["_Dropout"]) == "dropout"
+    assert part_of(["aten::dropout", "aten::bernoulli_"]) == "dropout"
+    assert part_of(["aten::gelu"]) == "gelu"
+    assert part_of(["aten::native_layer_norm"]) == "layer_norm"
+    assert part_of(["aten::_to_copy", "aten::copy_"]) == "copy_cast"
+    assert part_of(["aten::something_new"]) == "other"
+
+
+@pytest.mark.slow
+def test_profile_sides_smoke(tmp_path):
+    from trainer_util import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_sides.py"), "--model", str(model),
+                           "--train-file", "sample:train", "--n-train", "12", "--seq", "64", "--doc-stride", "16",
+                           "--micro", "2", "--warmup", "1", "--steps", "1", "--sides", "squad-ds-default,hf",
+                           "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "results.jsonl")],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rec = _record(tmp_path, "profile_sides")
+    for side in ("squad-ds-default", "hf"):
+        r = rec["figures"]["sides"][side]
+        assert r["wall_ms_per_micro_batch"] > 0 and len(r["lengths"]) == 1
+        assert sum(r["share"].values()) == pytest.approx(1.0)
+        assert r["share"]["linear"] > 0 and r["share"]["attention"] > 0
