@@ -159,9 +159,11 @@ def test_a_stored_study_with_another_space_or_metric_is_refused(tmp_path, capsys
     out.mkdir()
     url = f"sqlite:///{out / 'study.db'}"
     dists = space.distributions(space.build_space(None, ["train.lr=log:1e-5:5e-4"]))
-    st = study.open_study(study.open_storage(url, 1), "search", study.settings_doc("tiny", [], "f1", None, dists),
-                          dists, False, None, None)
-    assert st.study_name == "search"
+    settings = study.settings_doc("tiny", [], "f1", None, dists)
+    st, created = study.open_study(study.open_storage(url, 1), "search", settings, dists, False, None, None)
+    assert st.study_name == "search" and created
+    again, created = study.open_study(study.open_storage(url, 1), "search", settings, dists, True, None, None)
+    assert again.study_name == "search" and not created  # joined: this worker does not queue the recipe's trial
     base = ["tiny", "--out-dir", str(out)]
     assert command.main([*base, "--param", "train.lr=log:1e-5:1e-3"]) == 2
     assert "has another search space (train.lr: stored" in capsys.readouterr().err
@@ -227,6 +229,70 @@ def test_a_trial_asked_after_the_last_place_was_taken_is_surplus_and_never_run(t
     trials = st.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"] and trials[1].user_attrs["surplus"]
     assert len(ran) == 1 and len(study.counted(st)) == 1
+
+
+# ---------------------------------------------------------------- the recipe's own values: the first trial
+
+def test_the_recipe_point_is_its_values_when_each_lies_in_the_space():
+    params = space.build_space(None, ["train.lr=log:1e-5:1e-3", "train.epochs=choice:1,2,3"]) + \
+        [space.make_param("train.micro_batch_size", {"low": 2, "high": 16, "int": True, "step": 2}, "yaml")]
+    point, why = space.recipe_point(params, "tiny", ["train.micro_batch_size=4"])
+    tiny = command.load_recipe("tiny", [])
+    assert point == {"train.lr": tiny.train.lr, "train.epochs": 1, "train.micro_batch_size": 4}
+    assert type(point["train.epochs"]) is int  # the choice itself, as the trial suggests it
+    assert why == ""
+
+
+@pytest.mark.parametrize("param,sets,named", [
+    ("train.lr=log:1e-3:1e-2", [], "train.lr is 0.0001, outside"),
+    ("train.epochs=choice:2,3", [], "train.epochs is 1"),
+    ({"train.micro_batch_size": {"low": 2, "high": 16, "int": True, "step": 4}}, ["train.micro_batch_size=4"],
+     "train.micro_batch_size is 4"),
+    ("train.warmup_proportion=float:0:0.2", ["train.warmup_proportion=null"], "train.warmup_proportion is None"),
+])
+def test_a_recipe_value_outside_the_space_or_unset_gives_no_point(param, sets, named):
+    params = ([space.make_param(k, v, "yaml") for k, v in param.items()] if isinstance(param, dict)
+              else space.build_space(None, [param]))
+    point, why = space.recipe_point(params, "tiny", sets)
+    assert point is None and named in why
+
+
+def _in_process_search(tmp_path, monkeypatch, *extra, param="train.lr=log:1e-5:1e-3"):
+    """search() with each trial's run replaced by a stand-in scoring its suggested lr (no training)."""
+    from squad_ds.search import objective
+
+    def stand_in(setup, trial, say):
+        values = {p.key: objective._suggest(trial, p) for p in setup.params}
+        return -abs(values["train.lr"] - 3e-4) if "train.lr" in values else 0.0
+
+    monkeypatch.setattr(command, "run_trial", stand_in)
+    monkeypatch.setattr(command.report, "plots", lambda *a, **k: [])
+    said: list[str] = []
+    args = command.build_arg_parser().parse_args(["tiny", "--param", param, "--out-dir", str(tmp_path / "s"),
+                                                  "--sampler", "random", "--seed", "0", *extra])
+    return command.search(args, say=said.append), said
+
+
+def test_a_new_study_runs_the_recipes_own_values_first_and_reports_them(tmp_path, monkeypatch):
+    res, said = _in_process_search(tmp_path, monkeypatch, "--n-trials", "3")
+    rows = _trials(tmp_path / "s")
+    assert rows[0]["params"] == {"train.lr": 1e-4} and rows[0]["note"] == "the recipe's own values"
+    assert [r["note"] for r in rows[1:]] == ["", ""] and len(rows) == 3
+    assert res["recipe_trial"] == {"trial": 0, "state": "complete", "score": pytest.approx(-2e-4),
+                                   "params": {"train.lr": 1e-4}}
+    assert res["best"]["score"] >= res["recipe_trial"]["score"]
+    assert any(line.startswith("the recipe's own values (trial 0):") for line in said)
+    # resumed, the study does not queue it again
+    res, _ = _in_process_search(tmp_path, monkeypatch, "--n-trials", "4", "--resume")
+    assert [r["note"] for r in _trials(tmp_path / "s")].count("the recipe's own values") == 1
+
+
+def test_no_recipe_trial_and_a_recipe_outside_the_space_leave_it_out(tmp_path, monkeypatch):
+    res, _ = _in_process_search(tmp_path / "a", monkeypatch, "--n-trials", "2", "--no-recipe-trial")
+    assert "recipe_trial" not in res and all(r["note"] == "" for r in _trials(tmp_path / "a" / "s"))
+    res, said = _in_process_search(tmp_path / "b", monkeypatch, "--n-trials", "2", param="train.lr=log:1e-3:1e-2")
+    assert "recipe_trial" not in res
+    assert any("train.lr is 0.0001, outside the space" in line and "not among the trials" in line for line in said)
 
 
 # ---------------------------------------------------------------- real studies: tiny `squad-ds train` trials

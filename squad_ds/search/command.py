@@ -15,6 +15,7 @@ from squad_ds.options import SPELLING_NOTE, ArgumentParser
 from squad_ds.search import report, space, study
 from squad_ds.tune.checks import check_out_dir  # the same refusal: a run's or a model's folder
 from squad_ds.search.objective import METRIC_KEYS, Surplus, TrialFailed, TrialSetup, run_trial
+from squad_ds.search.study import RECIPE_TRIAL
 
 HELP = "hyper-parameter search for dev F1/EM (Optuna): each trial a real train run, pruned on its evaluations"
 V2_ONLY = ("best_f1", "HasAns_f1")
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DeepSpeed JSON of every trial (path or shipped name); default: the recipe's")
     p.add_argument("--keep-best", type=int, default=None, metavar="K",
                    help="at the end, remove the trial folders but the best K's (default: keep all)")
+    p.add_argument("--no-recipe-trial", dest="recipe_trial", action="store_false",
+                   help="leave out the first trial a new study runs: the recipe's own values of the searched keys "
+                   "(what the search has to beat)")
     p.add_argument("--heartbeat-s", type=int, default=10,
                    help="a running trial's heartbeat; a trial silent 3 beats is failed and rerun (default 10)")
 
@@ -129,10 +133,16 @@ def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     storage = study.open_storage(url, args.heartbeat_s)
     sampler, pruner = _sampler_pruner(args)
     settings = study.settings_doc(args.recipe, args.overrides, args.metric, args.deepspeed_config, dists)
-    st = study.open_study(storage, args.study_name, settings, dists, args.resume, sampler, pruner)
+    st, created = study.open_study(storage, args.study_name, settings, dists, args.resume, sampler, pruner)
     if args.seed is not None and st.get_trials(deepcopy=False):
         # A worker joining or resuming with the seed the study started with would propose its first values again.
         st.sampler = _sampler_pruner(args, offset=len(st.get_trials(deepcopy=False)))[0]
+    if created and args.recipe_trial:  # what the search started from, first (one worker queues it)
+        point, why = space.recipe_point(params, args.recipe, args.overrides)
+        if point is None:
+            say(f"note: {why}: the recipe's own configuration is not among the trials")
+        else:
+            st.enqueue_trial(point, user_attrs={RECIPE_TRIAL: True}, skip_if_exists=True)
     out.mkdir(parents=True, exist_ok=True)
     trials_dir = out / ("trials" if args.study_name == "search" else f"trials-{args.study_name}")
     setup = TrialSetup(args.recipe, args.overrides, args.deepspeed_config,
@@ -173,6 +183,12 @@ def finish(st: Any, args: argparse.Namespace, setup: TrialSetup, out: Path, say=
         result["removed"] = report.keep_best(st, args.keep_best, setup.trials_dir)
     say(f"best: trial {best.number}, {args.metric} {best.value:.4f}, {best.params}; train it with "
         f"{result['train']}")
+    own = next((t for t in trials if t.user_attrs.get(RECIPE_TRIAL)), None)
+    if own is not None:
+        result["recipe_trial"] = {"trial": own.number, "state": own.state.name.lower(), "score": own.value,
+                                  "params": own.params}
+        say(f"the recipe's own values (trial {own.number}): " + (f"{args.metric} {own.value:.4f}" if own.value
+                                                                 is not None else own.state.name.lower()))
     return result
 
 

@@ -15,6 +15,7 @@ from squad_ds.config import dump_recipe, load_recipe
 from squad_ds.logs import log_main
 from squad_ds.search.objective import TRIAL_LOG, TRIAL_MARKER
 from squad_ds.search.space import override
+from squad_ds.search.study import RECIPE_TRIAL
 from squad_ds.training import run_dir
 
 
@@ -26,7 +27,9 @@ def rows(trials: list[Any]) -> list[dict[str, Any]]:
         out.append({"trial": t.number, "state": t.state.name.lower(), "score": t.value if t.value is not None else last,
                     "steps": t.user_attrs.get("steps"), "seconds": t.user_attrs.get("seconds"),
                     "rerun_of": t.system_attrs.get("failed_trial"), "params": dict(t.params),
-                    "dir": t.user_attrs.get("dir"), "note": t.user_attrs.get("error", "")})
+                    "dir": t.user_attrs.get("dir"),
+                    "note": t.user_attrs.get("error", "") or ("the recipe's own values"
+                                                              if t.user_attrs.get(RECIPE_TRIAL) else "")})
     return out
 
 

@@ -159,6 +159,28 @@ def check_against_recipe(params: list[Param], recipe: str | None, sets: list[str
                 raise ConfigError(f"search space: {p.key}={value!r}: {e}") from None
 
 
+def recipe_point(params: list[Param], recipe: str | None, sets: list[str]) -> tuple[dict[str, Any] | None, str]:
+    """The recipe's own value of every searched key, when each lies in its range (or among its choices): the trial
+    that shows whether the search beat what it started from. Otherwise (None, why)."""
+    base = load_recipe(recipe, sets)
+    point: dict[str, Any] = {}
+    for p in params:
+        section, key = p.key.split(".")
+        value = getattr(getattr(base, section), key)
+        if p.kind == "choice":  # the choice itself (epochs 1 for the recipe's 1.0); True is no choice of 1
+            same = [c for c in p.choices if value == c and isinstance(value, bool) == isinstance(c, bool)]
+            inside, value = bool(same), same[0] if same else value
+        else:
+            inside = isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+            if inside and p.step:
+                inside = math.isclose(((value - p.low) / p.step) % 1, 0, abs_tol=1e-9) or \
+                    math.isclose(((value - p.low) / p.step) % 1, 1, abs_tol=1e-9)
+        if not inside:
+            return None, f"the recipe's {p.key} is {value!r}, outside the space ({p.describe()})"
+        point[p.key] = value
+    return point, ""
+
+
 def distributions(params: list[Param]) -> dict[str, Any]:
     """Optuna's distributions, keyed by the recipe key."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

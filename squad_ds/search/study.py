@@ -18,6 +18,7 @@ from typing import Any, Callable
 from squad_ds.config import ConfigError
 
 STUDY_DB = "study.db"
+RECIPE_TRIAL = "recipe_values"  # the user attribute of the trial that runs the recipe's own values
 MAX_RETRY = 3  # reruns of one trial whose worker died each time; then it stays failed (and counts)
 
 
@@ -74,9 +75,10 @@ def settings_doc(recipe: str | None, sets: list[str], metric: str, deepspeed_con
 
 
 def open_study(storage: Any, name: str, settings: dict[str, Any], distributions: dict[str, Any], resume: bool,
-               sampler: Any, pruner: Any) -> Any:
+               sampler: Any, pruner: Any) -> tuple[Any, bool]:
     """Create the study, or join the one stored under `name` when it was made with the same settings (another
-    worker's, or --resume's); anything else is one line before any trial runs."""
+    worker's, or --resume's); anything else is one line before any trial runs. Returns (study, whether this call
+    created it: of workers started together, exactly one did, as the storage's unique study name decides)."""
     import optuna
     from optuna.distributions import json_to_distribution
 
@@ -84,12 +86,14 @@ def open_study(storage: Any, name: str, settings: dict[str, Any], distributions:
     if resume and not exists:
         raise ConfigError(f"--resume: no study {name!r} in {storage.url}: nothing to continue (leave out --resume "
                           "to start it)")
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                                sampler=sampler, pruner=pruner)
-    stored = study.user_attrs.get("squad_ds_search")
-    if stored is None and not exists:
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
         study.set_user_attr("squad_ds_search", settings)
-        return study
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    stored = study.user_attrs.get("squad_ds_search")
     if stored is not None:
         for key in ("recipe", "sets", "metric", "deepspeed_config"):
             if stored.get(key) != settings[key]:
@@ -105,7 +109,7 @@ def open_study(storage: Any, name: str, settings: dict[str, Any], distributions:
         raise ConfigError(f"study {name!r} in {storage.url} has another search space ({differ[0]}: stored "
                           f"{space.get(differ[0])}, given {distributions.get(differ[0])}): give the same space, or "
                           "another --study-name")
-    return study
+    return study, False
 
 
 def is_fresh(t: Any) -> bool:
