@@ -282,6 +282,7 @@ def test_a_new_study_runs_the_recipes_own_values_first_and_reports_them(tmp_path
                                    "params": {"train.lr": 1e-4}}
     assert res["best"]["score"] >= res["recipe_trial"]["score"]
     assert any(line.startswith("the recipe's own values (trial 0):") for line in said)
+    assert any(": 0 of 3 trials already there;" in line for line in said)  # the queued trial has not run
     # resumed, the study does not queue it again
     res, _ = _in_process_search(tmp_path, monkeypatch, "--n-trials", "4", "--resume")
     assert [r["note"] for r in _trials(tmp_path / "s")].count("the recipe's own values") == 1

@@ -148,7 +148,8 @@ def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     setup = TrialSetup(args.recipe, args.overrides, args.deepspeed_config,
                        shlex.split(args.launcher) if args.launcher else [], args.metric, trials_dir, args.study_name,
                        params)
-    say(f"study {args.study_name!r} in {url}: {len(study.counted(st))} of {args.n_trials} trials already there; "
+    there = sum(1 for t in study.counted(st) if t.state.name != "WAITING")  # a queued trial has not run
+    say(f"study {args.study_name!r} in {url}: {there} of {args.n_trials} trials already there; "
         f"searching {'; '.join(p.describe() for p in params)} for the best dev {args.metric}")
     study.work(st, args.n_trials, lambda t: run_trial(setup, t, say), (TrialFailed, Surplus),
                wait_s=args.heartbeat_s, say=say)
