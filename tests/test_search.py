@@ -257,6 +257,19 @@ def test_a_recipe_value_outside_the_space_or_unset_gives_no_point(param, sets, n
     assert point is None and named in why
 
 
+def test_workers_joining_at_the_same_moment_with_one_seed_propose_different_values(tmp_path):
+    """Two workers started together with --seed 0 both find the study empty: each gets its own offset; a --resume
+    keeps a repeatable one."""
+    assert command.seed_offset(True, 5) == command.seed_offset(True, 5) == 5
+    firsts = []
+    for _ in range(2):
+        args = command.build_arg_parser().parse_args(["--seed", "0", "--sampler", "random"])
+        sampler, _ = command._sampler_pruner(args, offset=command.seed_offset(False, 0))
+        st = optuna.create_study(sampler=sampler, direction="maximize")
+        firsts.append(st.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}).params["lr"])
+    assert firsts[0] != firsts[1]
+
+
 def _in_process_search(tmp_path, monkeypatch, *extra, param="train.lr=log:1e-5:1e-3"):
     """search() with each trial's run replaced by a stand-in scoring its suggested lr (no training)."""
     from squad_ds.search import objective

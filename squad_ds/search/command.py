@@ -3,6 +3,7 @@ error), one worker's run of the study, and its report. How it works: docs/TUNE.m
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -100,6 +101,13 @@ def _sampler_pruner(args: argparse.Namespace, offset: int = 0) -> tuple[Any, Any
     return sampler, pruner
 
 
+def seed_offset(resume: bool, trials_seen: int) -> int:
+    """What a worker that did not create the study adds to --seed, so that it does not propose the creator's first
+    values again: --resume (one worker going on) adds the trials it finds, and stays repeatable; a worker joining
+    others adds a random number too, since workers started at the same moment find the same count."""
+    return trials_seen + (0 if resume else 1 + int.from_bytes(os.urandom(4), "little"))
+
+
 def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     """Check everything, join or start the study, run trials until it has its n, then report."""
     study.need_optuna()
@@ -134,9 +142,8 @@ def search(args: argparse.Namespace, say=print) -> dict[str, Any]:
     sampler, pruner = _sampler_pruner(args)
     settings = study.settings_doc(args.recipe, args.overrides, args.metric, args.deepspeed_config, dists)
     st, created = study.open_study(storage, args.study_name, settings, dists, args.resume, sampler, pruner)
-    if args.seed is not None and st.get_trials(deepcopy=False):
-        # A worker joining or resuming with the seed the study started with would propose its first values again.
-        st.sampler = _sampler_pruner(args, offset=len(st.get_trials(deepcopy=False)))[0]
+    if args.seed is not None and not created:
+        st.sampler = _sampler_pruner(args, offset=seed_offset(args.resume, len(st.get_trials(deepcopy=False))))[0]
     if created and args.recipe_trial:  # what the search started from, first (one worker queues it)
         point, why = space.recipe_point(params, args.recipe, args.overrides)
         if point is None:
