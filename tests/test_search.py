@@ -431,6 +431,33 @@ def test_the_pruner_stops_a_trial_scripted_to_be_bad_and_saves_its_steps(tiny_mo
     print(f"pruning: {res['steps']} steps run of {without} without it")
 
 
+@pytest.mark.slow
+def test_hyperband_stops_a_real_trial_scripted_to_be_bad(tiny_model, tmp_path):
+    """--pruner hyperband on real runs: trials 0-3 score well at every evaluation, trial 4 badly from its first;
+    Hyperband's brackets stop it at one of its rungs, its run stopped before the last step."""
+    out = tmp_path / "search"
+    good = [50, 60, 70]
+    scores = {"0": good, "1": good, "2": good, "3": good, "4": [1, 1, 1]}
+    argv = _argv(tiny_model, tmp_path, "--n-trials", "5", "--pruner", "hyperband", "--no-recipe-trial",
+                 "--launcher", f"{sys.executable} {REPO / 'tests' / 'scripted_trial.py'}")
+    res = _result(_search(argv, extra_env={"SCRIPTED_TRIAL_SCORES": json.dumps(scores), "SCRIPTED_TRIAL_PAUSE_S": "2"}))
+    rows = {r["trial"]: r for r in _trials(out)}
+    assert rows[4]["state"] == "pruned" and rows[4]["steps"] < 6, rows[4]
+    assert res["pruned"] >= 1 and res["steps"] < 5 * 6
+
+
+@pytest.mark.slow
+def test_a_trial_launched_by_torchrun_runs_two_ranks(tiny_model, tmp_path):
+    """--launcher "torchrun …": each trial is a two-process DeepSpeed run; it completes and is scored."""
+    out = tmp_path / "search"
+    argv = _argv(tiny_model, tmp_path, "--n-trials", "1", "--pruner", "none",
+                 "--launcher", f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2")
+    res = _result(_search(argv, extra_env={"OMP_NUM_THREADS": "1"}))
+    assert res["complete"] == 1 and res["best"]["score"] >= 0
+    log = (out / "trials" / "trial-0000" / "trial.log").read_text()
+    assert "2 ranks:" in log, log[-2000:]
+
+
 def test_the_slurm_array_script_runs_one_worker_of_the_study(tmp_path):
     script = str(REPO / "launch" / "slurm" / "search.sbatch")
     bare = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
