@@ -163,6 +163,22 @@ def test_a_record_that_is_not_a_file_is_refused_and_nothing_is_touched(tmp_path,
         assert _tree(out) == before
 
 
+@pytest.mark.parametrize("kind", ["link to a file", "folder"])
+def test_a_lock_that_is_not_a_file_is_refused_and_nothing_is_touched(tmp_path, kind):
+    """A link where the lock goes was followed: the file it named, outside the folder, was cut to the lock's line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "outside.txt").write_text("mine")
+    if kind == "folder":
+        (out / LOCK).mkdir()
+    else:
+        (out / LOCK).symlink_to(tmp_path / "outside.txt")
+    before = _tree(out)
+    with pytest.raises(ConfigError, match=f"{LOCK} is not a file"):
+        _prepare(out)
+    assert _tree(out) == before and (tmp_path / "outside.txt").read_text() == "mine"
+
+
 def test_a_legacy_run_folder_resumes_but_overwrite_removes_nothing_unrecorded(tmp_path):
     """A run folder from before the record: its complete checkpoints make a resume continue it (its files adopted
     into the record); --overwrite without a record removes nothing it cannot prove."""

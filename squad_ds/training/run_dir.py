@@ -50,6 +50,9 @@ class Held:
 def lock(out: Path) -> Held:
     """Take output.dir for this run; the lock goes with the process (any exit, kill -9 included). Keep the
     returned object for the run's life."""
+    if (out / LOCK).is_symlink() or (out / LOCK).exists() and not (out / LOCK).is_file():
+        raise ConfigError(f"output.dir {out}: {LOCK} is not a file squad-ds wrote (a folder or a link, which the lock "
+                          "would write through): move it away, or choose another output.dir")
     created = [p for p in (out, *out.parents) if not p.exists()][::-1]  # outermost first
     out.mkdir(parents=True, exist_ok=True)
     if not (out / LOCK).exists():
