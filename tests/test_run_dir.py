@@ -126,6 +126,59 @@ def test_a_link_is_never_followed_or_removed(tmp_path):
     assert (tmp_path / "elsewhere" / "precious.pt").read_text() == "mine" and (out / "checkpoints").is_symlink()
 
 
+def test_a_users_file_inside_an_eval_step_folder_is_kept(tmp_path):
+    """An eval-STEP folder's marker proves the files an evaluation writes, not whatever else was put in it since
+    (--overwrite removed the user's notes with the folder)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("eval-2", "eval-4"):
+        _write_as_run(out, name)
+        (out / name / "predictions.json").write_text("{}")
+    (out / "eval-4" / "my-notes.txt").write_text("mine")
+    (out / "eval-4" / "mine").mkdir()
+    (out / "eval-4" / "mine" / "a.txt").write_text("mine too")
+    _prepare(out)
+    assert not (out / "eval-2").exists()
+    assert sorted(p.name for p in (out / "eval-4").iterdir()) == ["mine", "my-notes.txt"]
+    assert (out / "eval-4" / "my-notes.txt").read_text() == "mine"
+    assert (out / "eval-4" / "mine" / "a.txt").read_text() == "mine too"
+
+
+@pytest.mark.parametrize("kind", ["folder", "link to a folder"])
+def test_a_record_that_is_not_a_file_is_refused_and_nothing_is_touched(tmp_path, kind):
+    """A folder where the record goes was a traceback (IsADirectoryError) after the lock was taken, and the lock
+    stayed behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    if kind == "folder":
+        (out / RECORD).mkdir()
+        (out / RECORD / "x.txt").write_text("mine")
+    else:
+        (out / RECORD).symlink_to(tmp_path / "elsewhere")
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=f"{RECORD} is not a file"):
+            _prepare(out, overwrite=overwrite)
+        assert _tree(out) == before
+
+
+@pytest.mark.parametrize("kind", ["link to a file", "folder"])
+def test_a_lock_that_is_not_a_file_is_refused_and_nothing_is_touched(tmp_path, kind):
+    """A link where the lock goes was followed: the file it named, outside the folder, was cut to the lock's line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "outside.txt").write_text("mine")
+    if kind == "folder":
+        (out / LOCK).mkdir()
+    else:
+        (out / LOCK).symlink_to(tmp_path / "outside.txt")
+    before = _tree(out)
+    with pytest.raises(ConfigError, match=f"{LOCK} is not a file"):
+        _prepare(out)
+    assert _tree(out) == before and (tmp_path / "outside.txt").read_text() == "mine"
+
+
 def test_a_legacy_run_folder_resumes_but_overwrite_removes_nothing_unrecorded(tmp_path):
     """A run folder from before the record: its complete checkpoints make a resume continue it (its files adopted
     into the record); --overwrite without a record removes nothing it cannot prove."""

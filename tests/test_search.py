@@ -343,6 +343,22 @@ def test_keep_best_removes_only_what_squad_ds_wrote(tiny_model, tmp_path):
     assert sorted(p.name for p in mine.parent.iterdir()) == ["notes.txt"] and mine.read_text() == "mine\n"
 
 
+def test_keep_best_keeps_a_users_file_inside_an_eval_step_folder(tmp_path):
+    """A trial's eval-STEP folder went whole, with the notes a user had put in it."""
+    from squad_ds.search.objective import TRIAL_MARKER
+    from squad_ds.search.report import remove_trial_dir
+    from squad_ds.training import run_dir
+
+    d = tmp_path / "trial-0000"
+    d.mkdir()
+    (d / TRIAL_MARKER).write_text(json.dumps({"study": "s", "trial": 0}))
+    run_dir.mark_eval_dir(d / "eval-2")
+    (d / "eval-2" / "eval_results.json").write_text("{}")
+    (d / "eval-2" / "notes.txt").write_text("mine")
+    assert remove_trial_dir(d, "s")
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == ["eval-2", "eval-2/notes.txt"]
+
+
 @pytest.mark.slow
 def test_killed_mid_trial_then_resumed_the_killed_trial_is_rerun_and_the_total_exact(tiny_model, tmp_path):
     out = tmp_path / "search"

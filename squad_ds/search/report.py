@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +120,7 @@ def remove_trial_dir(d: Path, study_name: str) -> bool:
     names = [*run_dir.ARTEFACTS, *sorted(p.name for p in d.glob("eval-*"))]
     for name in names:
         if run_dir.ours(d, name):  # a model folder by its squad_ds.json, eval-STEP by its marker, the rest by RECORD
-            p = d / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            run_dir.remove(d, name)
     for name in (run_dir.LOCK, run_dir.RECORD, TRIAL_LOG, TRIAL_MARKER):
         p = d / name
         if p.is_file() and not p.is_symlink():

@@ -50,6 +50,9 @@ class Held:
 def lock(out: Path) -> Held:
     """Take output.dir for this run; the lock goes with the process (any exit, kill -9 included). Keep the
     returned object for the run's life."""
+    if (out / LOCK).is_symlink() or (out / LOCK).exists() and not (out / LOCK).is_file():
+        raise ConfigError(f"output.dir {out}: {LOCK} is not a file squad-ds wrote (a folder or a link, which the lock "
+                          "would write through): move it away, or choose another output.dir")
     created = [p for p in (out, *out.parents) if not p.exists()][::-1]  # outermost first
     out.mkdir(parents=True, exist_ok=True)
     if not (out / LOCK).exists():
@@ -173,6 +176,9 @@ def resume_mode(resume: str | None, overwrite: bool, out: Path) -> tuple[str | N
     a run writes are refused in every mode. Also returns a legacy folder's files that the resume adopts."""
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues a run: give one of them")
+    if (out / RECORD).is_symlink() or (out / RECORD).exists() and not (out / RECORD).is_file():
+        raise ConfigError(f"output.dir {out}: {RECORD} is not a file squad-ds wrote (a folder or a link) where "
+                          "squad-ds keeps its record: move it away, or choose another output.dir")
     adopted = _legacy(out) if not overwrite and (resume or complete_tags(out / "checkpoints")) else []
     theirs = foreign(out, adopted)
     if theirs:
@@ -192,6 +198,30 @@ def resume_mode(resume: str | None, overwrite: bool, out: Path) -> tuple[str | N
     return None, adopted
 
 
+def _clear_eval_dir(d: Path) -> list[str]:
+    """Remove what an evaluation wrote into eval-STEP (its files, their half-written copies, the marker) and the
+    folder if that empties it; returns the names of what else it holds, kept."""
+    for p in d.iterdir():
+        written = p.name in (*EVALUATION, EVAL_MARKER) or any(
+            p.name.startswith(f".{n}.") and p.name.endswith(".tmp") for n in EVALUATION)  # atomic.write's
+        if written and p.is_file() and not p.is_symlink():
+            p.unlink()
+    left = sorted(p.name for p in d.iterdir())
+    if not left:
+        d.rmdir()
+    return left
+
+
+def remove(out: Path, name: str) -> list[str]:
+    """Remove OUTPUT/name, which `ours` proved squad-ds's; an eval-STEP folder's marker proves only what an
+    evaluation writes there, so whatever else it holds is kept with it. Returns what is kept (name/...)."""
+    p = out / name
+    if _EVAL_STEP.fullmatch(name):
+        return [f"{name}/{n}" for n in _clear_eval_dir(p)]
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return []
+
+
 def clear(out: Path) -> None:
     """Remove what an earlier run wrote into output.dir (--overwrite): only what `ours` proves; the rest is named
     and kept."""
@@ -203,8 +233,10 @@ def clear(out: Path) -> None:
         if not ours(out, name):
             kept.append(name)
             continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        removed.append(name)
+        left = remove(out, name)
+        kept.extend(left)
+        if not left:
+            removed.append(name)
     if removed:
         log_main("--overwrite: removed %s from %s", ", ".join(removed), out)
     if kept:
