@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from squad_ds.model_record import model_record, recipe_for_model
-from squad_ds.errors import ConfigError, QuestionError
+from squad_ds.errors import ConfigError, QuestionError, json_problem
 from squad_ds.scoring.postprocess import is_placeholder
 
 # Bounds on one question and one context, in characters: a question is a sentence, a context a document (SQuAD's
@@ -222,7 +222,7 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
     import sys
 
     try:
-        f = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+        f = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # noqa: SIM115 - closed below
     except OSError as e:
         raise QuestionError(f"--input {path}: {e.strerror or e}") from None
     try:
@@ -230,9 +230,9 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.removeprefix("\ufeff") if n == 1 else line)  # stdin's byte-order mark
             except ValueError as e:
-                raise QuestionError(f"{path}, line {n}: not JSON ({e})") from None
+                raise QuestionError(f"{path}, line {n}: not JSON ({json_problem(e)})") from None
             except RecursionError:
                 raise QuestionError(f"{path}, line {n}: not JSON (nested too deeply)") from None
             if not isinstance(row, dict) or "question" not in row or "context" not in row:

@@ -74,6 +74,14 @@ _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EROFS: "read-only file system"}
 
 
+def json_problem(e: ValueError) -> str:
+    """What a JSON reader's ValueError says about the text, in its words. Python's refusal of a long number tells
+    the reader to raise a limit of its own (sys.set_int_max_str_digits): the text's problem is the number."""
+    if "integer string conversion" in str(e):
+        return f"a number of more than {sys.get_int_max_str_digits()} digits"
+    return str(e)
+
+
 def disk_problem(path: str | os.PathLike) -> str | None:
     """Why nothing can be written under `path` (a read-only or full file system), or None. For writers that do
     not say (torch.save reports only "file write failed")."""

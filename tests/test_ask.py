@@ -169,7 +169,9 @@ def test_text_with_content_beside_invisible_characters_is_answered(qa):
     ('{"question": "Who?", "context": "Ann.", "id": "\\ud800"}\n', "line 1: id: not Unicode text"),
     ('{"question": "\\u200b", "context": "Ann."}\n', "line 1: question: empty"),
     ('{"question": "Who?", "context": "Ann."}\n' + "[" * 5000 + "]" * 5000 + "\n", "line 2: not JSON"),
-], ids=["surrogate-question", "surrogate-context", "surrogate-id", "zero-width-question", "deep-nesting"])
+    ('{"question": "Who?", "context": "Ann.", "id": ' + "9" * 5000 + "}\n",
+     r"line 1: not JSON \(a number of more than 4300 digits\)"),
+], ids=["surrogate-question", "surrogate-context", "surrogate-id", "zero-width-question", "deep-nesting", "digits"])
 def test_bad_text_in_input_lines_is_named_by_its_line(tmp_path, bert, content, message):
     path = tmp_path / "in.jsonl"
     path.write_text(content)
@@ -231,6 +233,16 @@ def test_bad_input_lines_are_named_by_their_line(tmp_path, bert, content, messag
     with pytest.raises(QuestionError, match=message):
         ask_command(str(bert), question=None, context=None, context_file=None, input_path=str(path), top_k=1,
                     version=None, recipe=None, overrides=WINDOWS, emit=lambda d: None)
+
+
+def test_an_input_file_starting_with_a_byte_order_mark_is_read(tmp_path, bert):
+    """Editors on Windows write one; it was refused as 'Unexpected UTF-8 BOM'."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "Who sat?", "context": "The cat sat."}\n')
+    rows = []
+    ask_command(str(bert), question=None, context=None, context_file=None, input_path=str(path), top_k=1,
+                version=None, recipe=None, overrides=WINDOWS, emit=rows.append)
+    assert len(rows) == 1
 
 
 def test_missing_context_file_and_input_are_one_line(tmp_path, bert):

@@ -69,6 +69,8 @@ def test_missing_file(tmp_path):
     ("bad.json.gz", gzip.compress(b"[1, 2"), r"not valid JSON \(gzip\)"),
     ("trunc.json.gz", gzip.compress(b'{"data": []}')[:-6], r"not valid JSON \(gzip\)"),
     ("latin1.json", '{"data": [], "t": "caf\u00e9"}'.encode("latin-1"), "not valid JSON"),
+    # a ValueError that is not a JSONDecodeError: it was a traceback
+    ("digits.json", b'{"version": ' + b"7" * 5000 + b', "data": []}', "a number of more than 4300 digits"),
 ])
 def test_not_json(tmp_path, name, payload, match):
     path = tmp_path / name

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from squad_ds.data import formats
-from squad_ds.errors import SquadFormatError
+from squad_ds.errors import SquadFormatError, json_problem
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def read_json(path: str | Path) -> Any:
         # utf-8-sig: tolerate a byte-order mark, which json.load rejects.
         with opener(path, "rt", encoding="utf-8-sig") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
-        raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if is_gzip else ''}: {e}") from e
+    except (ValueError, OSError, EOFError, zlib.error) as e:  # ValueError: JSON's, UTF-8's and long numbers'
+        raise SquadFormatError(f"{path}: not valid JSON{' (gzip)' if is_gzip else ''}: "
+                               f"{json_problem(e) if isinstance(e, ValueError) else e}") from e
     except RecursionError:
         raise SquadFormatError(f"{path}: not SQuAD JSON: nested too deeply to read") from None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from squad_ds.ask import (MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS, QuestionAnswerer, check_top_k, checked_id,
                           checked_text, result_document)
-from squad_ds.errors import ConfigError, QuestionError
+from squad_ds.errors import ConfigError, QuestionError, json_problem
 from squad_ds.serve.batcher import Batcher
 from squad_ds.serve.limits import Limits
 
@@ -161,7 +161,7 @@ def create_app(qa: QuestionAnswerer, *, limits: Limits = Limits(), host: str = "
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            return error(400, f"not JSON: {e}")
+            return error(400, f"not JSON this server reads: {json_problem(e)}")
         except RecursionError:
             return error(400, "not JSON this server reads: nested too deeply")
         try:
