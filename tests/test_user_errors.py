@@ -259,6 +259,24 @@ def test_predict_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny,
     assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
 
 
+def test_preprocess_onto_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, tiny, mount):
+    """The cache is what preprocess makes: a full disk was a warning, exit 0, and an empty folder left behind."""
+    disk = _full_disk(tmp_path, mount)
+    windows = ["--max-seq-length", "64", "--doc-stride", "32", "--max-query-length", "16"]
+    last = _one_line(_cli("preprocess", "sample:dev", "--tokenizer", tiny, "--cache-dir", disk / "c" / "d", *windows),
+                     "preprocess", "--cache-dir", "no space left")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"], last
+
+
+def test_preprocess_with_a_file_as_cache_dir_is_one_line(tmp_path, tiny):
+    (tmp_path / "notes.txt").write_text("mine")
+    windows = ["--max-seq-length", "64", "--doc-stride", "32", "--max-query-length", "16"]
+    for where in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):
+        _one_line(_cli("preprocess", "sample:dev", "--tokenizer", tiny, "--cache-dir", where, *windows),
+                  "preprocess", "--cache-dir", "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_plot_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, mount):
     """The error named no file ("cannot write : no space left on the device") and left an empty x.png behind."""
     pytest.importorskip("matplotlib")

@@ -16,7 +16,7 @@ from squad_ds.config import DataConfig
 from squad_ds.data import cache
 from squad_ds.data.features import Features, featurize, make_spec
 from squad_ds.data.squad import SquadDataset, load_squad
-from squad_ds.errors import ConfigError, SquadFormatError
+from squad_ds.errors import ConfigError, SquadFormatError, disk_error, file_in_the_way
 from squad_ds.logs import log_main
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     Ranks sharing a cache directory may all build on a cold cache; the atomic write keeps that safe.
     """
     t0 = time.perf_counter()
+    cache_error = None
     make_spec(tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
               split=split)  # bad parameters fail before any reading
     # Eval features need no answers, so eval files may be unlabelled (a test set for `squad-ds predict`).
@@ -55,13 +56,14 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
                                                        "squad_version": dataset.version, **params})
             written = True
         except OSError as e:  # a read-only or full cache directory costs the cache, not the run
-            log.warning("feature cache not written (%s: %s): continuing without it", path.parent,
-                        e.strerror or e)
+            disk = disk_error(e, path.parent)
+            cache_error = file_in_the_way(path.parent) or (str(disk) if disk else e.strerror or str(e))
+            log.warning("feature cache not written (%s: %s): continuing without it", path.parent, cache_error)
     n_examples = len(dataset.examples) - (len(dataset.misaligned_ids) if split == "train" else 0)
     info: dict[str, Any] = {"examples": n_examples, "features": len(features), "in_span": None, "at_cls": None,
                             "seconds": round(time.perf_counter() - t0, 3), "cached": hit is not None,
                             "cache_file": str(path) if written else None, "key": key,
-                            "squad_version": dataset.version, "split": split}
+                            "squad_version": dataset.version, "split": split, "cache_error": cache_error}
     if features.is_impossible is not None:
         info["at_cls"] = int(features.is_impossible.sum())
         info["in_span"] = len(features) - info["at_cls"]
@@ -75,6 +77,9 @@ def preprocess_command(data: str, tokenizer: Any, *, max_seq_length: int, doc_st
     _, _, info = load_or_build_features(data, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                         max_query_length=max_query_length, split=split, cache_dir=cache_dir,
                                         num_workers=num_workers)
+    if info["cache_error"]:  # the cache is what this command makes: without it, it failed
+        where = cache_dir or cache.default_cache_dir()
+        raise ConfigError(f"--cache-dir {where}: the features could not be written there ({info['cache_error']})")
     keys = ("examples", "features", "in_span", "at_cls", "seconds", "cached", "cache_file")
     return {k: info[k] for k in keys}
 
