@@ -215,6 +215,16 @@ def test_predict_refuses_an_out_dir_that_holds_something_else(tmp_path, tiny, wh
     assert _listing(tmp_path) == before
 
 
+def test_predict_into_the_current_folder_writes_there_and_keeps_what_is_there(tmp_path, tiny):
+    """--out-dir . (the output path a user types most): the predictions land in the current folder, beside the
+    user's files, which stay as they were."""
+    (tmp_path / "notes.txt").write_text("mine")
+    windows = ["--set", "data.max_seq_length=64", "--set", "data.doc_stride=32", "--set", "data.max_query_length=16"]
+    proc = _cli("predict", "sample:dev", "--model", tiny, "--out-dir", ".", *windows, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "predictions.json").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("out", ["training.txt", "train_log.jsonl"])
 def test_plot_refuses_an_out_that_is_not_a_png(tmp_path, out):
     """A --out without the .png suffix was matplotlib's ValueError traceback (and, for a supported suffix, would
