@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import report_profile
+import report_search
 import report_sections as sections
 from records import BEGIN, END, GIB, MEMORY, MEMORY_PLOT, PAGE, README, REPO, RESULTS, current, load, machine_label, \
     mean, memory_machine, num, of, pct, val  # noqa: F401 - the tests read load, RESULTS and the labels here
@@ -28,8 +30,8 @@ def page(records: list[dict], memory_runs: list[dict]) -> str:
             "bench/report.py` writes this page, its plots and README.md's results from them. Of several records of "
             "one comparison on one machine, the newest is shown; git keeps the others. How to run each benchmark: "
             "[bench/README.md](../bench/README.md).", ""]
-    body = (sections.recipes(recs) + sections.speed(recs) + sections.accuracy(recs) + sections.search(recs)
-            + sections.gpu_and_batching(recs)
+    body = (sections.recipes(recs) + sections.speed(recs) + report_profile.profile(recs) + sections.accuracy(recs)
+            + sections.search(recs) + report_search.study(recs) + sections.gpu_and_batching(recs)
             + sections.data_and_scoring(recs) + sections.ask_and_serve(recs) + sections.memory(recs, memory_runs)
             + sections.tests(recs))
     return "\n".join(head + body).rstrip("\n") + "\n"

@@ -251,3 +251,21 @@ def test_profile_sides_smoke(tmp_path):
         assert r["wall_ms_per_micro_batch"] > 0 and len(r["lengths"]) == 1
         assert sum(r["share"].values()) == pytest.approx(1.0)
         assert r["share"]["linear"] > 0 and r["share"]["attention"] > 0
+
+
+def test_search_study_records_the_recipes_trial_and_the_best(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    rows = [{"trial": 0, "state": "complete", "score": 10.0, "steps": 40, "seconds": 100.0, "params": {"train.lr": 3e-4},
+             "note": "the recipe's own values", "rerun_of": None, "dir": "x"},
+            {"trial": 1, "state": "pruned", "score": 5.0, "steps": 20, "seconds": 50.0, "params": {"train.lr": 1e-4},
+             "note": "", "rerun_of": None, "dir": "y"},
+            {"trial": 2, "state": "complete", "score": 12.5, "steps": 40, "seconds": 100.0,
+             "params": {"train.lr": 5e-4}, "note": "", "rerun_of": None, "dir": "z"}]
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "search_study.py"), "--what", "a study", "--from",
+                           str(out), "--wall-s", "250", "--results", str(tmp_path / "results.jsonl")],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    f = json.loads((tmp_path / "results.jsonl").read_text())["figures"]
+    assert (f["recipe_trial"], f["best_trial"], f["steps"], f["wall_s"]) == (0, 2, 100, 250.0)
