@@ -110,6 +110,41 @@ def test_neighbouring_draws_are_uncorrelated():
         assert abs(np.corrcoef(keep[:-lag], keep[lag:])[0, 1]) < 3e-3
 
 
+def _attention_node(out):
+    node = out.grad_fn
+    while type(node).__name__ != "_AttentionDropoutBackward":
+        node = node.next_functions[0][0]
+    return node
+
+
+def test_bfloat16_attention_keeps_bfloat16_for_backward_and_matches_float32():
+    """Under bf16 (autocast's linear layers, DeepSpeed's bf16) q, k, v arrive in bfloat16: the kernel computes in
+    float32 as before, but saves the bfloat16 inputs and output for backward, not float32 copies of them (half the
+    attention's saved bytes: they were 16 bytes per token and hidden unit in every layer), and returns bfloat16
+    gradients. Forward equals the float32 computation rounded; gradients agree to bfloat16's precision."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, s, d = 2, 4, 50, 16
+    q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in transformers_layout(b, h, s, d, gen))
+    mask = torch.ones(b, 1, s, s, dtype=torch.bool)
+    mask[1, ..., 40:] = False
+    torch.manual_seed(3)
+    out = fd.attention(q, k, v, mask, 0.1)
+    assert out.dtype == torch.bfloat16
+    saved = _attention_node(out).saved_tensors
+    assert [t.dtype for t in saved if t.shape[-1] == d] == [torch.bfloat16] * 4  # q, k, v and the output
+    grad = torch.randn(out.shape, generator=gen).to(torch.bfloat16)
+    out.backward(grad)
+
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    torch.manual_seed(3)
+    ref = fd.attention(q32, k32, v32, mask, 0.1)
+    ref.backward(grad.float())
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    for a, r in ((q, q32), (k, k32), (v, v32)):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.float(), r.grad, atol=2e-2, rtol=2e-2)
+
+
 def test_eval_and_other_dtypes_are_torchs_own():
     layer = fd.Dropout(0.5)
     x = torch.randn(64)

@@ -9,8 +9,9 @@ call is drawn from torch's default generator, so runs are deterministic under `t
 restores the generator) draws the same masks.
 
 It is one registered attention function (ATTN_NAME) of transformers' own model, as packed batches are: same class,
-weights, checkpoints and export. Only training calls with attention dropout take the kernel (computed in float32,
-cast back to the inputs' dtype); everything else (evaluation, dropout 0, grouped-query attention) is transformers'
+weights, checkpoints and export. Only training calls with attention dropout take the kernel (computed in float32;
+float32 and bfloat16 inputs are read and saved for backward as they are, outputs and gradients written in their
+dtype); everything else (evaluation, dropout 0, grouped-query attention) is transformers'
 SDPA attention, unchanged.
 
 The kernel is built at start-up (`enable`, before training's first step) with torch's C++ extension loader (as
@@ -134,7 +135,7 @@ def _additive_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) 
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     if mask is None:
-        return q.new_zeros(1, 1, 1, sk).expand(b, h, sq, sk)
+        return q.new_zeros(1, 1, 1, sk, dtype=torch.float32).expand(b, h, sq, sk)
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
     mask = mask.to(torch.float32)
@@ -149,7 +150,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(scale * q k^T + mask) with dropout p, times v: q, k, v [B, H, S, D] → [B, S, H, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q.float(), k.float(), v.float()))
+    kernel = dtype if dtype in _KERNEL_DTYPES and k.dtype == v.dtype == dtype else torch.float32
+    # float32 and bfloat16 go in as they are (the kernel computes in float32 and saves them, not float32 copies)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q.to(kernel), k.to(kernel), v.to(kernel)))
     out = _AttentionDropout.apply(q, k, v, _additive_mask(mask, q, k), float(scale), float(dropout_p), _seed())
     return out.to(dtype)
 

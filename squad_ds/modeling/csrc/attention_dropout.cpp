@@ -12,14 +12,17 @@
 // per element, O = (P * Z) V. Rows whose keys are all masked give zeros.
 //
 // Layouts: q, k, v are [B, H, S, D] views with unit stride in D (transformers passes transposed [B, S, H, D] tensors
-// this way); the mask is a float additive [B, H, Sq, Sk] view (broadcast dimensions as stride 0). Outputs and
-// gradients are written as contiguous [B, S, H, D] (out) or [B, H, S, D] (gradients).
+// this way), all float32 or all bfloat16; the mask is a float32 additive [B, H, Sq, Sk] view (broadcast dimensions as
+// stride 0). Outputs and gradients are written in q's dtype as contiguous [B, S, H, D] (out) or [B, H, S, D]
+// (gradients). Bfloat16 slices are converted to float32 per (batch, head) task, so that what backward keeps is the
+// bfloat16 tensors themselves, not float32 copies.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -61,8 +64,10 @@ struct Shapes {
 
 Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "4-d q, k, v and mask expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-              mask.scalar_type() == at::kFloat, "float32 tensors expected");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+              k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v: all float32 or all bfloat16 expected");
+  TORCH_CHECK(mask.scalar_type() == at::kFloat, "a float32 mask expected");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && mask.stride(3) == 1,
               "unit stride in the last dimension expected");
   Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3),
@@ -127,6 +132,40 @@ inline void probs_row(float* row, const float* mask_row, int64_t n, float lse) {
   for (; j < n; ++j) row[j] = std::exp(row[j] + mask_row[j] - lse);
 }
 
+// A [rows, D] slice with row stride `stride` as float32 rows: float32 slices are used where they are; bfloat16 ones
+// are converted into `buf` (D contiguous), so the kernel computes in float32 whatever the inputs' dtype.
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+
+inline Rows as_float(const float* src, int64_t, int64_t, int64_t stride, std::vector<float>&) { return {src, stride}; }
+
+inline Rows as_float(const at::BFloat16* src, int64_t rows, int64_t d, int64_t stride, std::vector<float>& buf) {
+  buf.resize(rows * d);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < d; ++j) buf[r * d + j] = static_cast<float>(src[r * stride + j]);
+  }
+  return {buf.data(), d};
+}
+
+// Where float32 results for a [rows, D] slice of `dst` (row stride `stride`) go: `dst` itself for float32, else
+// `buf`, which store() then rounds into `dst`.
+inline float* result_rows(float* dst, int64_t, int64_t, std::vector<float>&) { return dst; }
+
+inline float* result_rows(at::BFloat16*, int64_t rows, int64_t d, std::vector<float>& buf) {
+  buf.resize(rows * d);
+  return buf.data();
+}
+
+inline void store(float*, const std::vector<float>&, int64_t, int64_t, int64_t) {}
+
+inline void store(at::BFloat16* dst, const std::vector<float>& buf, int64_t rows, int64_t d, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < d; ++j) dst[r * stride + j] = static_cast<at::BFloat16>(buf[r * d + j]);
+  }
+}
+
 uint32_t threshold_of(double p) {
   TORCH_CHECK(p > 0.0 && p < 1.0, "dropout probability must be in (0, 1)");
   return static_cast<uint32_t>(std::llround(p * 4294967296.0));
@@ -134,77 +173,52 @@ uint32_t threshold_of(double p) {
 
 }  // namespace
 
-// Returns (out [B, Sq, H, D], lse [B, H, Sq]).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                                double scale, double p, int64_t seed) {
-  const Shapes s = shapes_of(q, k, v, mask);
-  auto out = at::empty({s.B, s.Sq, s.H, s.D}, q.options());
-  auto lse = at::empty({s.B, s.H, s.Sq}, q.options());
-  const uint32_t threshold = threshold_of(p);
-  const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* mp = mask.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
+namespace {
+
+template <typename T>
+void forward_impl(const Shapes& s, const T* qp, const T* kp, const T* vp, const float* mp, T* op, float* lp,
+                  double scale, uint32_t threshold, float inv_keep, int64_t seed) {
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(s.Sq * s.Sk);
+    std::vector<float> scores(s.Sq * s.Sk), qbuf, kbuf, vbuf, obuf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
-      const float* qb = qp + b * s.q_b + h * s.q_h;
-      const float* kb = kp + b * s.k_b + h * s.k_h;
-      const float* vb = vp + b * s.v_b + h * s.v_h;
-      gemm_rm(false, true, s.Sq, s.Sk, s.D, static_cast<float>(scale), qb, s.q_s, kb, s.k_s,
-              scores.data(), s.Sk);
+      const Rows q = as_float(qp + b * s.q_b + h * s.q_h, s.Sq, s.D, s.q_s, qbuf);
+      const Rows k = as_float(kp + b * s.k_b + h * s.k_h, s.Sk, s.D, s.k_s, kbuf);
+      const Rows v = as_float(vp + b * s.v_b + h * s.v_h, s.Sk, s.D, s.v_s, vbuf);
+      gemm_rm(false, true, s.Sq, s.Sk, s.D, static_cast<float>(scale), q.p, q.ld, k.p, k.ld, scores.data(), s.Sk);
       for (int64_t i = 0; i < s.Sq; ++i) {
         float* row = scores.data() + i * s.Sk;
         lp[bh * s.Sq + i] = softmax_row(row, mp + b * s.m_b + h * s.m_h + i * s.m_q, s.Sk);
         apply_dropout(row, s.Sk, static_cast<uint64_t>(seed), static_cast<uint64_t>((bh * s.Sq + i) * s.Sk),
                       threshold, inv_keep);
       }
-      gemm_rm(false, false, s.Sq, s.D, s.Sk, 1.0f, scores.data(), s.Sk, vb, s.v_s,
-              op + b * s.Sq * s.H * s.D + h * s.D, s.H * s.D);
+      T* out = op + b * s.Sq * s.H * s.D + h * s.D;
+      float* o = result_rows(out, s.Sq, s.D, obuf);
+      const int64_t ldo = std::is_same<T, float>::value ? s.H * s.D : s.D;
+      gemm_rm(false, false, s.Sq, s.D, s.Sk, 1.0f, scores.data(), s.Sk, v.p, v.ld, o, ldo);
+      store(out, obuf, s.Sq, s.D, s.H * s.D);
     }
   });
-  return {out, lse};
 }
 
-// Returns (dq, dk, dv), each [B, H, S, D] contiguous. grad_out and out are [B, Sq, H, D] contiguous.
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out,
-                                 const at::Tensor& lse, double scale, double p, int64_t seed) {
-  const Shapes s = shapes_of(q, k, v, mask);
-  TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "contiguous grad/out/lse");
-  auto dq = at::empty({s.B, s.H, s.Sq, s.D}, q.options());
-  auto dk = at::empty({s.B, s.H, s.Sk, s.D}, q.options());
-  auto dv = at::empty({s.B, s.H, s.Sk, s.D}, q.options());
-  const uint32_t threshold = threshold_of(p);
-  const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
-  const float fscale = static_cast<float>(scale);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* mp = mask.data_ptr<float>();
-  const float* gp = grad_out.data_ptr<float>();
-  const float* op = out.data_ptr<float>();
-  const float* lp = lse.data_ptr<float>();
-  float* dqp = dq.data_ptr<float>();
-  float* dkp = dk.data_ptr<float>();
-  float* dvp = dv.data_ptr<float>();
+template <typename T>
+void backward_impl(const Shapes& s, const T* gp, const T* qp, const T* kp, const T* vp, const float* mp,
+                   const T* op, const float* lp, T* dqp, T* dkp, T* dvp, float fscale, uint32_t threshold,
+                   float inv_keep, int64_t seed) {
   const int64_t row_stride = s.H * s.D;  // of out and grad_out
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probs(s.Sq * s.Sk), grads(s.Sq * s.Sk), di(s.Sq);
+    std::vector<float> probs(s.Sq * s.Sk), grads(s.Sq * s.Sk), di(s.Sq), qbuf, kbuf, vbuf, gbuf, obuf, dqbuf,
+        dkbuf, dvbuf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
-      const float* qb = qp + b * s.q_b + h * s.q_h;
-      const float* kb = kp + b * s.k_b + h * s.k_h;
-      const float* vb = vp + b * s.v_b + h * s.v_h;
-      const float* gb = gp + b * s.Sq * row_stride + h * s.D;
-      const float* ob = op + b * s.Sq * row_stride + h * s.D;
+      const Rows q = as_float(qp + b * s.q_b + h * s.q_h, s.Sq, s.D, s.q_s, qbuf);
+      const Rows k = as_float(kp + b * s.k_b + h * s.k_h, s.Sk, s.D, s.k_s, kbuf);
+      const Rows v = as_float(vp + b * s.v_b + h * s.v_h, s.Sk, s.D, s.v_s, vbuf);
+      const Rows g = as_float(gp + b * s.Sq * row_stride + h * s.D, s.Sq, s.D, row_stride, gbuf);
+      const Rows o = as_float(op + b * s.Sq * row_stride + h * s.D, s.Sq, s.D, row_stride, obuf);
       const uint64_t first = static_cast<uint64_t>(bh * s.Sq * s.Sk);
       // P from the saved log-sum-exp; P * Z (the dropped probabilities) beside it.
-      gemm_rm(false, true, s.Sq, s.Sk, s.D, fscale, qb, s.q_s, kb, s.k_s, probs.data(), s.Sk);
+      gemm_rm(false, true, s.Sq, s.Sk, s.D, fscale, q.p, q.ld, k.p, k.ld, probs.data(), s.Sk);
       for (int64_t i = 0; i < s.Sq; ++i) {
         float* row = probs.data() + i * s.Sk;
         probs_row(row, mp + b * s.m_b + h * s.m_h + i * s.m_q, s.Sk, lp[bh * s.Sq + i]);
@@ -212,27 +226,80 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         std::copy(row, row + s.Sk, dropped);
         apply_dropout(dropped, s.Sk, static_cast<uint64_t>(seed), first + i * s.Sk, threshold, inv_keep);
         float acc = 0.0f;  // D_i = rowsum(dO * O) = rowsum(dP * P)
-        for (int64_t d = 0; d < s.D; ++d) acc += gb[i * row_stride + d] * ob[i * row_stride + d];
+        for (int64_t d = 0; d < s.D; ++d) acc += g.p[i * g.ld + d] * o.p[i * o.ld + d];
         di[i] = acc;
       }
+      T* dq = dqp + bh * s.Sq * s.D;
+      T* dk = dkp + bh * s.Sk * s.D;
+      T* dv = dvp + bh * s.Sk * s.D;
       // dV = (P * Z)^T dO
-      gemm_rm(true, false, s.Sk, s.D, s.Sq, 1.0f, grads.data(), s.Sk, gb, row_stride,
-              dvp + bh * s.Sk * s.D, s.D);
+      gemm_rm(true, false, s.Sk, s.D, s.Sq, 1.0f, grads.data(), s.Sk, g.p, g.ld, result_rows(dv, s.Sk, s.D, dvbuf),
+              s.D);
+      store(dv, dvbuf, s.Sk, s.D, s.D);
       // d(P * Z) = dO V^T, then dS = P * (d(P * Z) * Z - D_i)
-      gemm_rm(false, true, s.Sq, s.Sk, s.D, 1.0f, gb, row_stride, vb, s.v_s, grads.data(), s.Sk);
+      gemm_rm(false, true, s.Sq, s.Sk, s.D, 1.0f, g.p, g.ld, v.p, v.ld, grads.data(), s.Sk);
       for (int64_t i = 0; i < s.Sq; ++i) {
-        float* g = grads.data() + i * s.Sk;
+        float* gr = grads.data() + i * s.Sk;
         const float* prow = probs.data() + i * s.Sk;
-        apply_dropout(g, s.Sk, static_cast<uint64_t>(seed), first + i * s.Sk, threshold, inv_keep);
-        for (int64_t j = 0; j < s.Sk; ++j) g[j] = prow[j] * (g[j] - di[i]);
+        apply_dropout(gr, s.Sk, static_cast<uint64_t>(seed), first + i * s.Sk, threshold, inv_keep);
+        for (int64_t j = 0; j < s.Sk; ++j) gr[j] = prow[j] * (gr[j] - di[i]);
       }
       // dQ = scale * dS K, dK = scale * dS^T Q
-      gemm_rm(false, false, s.Sq, s.D, s.Sk, fscale, grads.data(), s.Sk, kb, s.k_s,
-              dqp + bh * s.Sq * s.D, s.D);
-      gemm_rm(true, false, s.Sk, s.D, s.Sq, fscale, grads.data(), s.Sk, qb, s.q_s,
-              dkp + bh * s.Sk * s.D, s.D);
+      gemm_rm(false, false, s.Sq, s.D, s.Sk, fscale, grads.data(), s.Sk, k.p, k.ld, result_rows(dq, s.Sq, s.D, dqbuf),
+              s.D);
+      store(dq, dqbuf, s.Sq, s.D, s.D);
+      gemm_rm(true, false, s.Sk, s.D, s.Sq, fscale, grads.data(), s.Sk, q.p, q.ld, result_rows(dk, s.Sk, s.D, dkbuf),
+              s.D);
+      store(dk, dkbuf, s.Sk, s.D, s.D);
     }
   });
+}
+
+}  // namespace
+
+// Returns (out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                double scale, double p, int64_t seed) {
+  const Shapes s = shapes_of(q, k, v, mask);
+  auto out = at::empty({s.B, s.Sq, s.H, s.D}, q.options());
+  auto lse = at::empty({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
+  const uint32_t threshold = threshold_of(p);
+  const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  if (q.scalar_type() == at::kBFloat16) {
+    forward_impl(s, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
+                 mask.data_ptr<float>(), out.data_ptr<at::BFloat16>(), lse.data_ptr<float>(), scale, threshold,
+                 inv_keep, seed);
+  } else {
+    forward_impl(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), mask.data_ptr<float>(),
+                 out.data_ptr<float>(), lse.data_ptr<float>(), scale, threshold, inv_keep, seed);
+  }
+  return {out, lse};
+}
+
+// Returns (dq, dk, dv), each [B, H, S, D] contiguous in q's dtype. grad_out and out are [B, Sq, H, D] contiguous.
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out,
+                                 const at::Tensor& lse, double scale, double p, int64_t seed) {
+  const Shapes s = shapes_of(q, k, v, mask);
+  TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "contiguous grad/out/lse");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "grad_out and out in q's dtype expected");
+  auto dq = at::empty({s.B, s.H, s.Sq, s.D}, q.options());
+  auto dk = at::empty({s.B, s.H, s.Sk, s.D}, q.options());
+  auto dv = at::empty({s.B, s.H, s.Sk, s.D}, q.options());
+  const uint32_t threshold = threshold_of(p);
+  const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  const float fscale = static_cast<float>(scale);
+  if (q.scalar_type() == at::kBFloat16) {
+    using B16 = at::BFloat16;
+    backward_impl(s, grad_out.data_ptr<B16>(), q.data_ptr<B16>(), k.data_ptr<B16>(), v.data_ptr<B16>(),
+                  mask.data_ptr<float>(), out.data_ptr<B16>(), lse.data_ptr<float>(), dq.data_ptr<B16>(),
+                  dk.data_ptr<B16>(), dv.data_ptr<B16>(), fscale, threshold, inv_keep, seed);
+  } else {
+    backward_impl(s, grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                  mask.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(),
+                  dk.data_ptr<float>(), dv.data_ptr<float>(), fscale, threshold, inv_keep, seed);
+  }
   return {dq, dk, dv};
 }
 
