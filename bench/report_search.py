@@ -2,6 +2,8 @@
 (bench/search_study.py's records)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from records import duration, meta, num, of, table
 
 
@@ -33,6 +35,8 @@ def study(records: list[dict]) -> list[str]:
                        f"{num(own['score'])} ({num(best['score'] - own['score'])} F1); the study ran {f['steps']} "
                        "optimizer steps" + (f" in {duration(f['wall_s'])}." if f.get("wall_s") else "."))
         out += [f"- {meta(r)}" + (f" {r['note']}" if r["note"] else ""), ""]
+        out += [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in f.get("plots", [])] + ([""] if f.get("plots")
+                                                                                          else [])
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--what", required=True, help="the study's model, data and budget, for the page")
     p.add_argument("--from", dest="from_dir", default=None, help="record a study already run into this folder")
     p.add_argument("--wall-s", type=float, default=None, help="with --from: the study's wall time, if known")
+    p.add_argument("--study-command", default=None, help="with --from: the squad-ds search command that ran it")
     p.add_argument("--note", default="")
+    p.add_argument("--plots", nargs="*", default=[], metavar="NAME",
+                   help="the study's plots to show on the results page (history, lr_slice, importance)")
     harness.add_arguments(p)
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if a.from_dir:
@@ -50,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "squad_ds.cli", "search", *search_args], check=True)
         wall = time.perf_counter() - t0
     f = figures(out, wall)
-    harness.save(harness.record("search_study", f, key=a.what, config={"work": a.what}, note=a.note,
-                                argv=None if not a.from_dir else ["bench/search_study.py", *argv]), a.results)
+    f["plots"] = []
+    for name in a.plots:  # the study's plots, copied beside the results page
+        if (out / f"{name}.png").is_file():
+            dest = harness.REPO / "docs" / "plots" / f"search_study_{name}.png"
+            shutil.copyfile(out / f"{name}.png", dest)
+            f["plots"].append(str(dest.relative_to(harness.REPO / "docs")))
+    rec = harness.record("search_study", f, key=a.what, config={"work": a.what}, note=a.note)
+    if a.study_command:  # the study that ran, not this recording of it
+        rec["command"] = a.study_command
+    harness.save(rec, a.results)
     print(json.dumps({k: v for k, v in f.items() if k != "trials"}))
     return 0
 
