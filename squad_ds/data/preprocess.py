@@ -63,7 +63,9 @@ def load_or_build_features(data_path: str | os.PathLike, tokenizer: Any, *, max_
     info: dict[str, Any] = {"examples": n_examples, "features": len(features), "in_span": None, "at_cls": None,
                             "seconds": round(time.perf_counter() - t0, 3), "cached": hit is not None,
                             "cache_file": str(path) if written else None, "key": key,
-                            "squad_version": dataset.version, "split": split, "cache_error": cache_error}
+                            "squad_version": dataset.version, "split": split}
+    if cache_error:
+        info["cache_error"] = cache_error
     if features.is_impossible is not None:
         info["at_cls"] = int(features.is_impossible.sum())
         info["in_span"] = len(features) - info["at_cls"]
@@ -77,7 +79,7 @@ def preprocess_command(data: str, tokenizer: Any, *, max_seq_length: int, doc_st
     _, _, info = load_or_build_features(data, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                         max_query_length=max_query_length, split=split, cache_dir=cache_dir,
                                         num_workers=num_workers)
-    if info["cache_error"]:  # the cache is what this command makes: without it, it failed
+    if info.get("cache_error"):  # the cache is what this command makes: without it, it failed
         where = cache_dir or cache.default_cache_dir()
         raise ConfigError(f"--cache-dir {where}: the features could not be written there ({info['cache_error']})")
     keys = ("examples", "features", "in_span", "at_cls", "seconds", "cached", "cache_file")
