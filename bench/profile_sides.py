@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items()), flush=True)
     rates(results, model, a.micro, peaks)
     print(f"matmul peaks (4096³, GFLOP/s): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}")
-    shape = f"{Path(model).name} {a.seq}/{a.doc_stride} micro {a.micro}×{a.accum}"
+    shape = f"{speed_parity.model_name(model)} {a.seq}/{a.doc_stride} micro {a.micro}×{a.accum}"
     harness.save(harness.record("profile_sides", {"sides": results, "matmul_peak_gflops": peaks}, key=shape,
-                                config={"model": Path(model).name, "seq": a.seq, "micro": a.micro, "accum": a.accum,
+                                config={"model": speed_parity.model_name(model), "seq": a.seq, "micro": a.micro, "accum": a.accum,
                                         "warmup": a.warmup, "steps": a.steps, "n_train": a.n_train}), a.results)
     return 0
 

@@ -66,7 +66,7 @@ def readme_block(records: list[dict], memory_runs: list[dict]) -> str:
         lines.append(f"| {label} | {', '.join(p for p in pubs if p) or '—'} | {measured} |")
     lines.append("")
     speed = {machine_label(r["machine"]): r for r in of(recs, "speed_parity") if "hf" in r["figures"]["sides"]
-             and r["config"].get("default") in r["figures"]["sides"]}
+             and r["config"].get("default") in r["figures"]["sides"] and " [" not in r["key"]}  # run_qa's shape
     parts = []
     for label, r in speed.items():
         d = r["config"]["default"]

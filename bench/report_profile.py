@@ -20,8 +20,11 @@ def profile(records: list[dict]) -> list[str]:
            "a few micro-batches timed by the wall clock with nothing attached, as many more under torch.profiler. "
            "Each operator's time goes to the part of the step that owns it (the attention function, the optimizer "
            "step, a dropout layer) or else by its name; milliseconds are the unprofiled wall time split by the "
-           "profiled shares. GFLOP/s: the linear layers' and attention's FLOPs at the timed micro-batches' lengths "
-           "over their time; the linear layers' against the best 4096³ matmul of the same run.", ""]
+           "profiled shares. A micro-batch's time is squad-ds's `train_step` (forward, backward and DeepSpeed's step) "
+           "and the Trainer's `training_step` (forward and backward: its optimizer step runs between the calls, so "
+           "it is in the shares, not in the milliseconds). GFLOP/s: the linear layers' and attention's FLOPs at the "
+           "timed micro-batches' lengths over their time; the linear layers' against the best 4096³ matmul of the "
+           "same run.", ""]
     for r in recs:
         f, c = r["figures"], r["config"]
         sides = f["sides"]

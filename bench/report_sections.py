@@ -7,6 +7,7 @@ from records import GIB, MEMORY_PLOT, NR, duration, machine_label, mean, memory_
     rows_table, table, val
 
 SIDE_NAMES = {"squad-ds": "squad-ds, `cpu_fp32`", "squad-ds-bf16": "squad-ds, `cpu_bf16_autocast`",
+              "squad-ds-default": "squad-ds, no DeepSpeed config named (the CPU's measured choice)",
               "squad-ds-sdpa": "squad-ds, `model.fused_dropout=false`",
               "squad-ds-compile": "squad-ds, `train.compile=true`",
               "hf": "Trainer, run_qa's recipe (fp32)", "hf-bf16": "Trainer, `bf16=True`"}
@@ -126,7 +127,9 @@ def speed(records: list[dict]) -> list[str]:
            "with run_qa's recipe), `hf-bf16` (with `bf16=True`); the machine's default squad-ds side is marked.", ""]
     for r in of(records, "speed_parity"):
         f, c = r["figures"], r["config"]
-        out += [f"### {machine_label(r['machine'])}: {', '.join(f['sides'])}", "", f"{c['model']}, {c['work']}.", ""]
+        shape = r["key"].split(" [", 1)[1].rstrip("]") if " [" in r["key"] else ""
+        out += [f"### {machine_label(r['machine'])}: {', '.join(f['sides'])}" + (f" ({shape})" if shape else ""), "",
+                f"{c['model']}, {c['work']}.", ""]
         rows = []
         for side, v in f["sides"].items():
             name = SIDE_NAMES.get(side, side) + (" **(default here)**" if side == c.get("default") else "")
