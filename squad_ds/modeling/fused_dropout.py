@@ -52,8 +52,10 @@ def ops():
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"])
     try:
+        # -fopenmp: ATen's parallel_for is inline OpenMP, compiled into the kernel; without it every task ran on the
+        # calling thread
         return load(name=f"squad_ds_attention_dropout_{capability.lower()}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", *flags], verbose=False)
+                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:  # no compiler, a build error
         raise ConfigError(f"model.fused_dropout: the CPU attention kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); set "

@@ -320,7 +320,18 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
   return y;
 }
 
+// How many threads at::parallel_for ran `n` items on: the build's check that it is parallel at all (without
+// OpenMP at compile time, ATen's inline parallel_for runs every item on the calling thread).
+int64_t parallel_threads(int64_t n) {
+  std::vector<int> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  int64_t used = 0;
+  for (int s : seen) used += s;
+  return used;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads parallel_for used for n items");
   m.def("forward", &forward, "attention with dropout, forward");
   m.def("backward", &backward, "attention with dropout, backward");
   m.def("dropout", &dropout, "x * keep / (1 - p), the keep-mask hashed from (seed, index)");
