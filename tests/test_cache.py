@@ -195,3 +195,29 @@ def test_bad_parameters_fail_before_reading(tok, tmp_path):
         build(tmp_path / "missing.json", tok, tmp_path / "c", doc_stride=60)
     with pytest.raises(FileNotFoundError):
         build(tmp_path / "missing.json", tok, tmp_path / "c")
+
+
+@pytest.mark.parametrize("fails", ["arrays", "json"])
+def test_a_failed_save_removes_only_what_it_wrote(tmp_path, monkeypatch, fails):
+    """A write that fails before the arrays land leaves a file already at that path alone; one that fails on the JSON
+    half removes the arrays it wrote (no half entry); folders it made go only when left empty."""
+    from squad_ds import atomic
+
+    target = tmp_path / "made" / "inner" / "eval-x.npz"
+    if fails == "arrays":
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"someone's")
+
+        def broken(path, fill):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(atomic, "write", broken)
+    else:
+        def broken_text(path, text):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(atomic, "write_text", broken_text)
+    with pytest.raises(OSError):
+        cache.save(target, "k", {"a": np.zeros(3)}, {})
+    if fails == "arrays":
+        assert target.read_bytes() == b"someone's"
+    else:
+        assert not (tmp_path / "made").exists()

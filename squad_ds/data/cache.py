@@ -76,12 +76,14 @@ def save(path: str | os.PathLike, key: str, arrays: dict[str, np.ndarray], meta:
     meta = {**meta, "key": key, "format_version": FORMAT_VERSION,
             "arrays": {k: [list(v.shape), v.dtype.str] for k, v in arrays.items()}}
     text = json.dumps(meta, sort_keys=True)
-    made = atomic.missing_folders(path.parent)
+    made, wrote = atomic.missing_folders(path.parent), False
     try:
         atomic.write(path, lambda f: np.savez(f, **arrays, **{_META: np.array(text)}))
+        wrote = True
         atomic.write_text(path.with_suffix(".json"), text + "\n")
     except OSError:
-        path.unlink(missing_ok=True)  # the entry without its JSON half is no entry
+        if wrote:  # the arrays this call wrote, without their JSON half, are no entry
+            path.unlink(missing_ok=True)
         atomic.remove_folders(made)  # the folders this call made, left empty
         raise
     return path
