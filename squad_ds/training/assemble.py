@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,10 @@ from squad_ds.modeling.factory import (ModelLoadError, check_max_seq_length, cou
                                       load_qa_model, load_tokenizer)
 from squad_ds.modeling.heads import model_family
 from squad_ds.training.ds_config import TrainPlan, default_ds_config, load_ds_config, resolve_ds_config
-from squad_ds.training import memory, nvme
+from squad_ds.training import allocator, memory, nvme
 from squad_ds.training.engine import build_engine, fused_dropout_policy, partitioned_construction
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
 def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
     group and seeded the RNGs (the QA head's initialisation draws from them)."""
+    _log.debug("%s", allocator.return_freed_memory())  # before the model and its activations are allocated
     recipe = spec.recipe
     tokenizer = load_tokenizer_for(recipe)
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
