@@ -214,13 +214,14 @@ def eval_arrays(features, examples: list[Example], length: int) -> tuple[np.ndar
 # ---------------------------------------------------------------------------------------------------- HF side
 
 def training_args(s: Settings, out: Path, seed: int, warmup_steps: int, sampling: str, bf16: bool = False,
-                  deepspeed: dict | None = None):
+                  deepspeed: dict | None = None, gradient_checkpointing: bool = False):
     """`deepspeed`: the Trainer's own DeepSpeed integration with that config (accelerate takes the DeepSpeed route
-    only when the Trainer is not told to use the CPU: DeepSpeed's CPU accelerator is then the device)."""
+    only when the Trainer is not told to use the CPU: DeepSpeed's CPU accelerator is then the device);
+    `gradient_checkpointing`: the Trainer's own activation checkpointing."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        bf16=bf16, deepspeed=deepspeed,
+        bf16=bf16, deepspeed=deepspeed, activation_checkpointing=gradient_checkpointing,
         output_dir=str(out), per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps, per_device_eval_batch_size=s.eval_batch_size,
         learning_rate=s.lr, weight_decay=s.weight_decay, adam_beta1=s.adam_betas[0], adam_beta2=s.adam_betas[1],
@@ -267,7 +268,8 @@ def hf_trainer(s: Settings, model, tokenizer, train_feats, seed: int, warmup_ste
 
 
 def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed: int, work: Path, *,
-           evaluate: bool = True, bf16: bool = False, deepspeed: dict | None = None) -> dict:
+           evaluate: bool = True, bf16: bool = False, deepspeed: dict | None = None,
+           gradient_checkpointing: bool = False) -> dict:
     """Train (and with `evaluate`, predict and score) the Hugging Face side; `bf16`: Trainer's bf16=True;
     `deepspeed`: the Trainer's DeepSpeed integration with that config (its arguments are made before the model, so
     that ZeRO-3 builds the model partitioned, as the Trainer's documentation says)."""
@@ -284,7 +286,7 @@ def run_hf(s: Settings, train_file: Path, eval_file: Path, model_dir: str, seed:
                                 fn_kwargs={"tokenizer": tokenizer, "s": s})
     warmup = warmup_steps_of(s, len(train_feats))
     args = training_args(s, work / f"hf-{seed}", seed, warmup, sampling="group_by_length", bf16=bf16,
-                         deepspeed=deepspeed)
+                         deepspeed=deepspeed, gradient_checkpointing=gradient_checkpointing)
     set_seed(seed)  # the QA head's initialisation
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
     trainer = hf_trainer(s, model, tokenizer, train_feats, seed, warmup, work / f"hf-{seed}", args=args)

@@ -2,7 +2,8 @@
 enforces (cgroup v1 memory.limit_in_bytes, no swap): whether it fits is observed, not assumed.
 
 Each case is one `squad-ds train` process on a randomly initialised BERT of the given shape (QA head, the shipped
-SQuAD sample windows, a few optimizer steps, the final checkpoint saved). Its peak is the kernel's maximum resident
+SQuAD sample windows, every batch padded to the full window: the worst case `squad-ds plan` estimates, a few
+optimizer steps, the final checkpoint saved). Its peak is the kernel's maximum resident
 set of the process (wait4's ru_maxrss); under a ceiling, a case killed by the kernel's OOM killer did not fit.
 Records go to a JSON-lines file; `squad-ds plan`'s memory model is checked against them
 (tests/test_plan.py::test_plan_is_within_15_percent_of_the_measured_peaks).
@@ -26,8 +27,11 @@ import yaml
 
 from common import DEFAULT_CACHE, REPO, SHAPES, load_tokenizer, model_config
 
+from squad_ds.training.allocator import THRESHOLD
+
 CGROUP = Path("/sys/fs/cgroup/memory")
-# The Trainer side: `steps` optimizer steps of `micro` windows, no accumulation, fp32 or bf16=True, no checkpoint.
+# The Trainer side: `steps` optimizer steps of `micro` windows, no accumulation, fp32 or bf16=True, its own
+# gradient checkpointing with --ckpt.
 HF_CHILD = """
 import json, sys
 from pathlib import Path
@@ -39,7 +43,7 @@ s = p.Settings(n_train={micro} * {steps}, n_eval=1, epochs=1.0, micro_batch_size
                max_query_length=min(64, {seq} // 4))
 train, _ = p.make_inputs(s, "sample:train", "sample:dev", Path({work!r}))
 print(json.dumps(p.run_hf(s, train, train, {model!r}, 42, Path({work!r}), evaluate=False, bf16={bf16},
-                          deepspeed={deepspeed!r})))
+                          deepspeed={deepspeed!r}, gradient_checkpointing={ckpt})))
 """
 # The Trainer with its own DeepSpeed integration: the ZeRO-3 configs of transformers' DeepSpeed documentation
 # ("ZeRO-3 example", "NVMe support"), as a Trainer user copies them; "auto" values are the Trainer's to fill.
@@ -114,7 +118,7 @@ def run_case(args, work: Path) -> dict:
               "data": {"train_file": "sample:train", "eval_file": None, "max_seq_length": args.seq,
                        "doc_stride": min(128, args.seq // 4), "max_query_length": min(64, args.seq // 4),
                        "max_train_examples": args.micro * args.accum * args.steps * 2,
-                       "cache_dir": str(work / "cache")},
+                       "trim_padding": False, "cache_dir": str(work / "cache")},
               "train": {"max_steps": args.steps, "micro_batch_size": args.micro,
                         "gradient_accumulation_steps": args.accum, "log_steps": 1,
                         "activation_checkpointing": args.ckpt},
@@ -127,7 +131,8 @@ def run_case(args, work: Path) -> dict:
         deepspeed = hf_deepspeed(args.side, work / "nvme")
         cmd = [sys.executable, "-c", HF_CHILD.format(bench=str(REPO / "bench"), work=str(work), model=str(model),
                                                      micro=args.micro, steps=args.steps, seq=args.seq,
-                                                     bf16=args.side.endswith("-bf16"), deepspeed=deepspeed)]
+                                                     bf16=args.side.endswith("-bf16"), deepspeed=deepspeed,
+                                                     ckpt=args.ckpt)]
         if deepspeed:  # a world of one, as the `deepspeed` launcher would set it up
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     group = _cgroup(int(args.ceiling_gib * 2**30)) if args.ceiling_gib else None
@@ -143,6 +148,8 @@ def run_case(args, work: Path) -> dict:
     record = {"shape": args.shape, **SHAPES[args.shape], "side": args.side,
               "ds_config": args.ds if args.side == "squad-ds" else args.side, "seq": args.seq, "micro": args.micro,
               "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
+              "batches": "full" if args.side == "squad-ds" else "trimmed",
+              **({"malloc_mmap_threshold": THRESHOLD} if args.side == "squad-ds" else {}),
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
               "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
     record.update(sampler.peaks)

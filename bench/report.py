@@ -104,14 +104,20 @@ def readme_block(records: list[dict], memory_runs: list[dict]) -> str:
                      + (f" (killed at {num(killed['params'] / 1e9)} B)" if killed else "")
                      + f": **{num(big['params'] / base['params'], 1)}×** the parameters")
         batch = sections.micro_capacity(memory_runs, "bert-large")
-        ours_b = [c for c in batch if c["fit"] and c["setup"].startswith("squad-ds")]
-        theirs_b = [c for c in batch if c["fit"] and c["setup"].lower() == sections.TRAINER["hf"].lower()]
-        if ours_b and theirs_b:
-            a, b = max(ours_b, key=lambda c: c["fit"]["micro"]), max(theirs_b, key=lambda c: c["fit"]["micro"])
-            line += (f"; at bert-large 384 it trains micro-batches of {a['fit']['micro']}"
-                     + (" (activation checkpointing)" if a["ckpt"] else "")
-                     + f", the Trainer {b['fit']['micro']}" + (f" (killed at {b['killed']['micro']})"
-                                                               if b["killed"] else ""))
+        said = []
+        for ckpt in (False, True):  # like for like: the same ceiling, checkpointing on both sides or on neither
+            for b in (c for c in batch if c["fit"] and c["killed"] and c["ckpt"] == ckpt  # its largest is known
+                      and c["setup"].lower() == sections.TRAINER["hf"].lower()):
+                a = max((c for c in batch if c["fit"] and c["ckpt"] == ckpt and c["ceiling"] == b["ceiling"]
+                         and c["setup"].startswith("squad-ds")), key=lambda c: c["fit"]["micro"], default=None)
+                if a:
+                    said.append(f"{a['fit']['micro']} against the Trainer's {b['fit']['micro']}"
+                                + f" (killed at {b['killed']['micro']})"
+                                + (" with activation checkpointing" if ckpt else " without activation checkpointing")
+                                + (f" under {num(b['ceiling'] / GIB, 0)} GiB" if b["ceiling"] != best["ceiling"]
+                                   else ""))
+        if said:
+            line += "; at bert-large 384, micro-batches of " + ", ".join(said)
         lines.append(line + ".")
     for r in of(recs, "train_throughput"):
         x = r["figures"]["rows"][0]

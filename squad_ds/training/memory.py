@@ -4,9 +4,10 @@ activations of one micro-batch (BERT's saved tensors per layer; with activation 
 one layer recomputed), and the process's fixed cost. `squad-ds plan` and train's pre-flight both call `estimate`.
 
 The byte counts per parameter follow the ZeRO paper's accounting (Rajbhandari et al., 2020) as DeepSpeed 0.19
-implements it; the activation and fixed terms were fitted to peaks measured on a CPU (bench/memory_fit.py,
-bench/memory_fit.jsonl) and are checked against them (tests/test_plan.py). GPU estimates use the same accounting
-with bf16 activations and a fused attention kernel; they have not been measured here.
+implements it. On a CPU, the activation and fixed terms were measured (bench/memory_fit.py, bench/memory_fit.jsonl:
+squad-ds runs with every batch padded to the full window, the worst case estimated here) and are checked against
+them (tests/test_plan.py). GPU estimates count BERT's saved tensors (16 per layer, token and hidden unit) in bf16
+with a fused attention kernel; they have not been measured here.
 """
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 GIB = 2**30
-# Fitted to the peaks of bench/memory_fit.jsonl (a 2-core Intel Xeon, DeepSpeed 0.19.8, torch 2.13, one rank):
-FIXED_CPU = 0.73 * GIB  # interpreter, torch, DeepSpeed, transformers, tokenizer and data, before the model
-ACT_PER_LAYER_TOKEN = 7.5  # saved activation elements per layer, token and hidden unit (fused CPU attention)
+# Measured on a 2-core AMD EPYC (DeepSpeed 0.19.8, torch 2.13, one rank, glibc told to unmap freed blocks:
+# training/allocator.py), bench/memory_fit.jsonl:
+FIXED_CPU = 0.52 * GIB  # interpreter, torch, DeepSpeed, transformers, tokenizer and data, before the model
+# Saved activations, in bytes per layer, token and hidden unit, by how the run computes: the slope of the peak in
+# the micro-batch (bert-base fp32 1 -> 4, bf16 autocast 4 -> 16, bert-large bf16 under ZeRO-3 NVMe 1 -> 20)
+CPU_ACT_BYTES = {"fp32": 37.3, "autocast": 18.7, "bf16": 32.8}
+GPU_SAVED_PER_LAYER_TOKEN = 16  # saved tensors of a BERT layer, counted, in hidden units (fused attention)
 FIXED_GPU_CONTEXT = 1.0 * GIB  # CUDA context and kernels' workspace (not measured here)
 # What DeepSpeed 0.19 keeps in RAM beyond the ZeRO paper's count on a CPU, measured (bytes per parameter, and the
 # fixed part including FIXED_CPU): ZeRO-3 in memory holds a separate fp32 partition besides the module's, a
 # contiguous gradient buffer, reduce buckets and the gathered parameters of the layer at work; ZeRO-3 with both
 # offloads on NVMe keeps the gradient partitions and its pinned swap buffers (sized by nvme.size_buffers).
-CPU_STAGE3_BYTES = 40.0
-CPU_NVME = {"fp32": (6.9, 2.04 * GIB), "bf16": (4.3, 1.99 * GIB), "autocast": (6.9, 2.04 * GIB)}
+CPU_STAGE3_BYTES = 32.0
+CPU_NVME = {"fp32": (5.44, 1.38 * GIB), "bf16": (3.15, 1.19 * GIB), "autocast": (5.44, 1.38 * GIB)}
 NVME_PARAM_BUFFERS = 4  # nvme.size_buffers: four buffers of the largest parameter's size
 
 
@@ -105,9 +110,10 @@ def _states(shape: Shape, s: Setup) -> tuple[float, float, float]:
     return compute, host, nvme
 
 
-def _activations(shape: Shape, seq: int, micro: int, checkpointing: bool, elem: int) -> float:
+def _activations(shape: Shape, seq: int, micro: int, checkpointing: bool, per_unit: float, elem: int) -> float:
+    """`per_unit`: a layer's saved bytes per token and hidden unit; `elem`: bytes of a layer's input."""
     tokens = seq * micro
-    layer = elem * ACT_PER_LAYER_TOKEN * shape.hidden * tokens
+    layer = per_unit * shape.hidden * tokens
     if checkpointing:  # the layer inputs, and one layer's activations while it is recomputed
         return elem * shape.layers * shape.hidden * tokens + layer
     return shape.layers * layer
@@ -128,11 +134,14 @@ def _cpu_measured(shape: Shape, s: Setup) -> tuple[float, float] | None:
 
 def estimate(shape: Shape, setup: Setup, *, seq: int, micro: int, checkpointing: bool, cuda: bool) -> Estimate:
     compute, host, nvme = _states(shape, setup)
-    # bytes per saved activation: bf16 autocast on a CPU keeps the linear layers' and the fused attention's in
-    # bfloat16 and the layer norms' and residuals' in float32 (fitted: 3 on average, bench/memory_fit.jsonl)
-    elem = 2 if setup.precision == "bf16" or (cuda and setup.precision == "autocast") else \
-        3 if setup.precision == "autocast" else 4
-    act = _activations(shape, seq, micro, checkpointing, elem)
+    if setup.precision == "autocast":  # autocast's bf16 copies of the weights, kept for backward
+        compute += 2 * shape.params / (setup.ranks if setup.stage == 3 else 1)
+    if cuda:
+        elem = 4 if setup.precision == "fp32" else 2
+        act = _activations(shape, seq, micro, checkpointing, GPU_SAVED_PER_LAYER_TOKEN * elem, elem)
+    else:
+        act = _activations(shape, seq, micro, checkpointing, CPU_ACT_BYTES[setup.precision],
+                           2 if setup.precision == "bf16" else 4)
     if cuda:
         return Estimate(int(compute + act + FIXED_GPU_CONTEXT), int(host + FIXED_CPU), int(nvme),
                         int(compute + host), int(act))
