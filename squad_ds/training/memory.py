@@ -187,6 +187,15 @@ def _cgroup_limit_files() -> list[str]:
 
 
 
+def _two(need: float, have: float) -> tuple[str, str]:
+    """Two sizes in GiB with enough decimals that a need above what is there never reads as equal to it."""
+    for digits in (1, 2, 3):
+        a, b = f"{need / GIB:.{digits}f}", f"{have / GIB:.{digits}f}"
+        if a != b:
+            break
+    return a, b
+
+
 def preflight(shape: Shape, ds: dict[str, Any], *, ranks: int, seq: int, micro: int, checkpointing: bool,
               cuda: bool) -> str | None:
     """One line when this run's estimate exceeds the memory it can see (said before the model is loaded), or None."""
@@ -196,13 +205,15 @@ def preflight(shape: Shape, ds: dict[str, Any], *, ranks: int, seq: int, micro: 
     free = visible_memory()
     short = []
     if free is not None and host_need > free:
-        short.append(f"{host_need / GIB:.1f} GiB of RAM for {local} rank(s) on this host, {free / GIB:.1f} GiB free")
+        need, have = _two(host_need, free)
+        short.append(f"{need} GiB of RAM for {local} rank(s) on this host, {have} GiB free")
     if cuda:
         import torch
 
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         if e.device_bytes > total:
-            short.append(f"{e.device_bytes / GIB:.1f} GiB per GPU, {total / GIB:.1f} GiB on it")
+            need, have = _two(e.device_bytes, total)
+            short.append(f"{need} GiB per GPU, {have} GiB on it")
     if not short:
         return None
     return (f"memory: by squad-ds's estimate this run needs {'; '.join(short)} (model states "
