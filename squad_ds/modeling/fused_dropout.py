@@ -16,7 +16,7 @@ SDPA attention, unchanged.
 
 The kernel is built at start-up (`enable`, before training's first step) with torch's C++ extension loader (as
 DeepSpeed builds its CPU ops), for this CPU's vector instructions, into TORCH_EXTENSIONS_DIR, once per machine and
-source; a build is announced and timed (`build`).
+source; a build is announced and timed (`build`), and a lock file a killed build left is removed (`ext_locks`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch
 
 from squad_ds.errors import ConfigError
 from squad_ds.logs import log_main
+from squad_ds.modeling import ext_locks
 
 ATTN_NAME = "squad_ds_fused_dropout"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_dropout.cpp"
@@ -54,8 +55,10 @@ def ops():
     try:
         # -fopenmp: ATen's parallel_for is inline OpenMP, compiled into the kernel; without it every task ran on the
         # calling thread
-        return load(name=f"squad_ds_attention_dropout_{capability.lower()}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+        name = f"squad_ds_attention_dropout_{capability.lower()}"
+        with ext_locks.exclusive_build(name):  # a killed earlier build's lock would make torch wait forever
+            return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:  # no compiler, a build error
         raise ConfigError(f"model.fused_dropout: the CPU attention kernel could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); set "

@@ -11,7 +11,7 @@ from typing import Any
 
 from squad_ds.config import ConfigError, Recipe
 from squad_ds.logs import log_main
-from squad_ds.modeling import fused_dropout, unpadded
+from squad_ds.modeling import ext_locks, fused_dropout, unpadded
 from squad_ds.modeling.heads import supports_activation_checkpointing
 from squad_ds.training.ds_config import DEFAULT_WEIGHT_DECAY, apex_fused_adam_class
 
@@ -127,8 +127,9 @@ def build_engine(model, ds: dict[str, Any], recipe: Recipe, *, cuda: bool):
         optimizer = _apex_fused_adam(groups, ds)
     elif "optimizer" not in ds:
         raise ConfigError("the DeepSpeed config has no \"optimizer\" section")
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups if optimizer is None else None, optimizer=optimizer, config=ds)
+    with ext_locks.watch():  # DeepSpeed loads (and the first time builds) its C++ ops here
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups if optimizer is None else None, optimizer=optimizer, config=ds)
     if recipe.train.compile:
         engine.compile()  # nn.Module.compile in place: parameter names (checkpoints, export) stay as they are
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
