@@ -24,6 +24,20 @@ def ext_dir(tmp_path, monkeypatch):
     return tmp_path / "ext"
 
 
+def _builder(folder: Path, then: str) -> subprocess.Popen:
+    """A process that does what a squad-ds build does (the OS lock, then torch's lock file), then runs `then`;
+    returned once it holds both."""
+    builder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        f = open({str(folder / ext_locks.FLOCK_NAME)!r}, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        open({str(folder / "lock")!r}, "x").close()
+        print("building", flush=True)
+        """) + then], stdout=subprocess.PIPE, text=True)
+    assert builder.stdout.readline().strip() == "building"
+    return builder
+
+
 def test_exclusive_build_removes_a_lock_no_squad_ds_build_holds(ext_dir, caplog):
     folder = ext_dir / "squad_ds_x"
     folder.mkdir(parents=True)
@@ -43,16 +57,7 @@ def test_exclusive_build_waits_for_a_live_build_and_leaves_its_lock_alone(ext_di
     (and removed its file) instead of removing the file from under it."""
     folder = ext_dir / "squad_ds_x"
     folder.mkdir(parents=True)
-    builder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, os, sys, time
-        f = open({str(folder / ext_locks.FLOCK_NAME)!r}, "a")
-        fcntl.flock(f, fcntl.LOCK_EX)
-        open({str(folder / "lock")!r}, "x").close()
-        print("building", flush=True)
-        time.sleep(1.5)
-        os.remove({str(folder / "lock")!r})
-        """)], stdout=subprocess.PIPE, text=True)
-    assert builder.stdout.readline().strip() == "building"
+    builder = _builder(folder, f"time.sleep(1.5); os.remove({str(folder / 'lock')!r})")
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="squad_ds"), ext_locks.exclusive_build("squad_ds_x"):
         waited = time.monotonic() - started
@@ -65,15 +70,7 @@ def test_exclusive_build_takes_over_from_a_killed_build(ext_dir, caplog):
     removes it."""
     folder = ext_dir / "squad_ds_x"
     folder.mkdir(parents=True)
-    builder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, time
-        f = open({str(folder / ext_locks.FLOCK_NAME)!r}, "a")
-        fcntl.flock(f, fcntl.LOCK_EX)
-        open({str(folder / "lock")!r}, "x").close()
-        print("building", flush=True)
-        time.sleep(600)
-        """)], stdout=subprocess.PIPE, text=True)
-    assert builder.stdout.readline().strip() == "building"
+    builder = _builder(folder, "time.sleep(600)")
     builder.kill()
     builder.wait(timeout=30)
     with caplog.at_level(logging.WARNING, logger="squad_ds"), ext_locks.exclusive_build("squad_ds_x"):
