@@ -115,7 +115,9 @@ def readme_block(records: list[dict], memory_runs: list[dict]) -> str:
                                 + f" (killed at {b['killed']['micro']})"
                                 + (" with activation checkpointing" if ckpt else " without activation checkpointing")
                                 + (f" under {num(b['ceiling'] / GIB, 0)} GiB" if b["ceiling"] != best["ceiling"]
-                                   else ""))
+                                   else "")
+                                + (f" ({day})" if (day := max(a["fit"]["date"], b["fit"]["date"],
+                                                              b["killed"]["date"])) != big["date"] else ""))
         if said:
             line += "; at bert-large 384, micro-batches of " + ", ".join(said)
         lines.append(line + ".")
