@@ -27,7 +27,8 @@ import yaml
 
 from common import DEFAULT_CACHE, REPO, SHAPES, load_tokenizer, model_config
 
-from squad_ds.training.allocator import THRESHOLD
+from squad_ds.training.allocator import threshold_for
+from squad_ds.training.ds_config import load_ds_config
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 # The Trainer side: `steps` optimizer steps of `micro` windows, no accumulation, fp32 or bf16=True, its own
@@ -63,6 +64,15 @@ _HF_OFFLOAD = {
 }
 SIDES = ["squad-ds", "hf", "hf-bf16", "hf-ds", "hf-ds-bf16", "hf-ds-nvme", "hf-ds-nvme-bf16"]
 
+
+
+def as_trained_today(r: dict) -> bool:
+    """A squad-ds row measured as squad-ds trains today: a clean exit, every batch padded to the window (the worst
+    case the plan estimates), and the malloc setting squad-ds now gives that DeepSpeed config (training/allocator.py).
+    Older rows stay on the results page as what they measured."""
+    return (r["rc"] == 0 and r.get("side", "squad-ds") == "squad-ds" and r.get("batches") == "full"
+            and "malloc_mmap_threshold" in r
+            and r["malloc_mmap_threshold"] == threshold_for(load_ds_config(r["ds_config"]), r["activation_checkpointing"]))
 
 def hf_deepspeed(side: str, nvme: Path) -> dict | None:
     """The DeepSpeed config of a Trainer side (hf-ds[-nvme][-bf16]), or None for the plain Trainer."""
@@ -149,7 +159,7 @@ def run_case(args, work: Path) -> dict:
               "ds_config": args.ds if args.side == "squad-ds" else args.side, "seq": args.seq, "micro": args.micro,
               "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
               "batches": "full" if args.side == "squad-ds" else "trimmed",
-              **({"malloc_mmap_threshold": THRESHOLD} if args.side == "squad-ds" else {}),
+              **({"malloc_mmap_threshold": threshold_for(load_ds_config(args.ds), args.ckpt)} if args.side == "squad-ds" else {}),
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
               "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
     record.update(sampler.peaks)

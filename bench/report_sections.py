@@ -371,9 +371,10 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
            "reads and writes reaching storage (/proc/PID/io) over the whole run: load, steps, checkpoint. "
            "Ceiling: the run was in a cgroup with that memory limit, enforced by the kernel (no swap). plan: what "
            "`squad-ds plan` estimates for it today, for squad-ds's rows measured as it trains today: every batch "
-           "padded to the full window (the worst case the plan estimates) and freed memory returned to the kernel "
-           "(`training/allocator.py`); `tests/test_plan.py` holds each of them within ±15 %. Earlier rows (no plan "
-           "figure) ran with glibc's default malloc settings and length-trimmed batches, and are kept as what they "
+           "padded to the full window (the worst case the plan estimates) and the malloc setting squad-ds gives the "
+           "config (`training/allocator.py`: freed memory returned to the kernel in runs that offload, glibc's "
+           "defaults in the others); `tests/test_plan.py` holds each of them within ±15 %. Earlier rows (no plan "
+           "figure) ran with other malloc settings or length-trimmed batches, and are kept as what they "
            "measured; the Trainer's rows trim batches to their longest window (its dynamic padding).", ""]
     cap = capacity(runs)
     if cap:
@@ -409,11 +410,13 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
                        if c["fit"] and c["fit"].get("s_per_step") else "—",
                        "; ".join(dict.fromkeys(f"{r['date']}, {memory_machine(r['machine'])}"
                                                for r in (c["fit"], c["killed"]) if r))] for c in batch]) + [""]
+    from memory_fit import as_trained_today
+
     rows = []
     for r in runs:
         side = r.get("side") or ("hf" if r["ds_config"] in TRAINER else "squad-ds")
         setup, plan = setup_name(r), "—"
-        if side == "squad-ds" and r.get("malloc_mmap_threshold"):  # earlier rows measured glibc's own settings
+        if side == "squad-ds" and as_trained_today(r):  # earlier rows measured other settings
             plan = plan_estimate(r)
         peak = f"{num(r['peak_rss_bytes'] / GIB)} GiB" if r["rc"] == 0 else (
             "killed by the kernel (OOM)" if r.get("ceiling_bytes") else f"failed (exit {r['rc']})")

@@ -23,6 +23,11 @@ said = None
 if sys.argv[1] == "set":
     from squad_ds.training.allocator import return_freed_memory
     said = return_freed_memory()
+elif sys.argv[1] in ("offload", "in-memory"):
+    from squad_ds.training.allocator import configure
+    device = "nvme" if sys.argv[1] == "offload" else "none"
+    said = configure({"zero_optimization": {"stage": 2 if device == "none" else 3,
+                                            "offload_optimizer": {"device": device}}}, False)
 x = torch.ones(8 << 20, dtype=torch.uint8)
 del x
 y = torch.ones(6 << 20, dtype=torch.uint8)
@@ -58,16 +63,51 @@ def test_a_users_own_glibc_setting_wins():
     assert "MALLOC_MMAP_THRESHOLD_=67108864" in r["said"]
 
 
-def test_every_run_sets_it_before_anything_is_loaded(monkeypatch):
-    """build_run (train, tune's trials) calls it first: before the tokenizer, the features and the model."""
+@glibc
+def test_only_runs_set_up_for_memory_set_it():
+    """The threshold costs speed (fresh pages for every large block): a run without ZeRO-3, offload or activation
+    checkpointing keeps glibc's defaults."""
+    offload, in_memory = _probe("offload"), _probe("in-memory")
+    assert offload["mapped"] >= 6 << 20 and "go back to the kernel" in offload["said"]
+    assert in_memory["mapped"] < 6 << 20 and in_memory["said"].startswith("glibc's malloc defaults kept")
+
+
+def test_a_run_sets_it_from_its_deepspeed_config_before_the_model_is_loaded(monkeypatch):
+    """build_run (train, tune's trials): once the DeepSpeed config is resolved, before the model is read."""
+    from types import SimpleNamespace
+
     from squad_ds.training import allocator, assemble
 
-    class Called(Exception):
+    class Stop(Exception):
         pass
 
-    def called():
-        raise Called
+    calls, ds = [], {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}
 
-    monkeypatch.setattr(allocator, "return_freed_memory", called)
-    with pytest.raises(Called):
-        assemble.build_run(None)
+    def model_read(*_):
+        calls.append("model")
+        raise Stop
+
+    monkeypatch.setattr(assemble, "load_tokenizer_for", lambda recipe: None)
+    monkeypatch.setattr(assemble, "load_run_features", lambda recipe, tokenizer, with_eval: ([], [], None))
+    monkeypatch.setattr(allocator, "configure", lambda config, checkpointing: calls.append(config) or "")
+    monkeypatch.setattr(assemble, "count_parameters", model_read)
+    with pytest.raises(Stop):
+        assemble.build_run(SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(name_or_path="m"),
+                                                                   train=SimpleNamespace(activation_checkpointing=False)),
+                                            plan=lambda n: (ds, None)))
+    assert calls == [ds, "model"]
+
+
+@pytest.mark.parametrize("ds, checkpointing, expected", [
+    ({"zero_optimization": {"stage": 0}}, False, None),
+    ({"zero_optimization": {"stage": 2}}, False, None),
+    ({}, False, None),
+    ({"zero_optimization": {"stage": 0}}, True, 4 << 20),
+    ({"zero_optimization": {"stage": 3}}, False, 4 << 20),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, False, 4 << 20),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, False, None),
+])
+def test_which_runs_are_set_up_for_memory(ds, checkpointing, expected):
+    from squad_ds.training.allocator import threshold_for
+
+    assert threshold_for(ds, checkpointing) == expected

@@ -24,12 +24,12 @@ MEASURED = REPO / "bench" / "memory_fit.jsonl"
 
 
 def _measured() -> list[dict]:
-    """squad-ds's runs as it trains today: full-length batches (the worst case the plan estimates) and its own
-    malloc setting (training/allocator.py). Older rows stay on the results page as what they measured; the Trainer's
-    rows are for comparison."""
-    return [r for r in map(json.loads, MEASURED.read_text().splitlines())
-            if r["rc"] == 0 and r.get("side", "squad-ds") == "squad-ds" and r.get("batches") == "full"
-            and r.get("malloc_mmap_threshold")]
+    """squad-ds's runs as it trains today (bench/memory_fit.py's `as_trained_today`); the Trainer's rows are for
+    comparison."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from memory_fit import as_trained_today
+
+    return [r for r in map(json.loads, MEASURED.read_text().splitlines()) if as_trained_today(r)]
 
 
 def test_plan_is_within_15_percent_of_the_measured_peaks():

@@ -122,11 +122,11 @@ def load_run_features(recipe: Recipe, tokenizer, with_eval: bool = True):
 def build_run(spec: RunSpec, *, with_eval: bool = True) -> Run:
     """Tokenizer, features, plan, model and DeepSpeed engine, in that order. The caller has initialised the process
     group and seeded the RNGs (the QA head's initialisation draws from them)."""
-    _log.debug("%s", allocator.return_freed_memory())  # before the model and its activations are allocated
     recipe = spec.recipe
     tokenizer = load_tokenizer_for(recipe)
     train, eval_features, eval_set = load_run_features(recipe, tokenizer, with_eval)
     ds_config, plan = spec.plan(len(train))
+    _log.debug("%s", allocator.configure(ds_config, recipe.train.activation_checkpointing))  # before the model
     params, largest = count_parameters(recipe.model.name_or_path)
     shape = memory.Shape.of(load_config(recipe.model.name_or_path), params)
     nvme.size_buffers(ds_config, largest)

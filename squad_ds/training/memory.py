@@ -16,13 +16,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from squad_ds.training.allocator import set_up_for_memory
+
 GIB = 2**30
-# Measured on a 2-core AMD EPYC (DeepSpeed 0.19.8, torch 2.13, one rank, glibc told to unmap freed blocks:
-# training/allocator.py), bench/memory_fit.jsonl:
+# Measured on a 2-core AMD EPYC (DeepSpeed 0.19.8, torch 2.13, one rank, with the malloc setting squad-ds gives each
+# run: training/allocator.py), bench/memory_fit.jsonl:
 FIXED_CPU = 0.52 * GIB  # interpreter, torch, DeepSpeed, transformers, tokenizer and data, before the model
-# Saved activations, in bytes per layer, token and hidden unit, by how the run computes: the slope of the peak in
-# the micro-batch (bert-base fp32 1 -> 4, bf16 autocast 4 -> 16, bert-large bf16 under ZeRO-3 NVMe 1 -> 20)
+# Saved activations, in bytes per layer, token and hidden unit, by how the run computes, with freed memory handed
+# back: the slope of the peak in the micro-batch (bert-base fp32 1 -> 4 and bf16 autocast 4 -> 16, both run so,
+# 2026-12-07; bert-large bf16 under ZeRO-3 NVMe 1 -> 20)
 CPU_ACT_BYTES = {"fp32": 37.3, "autocast": 18.7, "bf16": 32.8}
+# The same in a run that keeps glibc's malloc defaults (no ZeRO-3, offload or checkpointing: training/allocator.py),
+# whose heap keeps freed activations: fp32 peaks rose unevenly with the micro-batch (bert-base 1, 4, 8, 16: 2.31,
+# 2.98, 3.97, 4.75 GiB), fitted across them; autocast's rose as the fitted slope says (2.71, 3.60 GiB at 4, 16).
+CPU_ACT_BYTES_GLIBC = {"fp32": 60.0, "autocast": 18.7, "bf16": 32.8}
 GPU_SAVED_PER_LAYER_TOKEN = 16  # saved tensors of a BERT layer, counted, in hidden units (fused attention)
 FIXED_GPU_CONTEXT = 1.0 * GIB  # CUDA context and kernels' workspace (not measured here)
 # What DeepSpeed 0.19 keeps in RAM beyond the ZeRO paper's count on a CPU, measured (bytes per parameter, and the
@@ -140,7 +147,10 @@ def estimate(shape: Shape, setup: Setup, *, seq: int, micro: int, checkpointing:
         elem = 4 if setup.precision == "fp32" else 2
         act = _activations(shape, seq, micro, checkpointing, GPU_SAVED_PER_LAYER_TOKEN * elem, elem)
     else:
-        act = _activations(shape, seq, micro, checkpointing, CPU_ACT_BYTES[setup.precision],
+        kept = not set_up_for_memory(setup.stage, "nvme" in (setup.offload_param, setup.offload_optimizer)
+                                     or "cpu" in (setup.offload_param, setup.offload_optimizer), checkpointing)
+        act = _activations(shape, seq, micro, checkpointing,
+                           (CPU_ACT_BYTES_GLIBC if kept else CPU_ACT_BYTES)[setup.precision],
                            2 if setup.precision == "bf16" else 4)
     if cuda:
         return Estimate(int(compute + act + FIXED_GPU_CONTEXT), int(host + FIXED_CPU), int(nvme),
