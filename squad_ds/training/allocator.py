@@ -10,8 +10,9 @@ takes its memory from malloc, so this is the lever short of replacing the alloca
 package and LD_PRELOAD, which a pip install cannot give).
 
 It has a price: every block of 4 MiB or more is then fresh pages from the kernel (faults, zeroing). bert-large at
-384, micro-batch 16, bf16 autocast in memory trained 13 % slower with it (105.4 and 105.6 s against 91.9 s, same
-machine and day) for a 5 % lower peak. So it applies where memory is what the user chose the setup for: ZeRO-3,
+384, micro-batches 16 x 2, bf16 autocast in memory trained in 105.4 and 105.6 s with it against 91.9 and 101.0 s
+without (same machine and day; about 10 % slower) for a 5 % lower peak, and bert-base at 384, micro-batch 16, in
+21.5 s a step against 16.2 s (one step each). So it applies where memory is what the user chose the setup for: ZeRO-3,
 offload of parameters or optimizer states (to CPU memory or NVMe), or activation checkpointing, where glibc's
 defaults cost the most (bert-base at 384, micro-batch 4: with checkpointing 2.91 GiB against 2.17, ZeRO-3 in memory
 5.08 against 4.03); other runs keep glibc's defaults.
