@@ -65,14 +65,15 @@ _HF_OFFLOAD = {
 SIDES = ["squad-ds", "hf", "hf-bf16", "hf-ds", "hf-ds-bf16", "hf-ds-nvme", "hf-ds-nvme-bf16"]
 
 
-
 def as_trained_today(r: dict) -> bool:
     """A squad-ds row measured as squad-ds trains today: a clean exit, every batch padded to the window (the worst
     case the plan estimates), and the malloc setting squad-ds now gives that DeepSpeed config (training/allocator.py).
     Older rows stay on the results page as what they measured."""
     return (r["rc"] == 0 and r.get("side", "squad-ds") == "squad-ds" and r.get("batches") == "full"
             and "malloc_mmap_threshold" in r
-            and r["malloc_mmap_threshold"] == threshold_for(load_ds_config(r["ds_config"]), r["activation_checkpointing"]))
+            and r["malloc_mmap_threshold"] == threshold_for(load_ds_config(r["ds_config"]),
+                                                            r["activation_checkpointing"]))
+
 
 def hf_deepspeed(side: str, nvme: Path) -> dict | None:
     """The DeepSpeed config of a Trainer side (hf-ds[-nvme][-bf16]), or None for the plain Trainer."""
@@ -159,7 +160,8 @@ def run_case(args, work: Path) -> dict:
               "ds_config": args.ds if args.side == "squad-ds" else args.side, "seq": args.seq, "micro": args.micro,
               "accum": args.accum, "activation_checkpointing": args.ckpt, "steps": args.steps, "rc": rc,
               "batches": "full" if args.side == "squad-ds" else "trimmed",
-              **({"malloc_mmap_threshold": threshold_for(load_ds_config(args.ds), args.ckpt)} if args.side == "squad-ds" else {}),
+              **({"malloc_mmap_threshold": threshold_for(load_ds_config(args.ds), args.ckpt)}
+                 if args.side == "squad-ds" else {}),
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": round(time.time() - t0, 1),
               "ceiling_bytes": int(args.ceiling_gib * 2**30) if args.ceiling_gib else None}
     record.update(sampler.peaks)

@@ -372,8 +372,8 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
            "Ceiling: the run was in a cgroup with that memory limit, enforced by the kernel (no swap). plan: what "
            "`squad-ds plan` estimates for it today, for squad-ds's rows measured as it trains today: every batch "
            "padded to the full window (the worst case the plan estimates) and the malloc setting squad-ds gives the "
-           "config (`training/allocator.py`: freed memory returned to the kernel in runs that offload, glibc's "
-           "defaults in the others); `tests/test_plan.py` holds each of them within ±15 %. Earlier rows (no plan "
+           "run (`training/allocator.py`: freed memory returned to the kernel under ZeRO-3, offload or activation "
+           "checkpointing, glibc's defaults in the others); `tests/test_plan.py` holds each of them within ±15 %. Earlier rows (no plan "
            "figure) ran with other malloc settings or length-trimmed batches, and are kept as what they "
            "measured; the Trainer's rows trim batches to their longest window (its dynamic padding).", ""]
     cap = capacity(runs)

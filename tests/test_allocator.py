@@ -92,9 +92,9 @@ def test_a_run_sets_it_from_its_deepspeed_config_before_the_model_is_loaded(monk
     monkeypatch.setattr(allocator, "configure", lambda config, checkpointing: calls.append(config) or "")
     monkeypatch.setattr(assemble, "count_parameters", model_read)
     with pytest.raises(Stop):
-        assemble.build_run(SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(name_or_path="m"),
-                                                                   train=SimpleNamespace(activation_checkpointing=False)),
-                                            plan=lambda n: (ds, None)))
+        recipe = SimpleNamespace(model=SimpleNamespace(name_or_path="m"),
+                                 train=SimpleNamespace(activation_checkpointing=False))
+        assemble.build_run(SimpleNamespace(recipe=recipe, plan=lambda n: (ds, None)))
     assert calls == [ds, "model"]
 
 

@@ -45,7 +45,7 @@ def test_exclusive_build_removes_a_lock_no_squad_ds_build_holds(ext_dir, caplog)
     os.utime(folder / "lock", (time.time() - 600, time.time() - 600))
     with caplog.at_level(logging.WARNING, logger="squad_ds"), ext_locks.exclusive_build("squad_ds_x"):
         assert not (folder / "lock").exists()
-    assert len(caplog.records) == 1 and "killed 10 minutes ago" in caplog.text and str(folder / "lock") in caplog.text
+    assert len(caplog.records) == 1 and "started 10 minutes ago was killed" in caplog.text and str(folder / "lock") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="squad_ds"), ext_locks.exclusive_build("squad_ds_x"):
         pass
@@ -94,7 +94,7 @@ def test_the_kernel_loads_past_a_killed_builds_lock(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env={**env(), "TORCH_EXTENSIONS_DIR": str(here)},
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "loaded", proc.stderr[-2000:]
-    assert "a build of squad-ds's kernel killed" in proc.stderr
+    assert "a build of squad-ds's kernel that started" in proc.stderr
     assert not (here / name / "lock").exists()
 
 
@@ -119,3 +119,19 @@ def test_watch_says_nothing_when_nothing_waits(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="squad_ds"), ext_locks.watch(after_s=0.1, every_s=0.02):
         time.sleep(0.5)
     assert not caplog.records
+
+
+def test_an_extensions_folder_that_cannot_be_made_is_one_user_error(tmp_path, monkeypatch):
+    """TORCH_EXTENSIONS_DIR naming a file: the kernel's build says so as the package's user error, naming the way
+    out, instead of a traceback."""
+    from squad_ds.errors import ConfigError
+    from squad_ds.modeling import fused_dropout
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "a_file"))
+    fused_dropout.ops.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="could not be built.*model.fused_dropout=false"):
+            fused_dropout.ops()
+    finally:
+        fused_dropout.ops.cache_clear()

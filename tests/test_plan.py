@@ -145,7 +145,7 @@ def test_train_says_before_loading_when_its_estimate_exceeds_the_memory_it_sees(
     cmd = [sys.executable, "-m", "squad_ds.train", "--recipe", str(recipe), "--deepspeed_config", "cpu_fp32"]
     group = _cgroup_root() / f"squad_ds_test_{os.getpid()}"
     group.mkdir()
-    lines, tail = [], []
+    lines, tail, proc = [], [], None
     try:
         # Below the estimate's fixed cost: the run would thrash after the warning, so it is stopped once it is said.
         (group / "memory.limit_in_bytes").write_text(str(int(0.95 * memory.FIXED_CPU)))
@@ -162,8 +162,12 @@ def test_train_says_before_loading_when_its_estimate_exceeds_the_memory_it_sees(
         timer.cancel()
     finally:
         for pid in (group / "cgroup.procs").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-        proc.wait()
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:  # ended between the read and the kill
+                pass
+        if proc is not None:
+            proc.wait()
         for _ in range(50):
             try:
                 group.rmdir()

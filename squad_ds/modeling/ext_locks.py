@@ -48,8 +48,8 @@ def exclusive_build(name: str):
                 age = None
             if age is not None:
                 left.unlink(missing_ok=True)
-                _log.warning("removed %s: a build of squad-ds's kernel killed %.0f minutes ago left it, and torch "
-                             "would have waited on it forever", left, age / 60)
+                _log.warning("removed %s: a build of squad-ds's kernel that started %.0f minutes ago was killed and "
+                             "left it, and torch would have waited on it forever", left, age / 60)
             yield
         finally:
             fcntl.flock(held, fcntl.LOCK_UN)

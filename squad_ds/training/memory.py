@@ -147,8 +147,8 @@ def estimate(shape: Shape, setup: Setup, *, seq: int, micro: int, checkpointing:
         elem = 4 if setup.precision == "fp32" else 2
         act = _activations(shape, seq, micro, checkpointing, GPU_SAVED_PER_LAYER_TOKEN * elem, elem)
     else:
-        kept = not set_up_for_memory(setup.stage, "nvme" in (setup.offload_param, setup.offload_optimizer)
-                                     or "cpu" in (setup.offload_param, setup.offload_optimizer), checkpointing)
+        offloads = setup.offload_param != "none" or setup.offload_optimizer != "none"
+        kept = not set_up_for_memory(setup.stage, offloads, checkpointing)  # glibc's heap keeps freed blocks
         act = _activations(shape, seq, micro, checkpointing,
                            (CPU_ACT_BYTES_GLIBC if kept else CPU_ACT_BYTES)[setup.precision],
                            2 if setup.precision == "bf16" else 4)
