@@ -81,6 +81,27 @@ def test_dropout_layer_keep_rate_scaling_and_backward_mask():
     assert abs(round(p * 2 ** 32) / 2 ** 32 - p) < 1e-9
 
 
+def test_bfloat16_dropout_goes_through_the_kernel_without_float32_copies():
+    """Autocast's linear layers hand every hidden-state dropout a bfloat16 tensor: the kernel reads and writes it as
+    it is (it was cast to float32 and back, four casts of the tensor per layer and step), computing in float32 and
+    rounding once, so forward and backward equal the float32 computation rounded to bfloat16, bit for bit."""
+    p = 0.1
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 77, 97, generator=gen) * 3).to(torch.bfloat16).requires_grad_()  # odd sizes: vector tails
+    torch.manual_seed(11)
+    y = fd.Dropout(p).train()(x)
+    assert y.dtype == torch.bfloat16
+    assert type(y.grad_fn).__name__ == "_DropoutBackward"  # no ToCopyBackward around it
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(11)).item())
+    keep = torch.from_numpy(keep_mask(seed, x.numel(), p)).reshape(x.shape)
+    scale = torch.where(keep, torch.tensor(1 / (1 - p), dtype=torch.float32), torch.tensor(0.0))
+    assert torch.equal(y, (x.detach().float() * scale).to(torch.bfloat16))
+    grad = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+    y.backward(grad)
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, (grad.float() * scale).to(torch.bfloat16))
+
+
 def test_nan_stays_nan_where_dropped_as_in_torch():
     """x * 0 for a dropped NaN is NaN in torch's dropout; a select (keep ? x / (1 - p) : 0) would hide a diverged
     run's NaN from the loss check."""

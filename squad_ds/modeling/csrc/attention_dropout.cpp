@@ -6,7 +6,9 @@
 // all-MiniLM-L6-v2 at 16 x 256 on a 2-core Intel Xeon, 2026-12-02). Here each
 // (batch, head) is one task whose S x S scores stay in a per-thread buffer (in L2 for SQuAD's lengths), the
 // keep-mask comes from a counter-based hash of (seed, element index) — no mask is stored, backward recomputes the
-// very same one — and the five products go to the BLAS gemm that ATen uses.
+// very same one — and the five products go to the BLAS gemm that ATen uses, in float32: a bfloat16 gemm did not pay
+// at these sizes (a 155 x 155 x 64 product on one thread of a 2-core AMD EPYC, 2026-12-07: float32 72-83 GFLOP/s,
+// oneDNN's bfloat16, which rounds the scores to bfloat16, 97-107, MKL's bfloat16-to-float32 72-83).
 //
 // Semantics equal SDPA's math path: P = softmax(scale * Q K^T + mask), Z = keep / (1 - p) with keep ~ Bernoulli(1 - p)
 // per element, O = (P * Z) V. Rows whose keys are all masked give zeros.
@@ -48,12 +50,18 @@ inline uint32_t draw(uint64_t seed, uint64_t index) {
   return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
 }
 
-// row[j] *= keep(j) * inv_keep for one row; counter = first element's global index.
+// dst[j] = src[j] * keep(j) * inv_keep for n elements (in place when dst == src); counter = the first element's
+// global index.
+inline void dropout_row(const float* src, float* dst, int64_t n, uint64_t seed, uint64_t counter,
+                        uint32_t threshold, float inv_keep) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = src[j] * (draw(seed, counter + j) >= threshold ? inv_keep : 0.0f);  // NaN * 0 stays NaN, as in torch
+  }
+}
+
 inline void apply_dropout(float* row, int64_t n, uint64_t seed, uint64_t counter, uint32_t threshold,
                           float inv_keep) {
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] *= draw(seed, counter + j) >= threshold ? inv_keep : 0.0f;  // NaN * 0 stays NaN, as in torch
-  }
+  dropout_row(row, row, n, seed, counter, threshold, inv_keep);
 }
 
 struct Shapes {
@@ -143,9 +151,7 @@ inline Rows as_float(const float* src, int64_t, int64_t, int64_t stride, std::ve
 
 inline Rows as_float(const at::BFloat16* src, int64_t rows, int64_t d, int64_t stride, std::vector<float>& buf) {
   buf.resize(rows * d);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < d; ++j) buf[r * d + j] = static_cast<float>(src[r * stride + j]);
-  }
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * stride, buf.data() + r * d, d);
   return {buf.data(), d};
 }
 
@@ -161,9 +167,7 @@ inline float* result_rows(at::BFloat16*, int64_t rows, int64_t d, std::vector<fl
 inline void store(float*, const std::vector<float>&, int64_t, int64_t, int64_t) {}
 
 inline void store(at::BFloat16* dst, const std::vector<float>& buf, int64_t rows, int64_t d, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < d; ++j) dst[r * stride + j] = static_cast<at::BFloat16>(buf[r * d + j]);
-  }
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(buf.data() + r * d, dst + r * stride, d);
 }
 
 uint32_t threshold_of(double p) {
@@ -304,17 +308,29 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 }
 
 // x * Z, Z = keep / (1 - p) per element from the same hash: the forward of a dropout layer on its input, and its
-// backward on the incoming gradient (the same seed gives the same mask).
+// backward on the incoming gradient (the same seed gives the same mask). Float32 or bfloat16, written in x's dtype:
+// bfloat16 is computed in float32 and rounded once, as x.float() * Z then .to(bfloat16) would be.
 at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous float32 tensor expected");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous(),
+              "contiguous float32 or bfloat16 tensor expected");
   auto y = at::empty_like(x);
   const uint32_t threshold = threshold_of(p);
   const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      yp[i] = xp[i] * (draw(static_cast<uint64_t>(seed), static_cast<uint64_t>(i)) >= threshold ? inv_keep : 0.0f);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  constexpr int64_t chunk = 4096;  // elements a task converts through its float32 buffer
+  at::parallel_for(0, (x.numel() + chunk - 1) / chunk, 4, [&](int64_t begin, int64_t end) {
+    float buf[chunk];
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = c * chunk, n = std::min(chunk, x.numel() - first);
+      if (bf16) {
+        at::vec::convert(x.data_ptr<at::BFloat16>() + first, buf, n);
+        dropout_row(buf, buf, n, useed, static_cast<uint64_t>(first), threshold, inv_keep);
+        at::vec::convert(buf, y.data_ptr<at::BFloat16>() + first, n);
+      } else {
+        dropout_row(x.data_ptr<float>() + first, y.data_ptr<float>() + first, n, useed,
+                    static_cast<uint64_t>(first), threshold, inv_keep);
+      }
     }
   });
   return y;
