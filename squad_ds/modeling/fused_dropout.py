@@ -122,7 +122,8 @@ def _seed() -> int:
 class Dropout(torch.nn.Dropout):
     """nn.Dropout with the kernel's hashed mask for float32 and bfloat16 CPU training (the same keep probability and
     scaling; bfloat16, as linear layers give it under autocast, is read and written as it is, computed in float32
-    and rounded once); torch's dropout elsewhere. A subclass, so that code reading `.p` (transformers' attention) still finds it."""
+    and rounded once); torch's dropout elsewhere. A subclass, so that code reading `.p` (transformers' attention)
+    still finds it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES):
