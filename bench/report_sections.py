@@ -142,6 +142,8 @@ def speed(records: list[dict]) -> list[str]:
         for k, v in f["ratios"].items():
             pairs = v["pairs"] if isinstance(v["pairs"], list) else None
             out.append(f"- {k}: **{num(v['median'])}×**" + (f" ({', '.join(num(p) for p in pairs)})" if pairs else ""))
+        for side, why in f.get("did_not_finish", {}).items():
+            out.append(f"- {SIDE_NAMES.get(side, side)}: did not finish ({why})")
         peaks = f.get("matmul_peak_gflops")
         if peaks:
             out.append(f"- 4096³ matmul in this run: fp32 {num(peaks['fp32'], 0)} GFLOP/s, "

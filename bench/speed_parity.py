@@ -2,7 +2,8 @@
 epochs and schedule — the accuracy comparison's work (bench/accuracy_parity.py, whose two runners this uses), timed.
 
 Sides (each in a fresh process, interleaved, repeated; the order alternates from one repeat to the next, so that
-neither side always runs first on a cold cache or last on a warm machine):
+neither side always runs first on a cold cache or last on a warm machine; a side that fails, as the Trainer's fp32
+side did at bert-large under the OOM killer, is recorded as not finished and the others go on):
   squad-ds        `squad-ds train` with its CPU defaults in fp32 (cpu_fp32 named): the default where bf16 does not
                   measure faster
   squad-ds-default  `squad-ds train` naming no DeepSpeed config: what a user gets (the start-up measurement picks
@@ -36,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -187,31 +189,61 @@ def main(argv: list[str] | None = None) -> int:
     peaks = matmul_peaks()
     flops = useful_flops(train_file, model, s)
     print(f"settings: {dataclasses.asdict(s)}\nmatmul peaks (GFLOP/s): {peaks}", flush=True)
-    rows = []
-    for rep in range(a.repeats):
-        for side in (sides if rep % 2 == 0 else sides[::-1]):
-            cmd = [sys.executable, __file__, "--worker", side, "--n-train", str(a.n_train), "--epochs", str(a.epochs),
-                   "--seed", str(a.seed), "--work-dir", str(work), "--model", model, "--seq", str(a.seq),
-                   "--doc-stride", str(a.doc_stride), "--micro", str(a.micro), "--accum", str(a.accum),
-                   "--lr", str(a.lr)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if proc.returncode != 0:
-                raise SystemExit(f"{side} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": rep}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+
+    def run(side: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, __file__, "--worker", side, "--n-train", str(a.n_train), "--epochs", str(a.epochs),
+               "--seed", str(a.seed), "--work-dir", str(work), "--model", model, "--seq", str(a.seq),
+               "--doc-stride", str(a.doc_stride), "--micro", str(a.micro), "--accum", str(a.accum), "--lr", str(a.lr)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+
+    rows, failed = run_sides(sides, a.repeats, run)
+    if not rows:
+        raise SystemExit("no side finished: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     summary = report(rows, flops, peaks, s)
     doc = {"settings": dataclasses.asdict(s), "train_file": train_src, "rows": rows, "summary": summary,
            "matmul_peaks_gflops": peaks, "cpu": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count()}
     Path(a.out or work / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(table(summary, peaks))
-    harness.save(record(rows, summary, peaks, s, train_src, model), a.results)
+    for side, why in failed.items():
+        print(f"- {side}: did not finish ({why})")
+    harness.save(record(rows, summary, peaks, s, train_src, model, failed), a.results)
     return 0
 
 
+def run_sides(sides: list[str], repeats: int, run) -> tuple[list[dict], dict[str, str]]:
+    """Each side once a repeat, the order alternating; `run(side)` runs one in its own process. A side that fails
+    (the kernel's OOM killer, most often, at a large model) is noted and not run again, and the others go on: one
+    side's failure does not lose the sides measured beside it."""
+    rows, failed = [], {}
+    for rep in range(repeats):
+        for side in (sides if rep % 2 == 0 else sides[::-1]):
+            if side in failed:
+                continue
+            proc = run(side)
+            if proc.returncode != 0:
+                failed[side] = failure(proc.returncode, proc.stderr)
+                print(f"{side} did not finish ({failed[side]}); the other sides go on:\n{proc.stderr[-2000:]}",
+                      file=sys.stderr, flush=True)
+                continue
+            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": rep}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows, failed
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """How a side's process ended, as the page says it: a signal by name (SIGKILL, the OOM killer's), else the exit
+    status and the last line it wrote."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return f"{name}" + (": the kernel's OOM killer, where memory ran out" if name == "SIGKILL" else "")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    return f"exit {returncode}" + (f": {last[:200]}" if last else "")
+
+
 def record(rows: list[dict], summary: dict, peaks: dict[str, float], s: parity.Settings, train_src: str,
-           model: str) -> dict:
+           model: str, failed: dict[str, str] | None = None) -> dict:
     """The run as bench/report.py shows it: per side its repeats, ratios with their same-repeat pairs, and which
     squad-ds side is this CPU's default (squad-ds's own start-up measurement)."""
     from squad_ds.training import cpu_precision
@@ -224,9 +256,13 @@ def record(rows: list[dict], summary: dict, peaks: dict[str, float], s: parity.S
     for name in summary["ratios"]:
         a, b = name.split(" / ")
         ratios[name] = harness.paired(rows, a, b, "train_samples_per_s")
+    failed = failed or {}
+    figures = {"sides": sides, "ratios": ratios, "matmul_peak_gflops": peaks}
+    if failed:
+        figures["did_not_finish"] = failed
     return harness.record(
-        "speed_parity", {"sides": sides, "ratios": ratios, "matmul_peak_gflops": peaks},
-        key=",".join(sides) + ("" if s.n_train == 640 else f" ({s.n_train} questions)") + _shape_key(s, model),
+        "speed_parity", figures,
+        key=",".join([*sides, *(k for k in failed if k not in sides)]) + ("" if s.n_train == 640 else f" ({s.n_train} questions)") + _shape_key(s, model),
         config={"model": model_name(model), "default": default,
                 "work": f"{s.n_train} questions of {Path(train_src).name}, {s.epochs:g} epoch(s), "
                         f"{s.max_seq_length}/{s.doc_stride}, micro {s.micro_batch_size} × "

@@ -103,6 +103,42 @@ def test_speed_parity_records_repeats_pairs_and_the_default(monkeypatch):
     assert f["ratios"]["squad-ds-bf16 / hf"] == {"median": 2.5, "pairs": [2.0, 3.0]}
 
 
+def test_speed_parity_goes_on_when_a_side_is_killed_and_says_so(monkeypatch):
+    """At bert-large 384 the Trainer's fp32 side was killed by the OOM killer: the run ended there and lost the
+    sides measured beside it. Now the side is noted, not run again, the others go on, and record and page name it."""
+    import subprocess
+
+    import report_sections
+    import speed_parity
+
+    from squad_ds.training import cpu_precision
+
+    monkeypatch.setattr(cpu_precision, "choose", lambda world: cpu_precision.Choice(cpu_precision.BF16, "test"))
+    calls = []
+
+    def run(side):
+        calls.append(side)
+        if side == "hf":
+            return subprocess.CompletedProcess([], -9, "", "Map: 100%\n")
+        row = {"side": side, "train_samples_per_s": 0.65, "train_s": 185.0, "steps": 4, "peak_rss_gib": 10.9}
+        return subprocess.CompletedProcess([], 0, "progress\n" + json.dumps(row) + "\n", "")
+
+    rows, failed = speed_parity.run_sides(["squad-ds-default", "hf"], 2, run)
+    assert calls == ["squad-ds-default", "hf", "squad-ds-default"]  # hf is not run again in the second repeat
+    assert [r["repeat"] for r in rows] == [0, 1]
+    assert failed == {"hf": "SIGKILL: the kernel's OOM killer, where memory ran out"}
+    assert speed_parity.failure(1, "warming up\nValueError: bad shape\n\n") == "exit 1: ValueError: bad shape"
+
+    s = speed_parity.parity.Settings(n_train=120, epochs=1.0)
+    peaks = {"fp32": 100.0, "bf16": 300.0}
+    summary = speed_parity.report(rows, flops_per_epoch=1e12, peaks=peaks, s=s)
+    rec = speed_parity.record(rows, summary, peaks, s, "train-v1.1.json", "/cache/models/bert-large", failed)
+    assert rec["key"].startswith("squad-ds-default,hf (120 questions) [bert-large")
+    assert rec["figures"]["did_not_finish"] == failed and rec["figures"]["ratios"] == {}
+    page = "\n".join(report_sections.speed([rec]))
+    assert "run_qa's recipe (fp32): did not finish (SIGKILL: the kernel's OOM killer" in page
+
+
 def test_speed_parity_records_at_another_shape_sit_beside_run_qas():
     import dataclasses
 
