@@ -128,7 +128,8 @@ def speed(records: list[dict]) -> list[str]:
     for r in of(records, "speed_parity"):
         f, c = r["figures"], r["config"]
         shape = r["key"].split(" [", 1)[1].rstrip("]") if " [" in r["key"] else ""
-        out += [f"### {machine_label(r['machine'])}: {', '.join(f['sides'])}" + (f" ({shape})" if shape else ""), "",
+        tried = [*f["sides"], *(k for k in f.get("did_not_finish", {}) if k not in f["sides"])]
+        out += [f"### {machine_label(r['machine'])}: {', '.join(tried)}" + (f" ({shape})" if shape else ""), "",
                 f"{c['model']}, {c['work']}.", ""]
         rows = []
         for side, v in f["sides"].items():

@@ -137,6 +137,7 @@ def test_speed_parity_goes_on_when_a_side_is_killed_and_says_so(monkeypatch):
     assert rec["figures"]["did_not_finish"] == failed and rec["figures"]["ratios"] == {}
     page = "\n".join(report_sections.speed([rec]))
     assert "run_qa's recipe (fp32): did not finish (SIGKILL: the kernel's OOM killer" in page
+    assert ": squad-ds-default, hf (bert-large" in page  # the heading names every side tried
 
 
 def test_speed_parity_records_at_another_shape_sit_beside_run_qas():
