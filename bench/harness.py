@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,14 +55,40 @@ def repeat(fn: Callable[[], Any], reps: int, warmup: int = 0) -> list[float]:
     return [timed(fn)[0] for _ in range(reps)]
 
 
-def interleave(sides: list[str], reps: int, run: Callable[[str, int], dict]) -> list[dict]:
+class SideFailed(Exception):
+    """A side's run did not finish (its message says how): see interleave's `failed`."""
+
+
+def interleave(sides: list[str], reps: int, run: Callable[[str, int], dict],
+               failed: dict[str, str] | None = None) -> list[dict]:
     """run(side, repeat) for every side in every repeat, the order reversed on odd repeats (A B, B A, …); each row
-    gets its side and repeat."""
+    gets its side and repeat. With `failed`, a run that raises SideFailed is noted there (side → how it ended), the
+    side is not run again and the others go on, so that one side killed by the OOM killer does not lose the sides
+    measured beside it; without it, SideFailed propagates."""
     rows = []
     for rep in range(reps):
         for side in (sides if rep % 2 == 0 else sides[::-1]):
-            rows.append({**run(side, rep), "side": side, "repeat": rep})
+            if failed is not None and side in failed:
+                continue
+            try:
+                row = run(side, rep)
+            except SideFailed as e:
+                if failed is None:
+                    raise
+                failed[side] = str(e)
+                continue
+            rows.append({**row, "side": side, "repeat": rep})
     return rows
+
+
+def how_it_ended(returncode: int, stderr: str) -> str:
+    """A failed process's end as a page says it: a signal by name (SIGKILL: the OOM killer's), else the exit status
+    and the last line it wrote."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return name + (": the kernel's OOM killer, where memory ran out" if name == "SIGKILL" else "")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    return f"exit {returncode}" + (f": {last[:200]}" if last else "")
 
 
 def paired(rows: list[dict], a: str, b: str, key: str, *, invert: bool = False) -> dict | None:

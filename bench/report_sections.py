@@ -376,9 +376,9 @@ def memory(records: list[dict], runs: list[dict]) -> list[str]:
            "`squad-ds plan` estimates for it today, for squad-ds's rows measured as it trains today: every batch "
            "padded to the full window (the worst case the plan estimates) and the malloc setting squad-ds gives the "
            "run (`training/allocator.py`: freed memory returned to the kernel under ZeRO-3, offload or activation "
-           "checkpointing, glibc's defaults in the others); `tests/test_plan.py` holds each of them within ±15 %. Earlier rows (no plan "
-           "figure) ran with other malloc settings or length-trimmed batches, and are kept as what they "
-           "measured; the Trainer's rows trim batches to their longest window (its dynamic padding).", ""]
+           "checkpointing, glibc's defaults in the others); `tests/test_plan.py` holds each of them within ±15 %. "
+           "Earlier rows (no plan figure) ran with other malloc settings or length-trimmed batches, and are kept as "
+           "what they measured; the Trainer's rows trim batches to their longest window (its dynamic padding).", ""]
     cap = capacity(runs)
     if cap:
         out += ["### The largest model that trains, by setup", "",

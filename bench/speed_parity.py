@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -190,13 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     flops = useful_flops(train_file, model, s)
     print(f"settings: {dataclasses.asdict(s)}\nmatmul peaks (GFLOP/s): {peaks}", flush=True)
 
-    def run(side: str) -> subprocess.CompletedProcess:
+    def run(side: str, rep: int) -> dict:
         cmd = [sys.executable, __file__, "--worker", side, "--n-train", str(a.n_train), "--epochs", str(a.epochs),
                "--seed", str(a.seed), "--work-dir", str(work), "--model", model, "--seq", str(a.seq),
                "--doc-stride", str(a.doc_stride), "--micro", str(a.micro), "--accum", str(a.accum), "--lr", str(a.lr)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if proc.returncode != 0:
+            why = harness.how_it_ended(proc.returncode, proc.stderr)
+            print(f"{side} did not finish ({why}); the other sides go on:\n{proc.stderr[-2000:]}", file=sys.stderr,
+                  flush=True)
+            raise harness.SideFailed(why)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps({**row, "repeat": rep}), flush=True)
+        return row
 
-    rows, failed = run_sides(sides, a.repeats, run)
+    failed: dict[str, str] = {}
+    rows = harness.interleave(sides, a.repeats, run, failed)
     if not rows:
         raise SystemExit("no side finished: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     summary = report(rows, flops, peaks, s)
@@ -209,37 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {side}: did not finish ({why})")
     harness.save(record(rows, summary, peaks, s, train_src, model, failed), a.results)
     return 0
-
-
-def run_sides(sides: list[str], repeats: int, run) -> tuple[list[dict], dict[str, str]]:
-    """Each side once a repeat, the order alternating; `run(side)` runs one in its own process. A side that fails
-    (the kernel's OOM killer, most often, at a large model) is noted and not run again, and the others go on: one
-    side's failure does not lose the sides measured beside it."""
-    rows, failed = [], {}
-    for rep in range(repeats):
-        for side in (sides if rep % 2 == 0 else sides[::-1]):
-            if side in failed:
-                continue
-            proc = run(side)
-            if proc.returncode != 0:
-                failed[side] = failure(proc.returncode, proc.stderr)
-                print(f"{side} did not finish ({failed[side]}); the other sides go on:\n{proc.stderr[-2000:]}",
-                      file=sys.stderr, flush=True)
-                continue
-            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": rep}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows, failed
-
-
-def failure(returncode: int, stderr: str) -> str:
-    """How a side's process ended, as the page says it: a signal by name (SIGKILL, the OOM killer's), else the exit
-    status and the last line it wrote."""
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        return f"{name}" + (": the kernel's OOM killer, where memory ran out" if name == "SIGKILL" else "")
-    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
-    return f"exit {returncode}" + (f": {last[:200]}" if last else "")
 
 
 def record(rows: list[dict], summary: dict, peaks: dict[str, float], s: parity.Settings, train_src: str,
@@ -262,7 +239,8 @@ def record(rows: list[dict], summary: dict, peaks: dict[str, float], s: parity.S
         figures["did_not_finish"] = failed
     return harness.record(
         "speed_parity", figures,
-        key=",".join([*sides, *(k for k in failed if k not in sides)]) + ("" if s.n_train == 640 else f" ({s.n_train} questions)") + _shape_key(s, model),
+        key=",".join([*sides, *(k for k in failed if k not in sides)])
+        + ("" if s.n_train == 640 else f" ({s.n_train} questions)") + _shape_key(s, model),
         config={"model": model_name(model), "default": default,
                 "work": f"{s.n_train} questions of {Path(train_src).name}, {s.epochs:g} epoch(s), "
                         f"{s.max_seq_length}/{s.doc_stride}, micro {s.micro_batch_size} × "

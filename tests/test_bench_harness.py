@@ -106,8 +106,6 @@ def test_speed_parity_records_repeats_pairs_and_the_default(monkeypatch):
 def test_speed_parity_goes_on_when_a_side_is_killed_and_says_so(monkeypatch):
     """At bert-large 384 the Trainer's fp32 side was killed by the OOM killer: the run ended there and lost the
     sides measured beside it. Now the side is noted, not run again, the others go on, and record and page name it."""
-    import subprocess
-
     import report_sections
     import speed_parity
 
@@ -116,18 +114,20 @@ def test_speed_parity_goes_on_when_a_side_is_killed_and_says_so(monkeypatch):
     monkeypatch.setattr(cpu_precision, "choose", lambda world: cpu_precision.Choice(cpu_precision.BF16, "test"))
     calls = []
 
-    def run(side):
+    def run(side, rep):
         calls.append(side)
         if side == "hf":
-            return subprocess.CompletedProcess([], -9, "", "Map: 100%\n")
-        row = {"side": side, "train_samples_per_s": 0.65, "train_s": 185.0, "steps": 4, "peak_rss_gib": 10.9}
-        return subprocess.CompletedProcess([], 0, "progress\n" + json.dumps(row) + "\n", "")
+            raise harness.SideFailed(harness.how_it_ended(-9, "Map: 100%\n"))
+        return {"side": side, "train_samples_per_s": 0.65, "train_s": 185.0, "steps": 4, "peak_rss_gib": 10.9}
 
-    rows, failed = speed_parity.run_sides(["squad-ds-default", "hf"], 2, run)
+    failed = {}
+    rows = harness.interleave(["squad-ds-default", "hf"], 2, run, failed)
     assert calls == ["squad-ds-default", "hf", "squad-ds-default"]  # hf is not run again in the second repeat
     assert [r["repeat"] for r in rows] == [0, 1]
     assert failed == {"hf": "SIGKILL: the kernel's OOM killer, where memory ran out"}
-    assert speed_parity.failure(1, "warming up\nValueError: bad shape\n\n") == "exit 1: ValueError: bad shape"
+    assert harness.how_it_ended(1, "warming up\nValueError: bad shape\n\n") == "exit 1: ValueError: bad shape"
+    with pytest.raises(harness.SideFailed):  # without `failed`, as before: the run ends
+        harness.interleave(["hf"], 1, run)
 
     s = speed_parity.parity.Settings(n_train=120, epochs=1.0)
     peaks = {"fp32": 100.0, "bf16": 300.0}

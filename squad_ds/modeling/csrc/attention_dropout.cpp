@@ -7,7 +7,7 @@
 // (batch, head) is one task whose S x S scores stay in a per-thread buffer (in L2 for SQuAD's lengths), the
 // keep-mask comes from a counter-based hash of (seed, element index) — no mask is stored, backward recomputes the
 // very same one — and the five products go to the BLAS gemm that ATen uses, in float32: a bfloat16 gemm did not pay
-// at these sizes (a 155 x 155 x 64 product on one thread of a 2-core AMD EPYC, 2026-12-07: float32 72-83 GFLOP/s,
+// at these sizes (a 155 x 155 x 64 product on one thread of a 2-core AMD EPYC, 2026-12-07: float32 74-83 GFLOP/s,
 // oneDNN's bfloat16, which rounds the scores to bfloat16, 97-107, MKL's bfloat16-to-float32 72-83).
 //
 // Semantics equal SDPA's math path: P = softmax(scale * Q K^T + mask), Z = keep / (1 - p) with keep ~ Bernoulli(1 - p)
